@@ -1,0 +1,31 @@
+//! HBONE: TCP streams carried as HTTP/2 `CONNECT` streams inside mutual TLS 1.3, with SPIFFE
+//! identities (ARCHITECTURE §4–§6, wire contract in `docs/ARCHITECTURE.md`).
+//!
+//! This crate knows nothing of pods or Kubernetes. It provides:
+//! - [`identity`]: the [`SpiffeId`] type;
+//! - [`tls`]: credentials, the swappable trust bundle, SPIFFE verification;
+//! - [`ca`]: a small CA (rcgen) for tests and for the controller;
+//! - [`client`]: opening tunnels over pooled HTTP/2 connections;
+//! - [`server`]: accepting tunnels, with a caller-supplied authorization and dialer;
+//! - [`copy`]: moving bytes between a socket and a tunnel with half-close and resets;
+//! - [`drain`]: the graceful-shutdown primitive every listener uses;
+//! - `testing` (feature `testing`): helpers shared by tests, benchmarks and the demo.
+
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod copy;
+pub mod drain;
+pub mod identity;
+pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod tls;
+pub mod tunnel;
+
+pub use client::{Client, ConnectError, ConnectRequest};
+pub use config::Config;
+pub use identity::SpiffeId;
+pub use server::{Handler, InboundRequest, Rejection, Server};
+pub use tls::{Credentials, TrustBundle, TrustStore, WorkloadCert};
+pub use tunnel::Tunnel;

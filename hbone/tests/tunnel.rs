@@ -1,0 +1,403 @@
+//! In-process tests of HBONE tunnels on loopback: data, pooling, half-close, integrity,
+//! policy answers, flow control, idle eviction and drain.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{verify_pattern, write_pattern};
+use hbone::server::Rejection;
+use hbone::testing::{AllowAll, Pki, PolicyHandler, RunningServer, client_proxy, echo_server, request};
+use hbone::{Client, Config, drain};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_through_tunnel_with_identities_and_headers() {
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let handler = PolicyHandler(move |r: &hbone::InboundRequest| {
+        seen2.lock().unwrap().push(r.clone());
+        Ok(())
+    });
+    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, handler).await;
+    let echo = echo_server().await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+
+    let mut req = request(&source, server.addr, server_cert.identity(), echo);
+    req.forwarded_for = Some("10.244.1.7".parse().unwrap());
+    req.baggage = Some("k8s.namespace.name=ns-a".parse().unwrap());
+    req.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".parse().unwrap());
+    let mut tunnel = client.connect(req).await.expect("tunnel opens");
+    assert_eq!(tunnel.peer_identity(), server_cert.identity(), "client saw the server's identity");
+
+    tunnel.write_all(b"hello through hbone").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tunnel.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"hello through hbone");
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    let r = &seen[0];
+    assert_eq!(&r.peer_identity, source.identity(), "server saw the client's identity");
+    assert_eq!(r.target, echo);
+    assert_eq!(r.forwarded_for, Some("10.244.1.7".parse().unwrap()));
+    assert_eq!(r.baggage.as_ref().unwrap(), "k8s.namespace.name=ns-a");
+    assert!(r.traceparent.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_streams_share_few_connections() {
+    const STREAMS: usize = 1000;
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let config = Config::default();
+    let per_conn = config.max_streams_per_connection as usize;
+    let server = RunningServer::start(config.clone(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let client = Client::new(config, pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+    let all_open = Arc::new(tokio::sync::Barrier::new(STREAMS));
+
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let client = client.clone();
+        let req = request(&source, server.addr, server_cert.identity(), echo);
+        let all_open = all_open.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = client.connect(req).await.expect("tunnel opens");
+            // Hold every tunnel open at once, so they really are concurrent.
+            all_open.wait().await;
+            let msg = format!("stream {i}");
+            t.write_all(msg.as_bytes()).await.unwrap();
+            t.shutdown().await.unwrap();
+            let mut back = String::new();
+            t.read_to_string(&mut back).await.unwrap();
+            assert_eq!(back, msg);
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t).await.expect("streams finish").unwrap();
+    }
+    let accepted = server.server.stats().connections_accepted.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(accepted as usize, STREAMS.div_ceil(per_conn), "server-side TLS connections for {STREAMS} streams");
+    assert_eq!(client.stats().connections_opened.load(std::sync::atomic::Ordering::Relaxed), accepted);
+    assert_eq!(server.server.stats().streams_accepted.load(std::sync::atomic::Ordering::Relaxed), STREAMS as u64);
+}
+
+/// A target that reads until EOF and then answers how many bytes it got, then closes.
+async fn count_then_reply_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                tcp.read_to_end(&mut buf).await.unwrap();
+                tcp.write_all(format!("got {} bytes", buf.len()).as_bytes()).await.unwrap();
+                tcp.shutdown().await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+/// A target that speaks first, half-closes, then reads until EOF and reports what it read.
+async fn speak_then_listen_server(report: tokio::sync::mpsc::Sender<Vec<u8>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let report = report.clone();
+            tokio::spawn(async move {
+                tcp.write_all(b"banner").await.unwrap();
+                tcp.shutdown().await.unwrap();
+                let mut buf = Vec::new();
+                tcp.read_to_end(&mut buf).await.unwrap();
+                report.send(buf).await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_in_both_directions() {
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+
+    // Client closes first: the target sees EOF and can still answer.
+    let target = count_then_reply_server().await;
+    let mut t = client.connect(request(&source, server.addr, server_cert.identity(), target)).await.unwrap();
+    t.write_all(&[7u8; 1000]).await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = String::new();
+    tokio::time::timeout(Duration::from_secs(10), t.read_to_string(&mut back)).await.unwrap().unwrap();
+    assert_eq!(back, "got 1000 bytes", "reply after the client's FIN, then a clean EOF");
+
+    // Target closes first: the client sees EOF and can still send.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let target = speak_then_listen_server(tx).await;
+    let mut t = client.connect(request(&source, server.addr, server_cert.identity(), target)).await.unwrap();
+    let mut banner = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut banner)).await.unwrap().unwrap();
+    assert_eq!(banner, b"banner");
+    t.write_all(b"after your FIN").await.unwrap();
+    t.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(got, b"after your FIN");
+
+    // The same, through the proxy path (copy::bidirectional on both ends).
+    let (proxy, _task) = client_proxy(
+        client.clone(),
+        request(&source, server.addr, server_cert.identity(), count_then_reply_server().await),
+        Config::default().copy_buffer,
+    )
+    .await;
+    let mut app = TcpStream::connect(proxy).await.unwrap();
+    app.write_all(&[1u8; 5000]).await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut back = String::new();
+    tokio::time::timeout(Duration::from_secs(10), app.read_to_string(&mut back)).await.unwrap().unwrap();
+    assert_eq!(back, "got 5000 bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrity_256_mib_one_stream() {
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+    let t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(t);
+    let writer = tokio::spawn(async move { write_pattern(&mut w, 42, 256 * MIB).await });
+    let got = tokio::time::timeout(Duration::from_secs(300), verify_pattern(&mut r, 42)).await.unwrap().unwrap();
+    writer.await.unwrap().unwrap();
+    assert_eq!(got, 256 * MIB as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrity_256_mib_over_eight_parallel_proxied_streams() {
+    const STREAMS: usize = 8;
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+    // Through the proxy path: app TCP -> copy -> HBONE -> copy -> echo, and back.
+    let (proxy, _task) = client_proxy(
+        client,
+        request(&source, server.addr, server_cert.identity(), echo),
+        Config::default().copy_buffer,
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        tasks.push(tokio::spawn(async move {
+            let app = TcpStream::connect(proxy).await.unwrap();
+            let (mut r, mut w) = app.into_split();
+            let writer = tokio::spawn(async move { write_pattern(&mut w, i as u64, 256 * MIB / STREAMS).await });
+            let got = verify_pattern(&mut r, i as u64).await.unwrap();
+            writer.await.unwrap().unwrap();
+            got
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += tokio::time::timeout(Duration::from_secs(300), t).await.unwrap().unwrap();
+    }
+    assert_eq!(total, 256 * MIB as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_is_403_policy_error_and_unreachable_is_503() {
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let handler = PolicyHandler(|r: &hbone::InboundRequest| {
+        if r.peer_identity.service_account() == "intruder" {
+            Err(Rejection::Denied(format!("{} is not allowed", r.peer_identity)))
+        } else {
+            Ok(())
+        }
+    });
+    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, handler).await;
+    let echo = echo_server().await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+
+    let intruder = pki.workload("ns-a", "intruder");
+    let err = client.connect(request(&intruder, server.addr, server_cert.identity(), echo)).await.unwrap_err();
+    assert!(err.is_policy_denied(), "{err}");
+    assert!(matches!(err, hbone::ConnectError::Denied { status: 403, .. }), "{err:?}");
+
+    // The same connection still serves an allowed identity... (different source, own pool key)
+    let friend = pki.workload("ns-a", "friend");
+    let mut t = client.connect(request(&friend, server.addr, server_cert.identity(), echo)).await.unwrap();
+    t.write_all(b"ok").await.unwrap();
+
+    // A target with nothing listening: 503.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let err = client.connect(request(&friend, server.addr, server_cert.identity(), closed)).await.unwrap_err();
+    assert!(err.is_unreachable(), "{err}");
+}
+
+/// A target that accepts and never reads: its tunnel's windows fill up.
+async fn black_hole_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_does_not_block_other_streams_on_the_connection() {
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+
+    // Stream A pushes into a target that never reads, until everything on its path is full.
+    let mut stalled =
+        client.connect(request(&source, server.addr, server_cert.identity(), black_hole_server().await)).await.unwrap();
+    let pushed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pushed2 = pushed.clone();
+    let _writer = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 * 1024];
+        while stalled.write_all(&chunk).await.is_ok() {
+            pushed2.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    // Wait until A is stuck (no progress for a while).
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = pushed.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(last >= 4 * MIB, "the stalled stream filled at least its stream window ({last} bytes)");
+
+    // Stream B, on the same connection, still moves 32 MiB.
+    let echo = echo_server().await;
+    let t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+    assert_eq!(client.stats().connections_opened.load(std::sync::atomic::Ordering::Relaxed), 1, "same connection");
+    let (mut r, mut w) = tokio::io::split(t);
+    let writer = tokio::spawn(async move { write_pattern(&mut w, 9, 32 * MIB).await });
+    let got = tokio::time::timeout(Duration::from_secs(60), verify_pattern(&mut r, 9))
+        .await
+        .expect("the second stream is not blocked by the stalled one")
+        .unwrap();
+    writer.await.unwrap().unwrap();
+    assert_eq!(got, 32 * MIB as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connection_is_closed() {
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let config = Config { pool_idle_timeout: Duration::from_millis(200), ..Config::default() };
+    let server = RunningServer::start(config.clone(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let client = Client::new(config, pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+    let mut t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+    t.write_all(b"x").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    t.read_to_end(&mut back).await.unwrap();
+    // While a stream is open, the connection stays even past the idle timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.connection_count(), 1, "a connection with an open stream is never idle");
+    drop(t);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (client.connection_count() > 0
+        || server.server.stats().connections_active.load(std::sync::atomic::Ordering::Relaxed) > 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.connection_count(), 0, "client evicted the idle connection");
+    assert_eq!(
+        server.server.stats().connections_active.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the server saw it close"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_active_tunnels_finish_and_refuses_new_ones() {
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let mut server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+    let mut t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+    t.write_all(b"before").await.unwrap();
+
+    let addr = server.addr;
+    let drain = tokio::spawn(async move { server.drain(Duration::from_secs(10)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // New connections are refused: the listener is closed.
+    let fresh = Client::new(Config::default(), pki.trust.clone());
+    let err = fresh.connect(request(&source, addr, server_cert.identity(), echo)).await.unwrap_err();
+    assert!(matches!(err, hbone::ConnectError::Dial { .. }), "{err:?}");
+
+    // The active tunnel keeps flowing and completes.
+    t.write_all(b" and after").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    t.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"before and after");
+    drop(t);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), drain).await.unwrap().unwrap();
+    assert_eq!(outcome, Some(drain::Outcome::Graceful));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_cuts_tunnels_that_do_not_finish() {
+    let pki = Pki::new();
+    let server_cert = pki.workload("ns-b", "server");
+    let mut server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+    let mut t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+    t.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    t.read_exact(&mut one).await.unwrap();
+
+    let started = Instant::now();
+    let outcome = server.drain(Duration::from_millis(300)).await;
+    assert_eq!(outcome, Some(drain::Outcome::DeadlineExceeded));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The tunnel was cut: reading ends (EOF or reset) instead of hanging.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "the tunnel ended when the server closed");
+}
