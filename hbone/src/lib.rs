@@ -11,6 +11,8 @@
 //! - [`drain`]: the graceful-shutdown primitive every listener uses;
 //! - `testing` (feature `testing`): helpers shared by tests, benchmarks and the demo.
 
+#![forbid(unsafe_code)]
+
 pub mod ca;
 pub mod client;
 pub mod config;

@@ -330,7 +330,11 @@ impl<H: Handler> ServerInner<H> {
             self.reject(&mut respond, rejection.status());
             return;
         }
-        let mut upstream = match self.handler.dial(&inbound).await {
+        // Bounded like the client's wait for our answer: a target that never answers the SYN
+        // must not hold the stream (and its task) forever.
+        let dial = tokio::time::timeout(self.config.connect_timeout, self.handler.dial(&inbound));
+        let dialed = dial.await.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out")));
+        let mut upstream = match dialed {
             Ok(tcp) => tcp,
             Err(e) => {
                 info!(identity = %ctx.identity, target = %inbound.target, error = %e, "HBONE target unreachable");
