@@ -38,6 +38,7 @@ use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::identity::SpiffeId;
+use crate::socket;
 use crate::tls::{self, TrustStore, VerifyError, WorkloadCert};
 use crate::tunnel::Tunnel;
 
@@ -261,6 +262,25 @@ struct DialState {
     last_failure: Mutex<Option<(Instant, ConnectError)>>,
 }
 
+/// A reference to a key's dial state. The last one dropped removes the state from the map, so
+/// keys of departed peers do not accumulate; waiters keep their own reference and still see a
+/// shared failure.
+struct DialTicket<'a> {
+    pool: &'a Inner,
+    key: &'a PoolKey,
+    dial: Arc<DialState>,
+}
+
+impl Drop for DialTicket<'_> {
+    fn drop(&mut self) {
+        let mut dials = lock(&self.pool.dials);
+        // References: the map's and ours. New tickets are taken under the same lock.
+        if Arc::strong_count(&self.dial) <= 2 && dials.get(self.key).is_some_and(|d| Arc::ptr_eq(d, &self.dial)) {
+            dials.remove(self.key);
+        }
+    }
+}
+
 /// A reserved stream on a connection; releasing it is dropping it.
 struct Slot {
     conn: Arc<Conn>,
@@ -295,6 +315,11 @@ impl Client {
 
     pub fn stats(&self) -> &ClientStats {
         &self.inner.stats
+    }
+
+    /// Keys with a dial in progress or waiters (for tests: the map must not grow without bound).
+    pub fn pending_dials(&self) -> usize {
+        lock(&self.inner.dials).len()
     }
 
     /// Live pooled connections (all keys).
@@ -333,7 +358,8 @@ impl Inner {
             return Ok((slot, true));
         }
         let started = Instant::now();
-        let dial = lock(&self.dials).entry(key.clone()).or_default().clone();
+        let ticket = self.dial_ticket(key);
+        let dial = &ticket.dial;
         let _guard = dial.lock.lock().await;
         if let Some(slot) = self.checkout(key) {
             return Ok((slot, true));
@@ -356,9 +382,14 @@ impl Inner {
         }
     }
 
-    async fn dial_new(self: &Arc<Self>, key: &PoolKey, req: &ConnectRequest) -> Result<Slot, ConnectError> {
+    fn dial_ticket<'a>(&'a self, key: &'a PoolKey) -> DialTicket<'a> {
         let dial = lock(&self.dials).entry(key.clone()).or_default().clone();
-        let _guard = dial.lock.lock().await;
+        DialTicket { pool: self, key, dial }
+    }
+
+    async fn dial_new(self: &Arc<Self>, key: &PoolKey, req: &ConnectRequest) -> Result<Slot, ConnectError> {
+        let ticket = self.dial_ticket(key);
+        let _guard = ticket.dial.lock.lock().await;
         self.dial(key, req).await
     }
 
@@ -400,7 +431,7 @@ impl Inner {
             Ok(Err(e)) => return Err(ConnectError::Dial { dest, source: Arc::new(e) }),
             Ok(Ok(tcp)) => tcp,
         };
-        let _ = tcp.set_nodelay(true);
+        socket::tune(&tcp);
         let generation = self.trust.generation();
         let tls_config = tls::client_config(&req.source, &self.trust, req.expected.clone());
         let connector = TlsConnector::from(Arc::new(tls_config));

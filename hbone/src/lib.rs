@@ -20,6 +20,7 @@ pub mod copy;
 pub mod drain;
 pub mod identity;
 pub mod server;
+pub mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::copy::{self, CopyError, Transferred};
 use crate::drain;
 use crate::identity::SpiffeId;
+use crate::socket;
 use crate::tls::{self, TrustStore, VerifyError};
 use crate::tunnel::Tunnel;
 
@@ -245,7 +246,7 @@ impl<H: Handler> ServerInner<H> {
         peer: SocketAddr,
         drain: &drain::Watch,
     ) -> Result<(), HandshakeError> {
-        let _ = tcp.set_nodelay(true);
+        socket::tune(&tcp);
         let local = tcp.local_addr().unwrap_or(peer);
         let timeout = self.config.handshake_timeout;
         let handshake = async {

@@ -91,6 +91,7 @@ async fn thousand_concurrent_streams_share_few_connections() {
     assert_eq!(accepted as usize, STREAMS.div_ceil(per_conn), "server-side TLS connections for {STREAMS} streams");
     assert_eq!(client.stats().connections_opened.load(std::sync::atomic::Ordering::Relaxed), accepted);
     assert_eq!(server.server.stats().streams_accepted.load(std::sync::atomic::Ordering::Relaxed), STREAMS as u64);
+    assert_eq!(client.pending_dials(), 0, "no dial state is left behind");
 }
 
 /// A target that reads until EOF and then answers how many bytes it got, then closes.
@@ -473,4 +474,36 @@ async fn drain_deadline_cuts_tunnels_that_do_not_finish() {
     let mut rest = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut rest)).await;
     assert!(r.is_ok(), "the tunnel ended when the server closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_failed_handshake() {
+    // A peer that accepts TCP and never speaks TLS: every handshake times out.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let pki = Pki::new();
+    let timeout = Duration::from_millis(300);
+    let client = Client::new(Config { handshake_timeout: timeout, ..Config::default() }, pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let client = client.clone();
+        let req = request(&source, silent, &hbone::testing::id("ns-b", "server"), silent);
+        tasks.push(tokio::spawn(async move { client.connect(req).await }));
+    }
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(err.is_timeout(), "{err}");
+    }
+    // One handshake was tried and its failure shared, instead of 100 tries one after another.
+    assert_eq!(client.stats().handshake_failures.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(started.elapsed() < timeout * 5, "took {:?}", started.elapsed());
+    assert_eq!(client.pending_dials(), 0);
 }
