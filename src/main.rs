@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+mod apps;
+mod ca;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -21,16 +23,42 @@ enum Command {
     /// Show HBONE at work on this machine: mutual-TLS tunnels between two identities on
     /// loopback, policy refusals, identity checks, pooling, and a bulk transfer.
     Demo(demo::Args),
+    /// Certificate authority tools.
+    #[command(subcommand)]
+    Ca(ca::Ca),
+    /// Run the node proxy (the same as the `ztunnel` binary).
+    Ztunnel(Box<ztunnel::cli::Args>),
+    /// Small programs the lab runs inside pods.
+    #[command(subcommand, hide = true)]
+    App(apps::App),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    // Errors are printed for the operator (with their causes), not as a backtrace.
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // ztunnel sets up its own logging and runtime.
+    let command = match cli.command {
+        Command::Ztunnel(args) => return ztunnel::cli::run(*args),
+        other => other,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match cli.command {
+    match command {
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::App(app) => runtime.block_on(apps::run(app)),
+        Command::Ca(cmd) => ca::run(cmd),
+        Command::Ztunnel(_) => unreachable!("handled above"),
     }
 }

@@ -29,6 +29,8 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     #[error("issued certificate is not usable: {0}")]
     Tls(#[from] TlsError),
+    #[error("cannot load the CA: {0}")]
+    Load(String),
     #[error("validity {not_before:?}..{not_after:?} cannot be encoded")]
     Validity { not_before: SystemTime, not_after: SystemTime },
 }
@@ -77,6 +79,24 @@ impl Ca {
         let params = ca_params(common_name)?;
         let cert = params.self_signed(&key)?.der().clone();
         Ok(Ca { issuer: Issuer::new(params, key), cert, chain: vec![] })
+    }
+
+    /// Loads an existing CA from its certificate and PKCS#8 private key (PEM). `chain` lists
+    /// the certificates between this CA and its root (this CA's own first), for an
+    /// intermediate; leave it empty for a root.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, CaError> {
+        use rustls::pki_types::pem::PemObject;
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| CaError::Load(format!("CA certificate: {e}")))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Load(format!("CA private key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| CaError::Load(format!("CA certificate: {e}")))?;
+        Ok(Ca { issuer, cert, chain: vec![] })
+    }
+
+    /// This CA's certificate and private key as PEM, for persisting a generated CA.
+    pub fn to_pem(&self) -> (String, String) {
+        let cert = pem::encode(&pem::Pem::new("CERTIFICATE", self.cert.to_vec()));
+        (cert, self.issuer.key().serialize_pem())
     }
 
     /// Mints an intermediate CA signed by this one.
@@ -179,6 +199,22 @@ mod tests {
         let left = creds.not_after().duration_since(SystemTime::now()).unwrap();
         assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
         TrustStore::new(TrustBundle::new(vec![root.cert().clone()]).unwrap());
+    }
+
+    #[test]
+    fn a_ca_survives_a_round_trip_through_pem() {
+        let root = Ca::new_root("persisted").unwrap();
+        let (cert, key) = root.to_pem();
+        let loaded = Ca::from_pem(&cert, &key).unwrap();
+        assert_eq!(loaded.cert(), root.cert());
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let creds = loaded.issue(&id, Duration::from_secs(60)).unwrap();
+        // The leaf chains to the original root.
+        let trust = TrustStore::new(TrustBundle::from_pem(&cert).unwrap());
+        assert_eq!(trust.bundle().roots().len(), 1);
+        assert_eq!(creds.identity(), &id);
+        let err = Ca::from_pem("not pem", &key).err().unwrap();
+        assert!(err.to_string().contains("CA certificate"), "{err}");
     }
 
     #[test]

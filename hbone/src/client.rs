@@ -364,10 +364,10 @@ impl Inner {
         if let Some(slot) = self.checkout(key) {
             return Ok((slot, true));
         }
-        if let Some((at, err)) = lock(&dial.last_failure).as_ref() {
-            if *at >= started {
-                return Err(err.clone());
-            }
+        if let Some((at, err)) = lock(&dial.last_failure).as_ref()
+            && *at >= started
+        {
+            return Err(err.clone());
         }
         match self.dial(key, req).await {
             Ok(slot) => {
@@ -552,10 +552,10 @@ async fn drive(
     loop {
         tokio::select! {
             result = &mut connection => {
-                if let Err(e) = result {
-                    if !e.is_go_away() || e.reason() != Some(h2::Reason::NO_ERROR) {
-                        warn!(dest = %key.dest, error = %e, "HBONE connection failed");
-                    }
+                if let Err(e) = result
+                    && (!e.is_go_away() || e.reason() != Some(h2::Reason::NO_ERROR))
+                {
+                    warn!(dest = %key.dest, error = %e, "HBONE connection failed");
                 }
                 break;
             }
@@ -605,10 +605,10 @@ struct AlertWatch<T> {
 impl<T: AsyncRead + Unpin> AsyncRead for AlertWatch<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let result = ready!(Pin::new(&mut self.inner).poll_read(cx, buf));
-        if let Err(e) = &result {
-            if let Some(alert) = alert_in(e) {
-                let _ = self.alert.set(alert);
-            }
+        if let Err(e) = &result
+            && let Some(alert) = alert_in(e)
+        {
+            let _ = self.alert.set(alert);
         }
         Poll::Ready(result)
     }

@@ -18,7 +18,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -51,6 +51,8 @@ pub struct InboundRequest {
     pub forwarded_for: Option<IpAddr>,
     pub baggage: Option<HeaderValue>,
     pub traceparent: Option<HeaderValue>,
+    /// When the CONNECT arrived (for access logs and durations).
+    pub received_at: Instant,
 }
 
 /// Why a CONNECT is refused; each maps to the status of the wire contract.
@@ -385,6 +387,7 @@ fn parse_request(request: &Request<RecvStream>, ctx: &ConnContext) -> Result<Inb
         forwarded_for: headers.get(http::header::FORWARDED).and_then(parse_forwarded_for),
         baggage: headers.get("baggage").cloned(),
         traceparent: headers.get("traceparent").cloned(),
+        received_at: Instant::now(),
     })
 }
 

@@ -1,0 +1,173 @@
+//! The typed model. Every field is already validated: an IP is an `IpAddr`, an identity a
+//! [`SpiffeId`], a CIDR an `IpNet`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use hbone::SpiffeId;
+use ipnet::IpNet;
+
+/// The namespace whose authorization policies apply to every workload in the mesh.
+pub const ROOT_NAMESPACE: &str = "weft-system";
+
+/// The whole view of the cluster a proxy needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub trust_domain: String,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub authorizations: Vec<Authorization>,
+}
+
+/// A pod (or VM): where it runs, its addresses, who it is, and whether the mesh captures it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    /// Unique key; `<namespace>/<name>` unless the source gives one.
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    /// The node the workload is scheduled on; that node's ztunnel captures it.
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    /// Captured by the mesh (its namespace opted in and it did not opt out).
+    pub enrolled: bool,
+    /// Whether plaintext (non-HBONE) inbound connections are accepted.
+    pub mtls: MtlsMode,
+    /// A waypoint all traffic to this workload goes through (ARCHITECTURE §4); later issues.
+    pub waypoint: Option<String>,
+}
+
+impl Workload {
+    /// The SPIFFE identity of this workload in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, hbone::identity::IdentityError> {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+/// Whether a workload accepts plaintext inbound connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MtlsMode {
+    /// Plaintext accepted (subject to policy, which sees no identity): the migration mode.
+    #[default]
+    Permissive,
+    /// Only HBONE (mutual TLS) accepted.
+    Strict,
+}
+
+/// A Kubernetes Service: virtual IPs and ports, load balanced over the workloads its selector
+/// picks in its namespace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `<name>.<namespace>.svc.cluster.local` unless given.
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+    pub waypoint: Option<String>,
+}
+
+impl Service {
+    /// Whether `workload` is one of this service's endpoints.
+    pub fn selects(&self, workload: &Workload) -> bool {
+        !self.selector.is_empty()
+            && workload.namespace == self.namespace
+            && self.selector.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
+    }
+
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+    pub app_protocol: Option<String>,
+}
+
+/// An L4 authorization policy (`AuthorizationPolicy.security.weft.dev`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Authorization {
+    pub name: String,
+    pub namespace: String,
+    pub scope: PolicyScope,
+    pub action: Action,
+    pub rules: Vec<Rule>,
+    /// Set when part of the policy could not be understood. Such a policy fails closed: a
+    /// broken DENY denies everything it selects; a broken ALLOW allows nothing.
+    pub broken: Option<String>,
+}
+
+/// Which workloads a policy governs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyScope {
+    /// Every workload in the mesh (policies in [`ROOT_NAMESPACE`] without a selector).
+    Mesh,
+    /// Every workload in the policy's namespace.
+    Namespace,
+    /// Workloads whose labels match, in the policy's namespace (or anywhere, for the root
+    /// namespace).
+    Selector(BTreeMap<String, String>),
+}
+
+impl Authorization {
+    /// Whether this policy governs `workload`.
+    pub fn applies_to(&self, workload: &Workload) -> bool {
+        let in_scope_namespace = self.namespace == ROOT_NAMESPACE || self.namespace == workload.namespace;
+        match &self.scope {
+            PolicyScope::Mesh => true,
+            PolicyScope::Namespace => self.namespace == workload.namespace,
+            PolicyScope::Selector(sel) => {
+                in_scope_namespace && sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// A rule matches a connection when one of `from` matches (or `from` is empty) and its
+/// destination port is one of `ports` (or `ports` is empty).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub ports: Vec<u16>,
+}
+
+/// A source matches when every field that is set matches.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Source {
+    pub principals: Vec<Principal>,
+    pub namespaces: Vec<String>,
+    pub ip_blocks: Vec<IpNet>,
+}
+
+/// A principal pattern: an exact identity, `*` (any authenticated peer), or a prefix/suffix
+/// with one `*` (`spiffe://cluster.local/ns/prod/*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Exact(SpiffeId),
+    Any,
+    Prefix(String),
+    Suffix(String),
+}
+
+impl Principal {
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Principal::Exact(p) => p == id,
+            Principal::Any => true,
+            Principal::Prefix(p) => id.as_str().starts_with(p.as_str()),
+            Principal::Suffix(s) => id.as_str().ends_with(s.as_str()),
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! Reading a [`Snapshot`] from YAML: the local file of a ztunnel running without a
+//! controller, and test fixtures. Structure errors come from the YAML parser with a line and
+//! column; value errors name the field path (`workloads[2].addresses[0]`) and the value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use hbone::SpiffeId;
+use hbone::identity::DEFAULT_TRUST_DOMAIN;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::model::{
+    Action, Authorization, MtlsMode, PolicyScope, Principal, ROOT_NAMESPACE, Rule, Service, ServicePort, Snapshot,
+    Source, Workload,
+};
+
+/// Why a snapshot was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid YAML: {0}")]
+    Yaml(String),
+    #[error("{path}: {message}")]
+    Field { path: String, message: String },
+}
+
+impl ModelError {
+    fn field(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ModelError::Field { path: path.into(), message: message.into() }
+    }
+
+    /// The field path an error is about, if it is about one.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            ModelError::Field { path, .. } => Some(path),
+            ModelError::Yaml(_) => None,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Parses and validates a snapshot. Nothing of an invalid document is kept.
+    pub fn from_yaml(text: &str) -> Result<Snapshot, ModelError> {
+        if text.trim().is_empty() {
+            return Ok(Snapshot { trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(), ..Snapshot::default() });
+        }
+        let raw: RawSnapshot = serde_saphyr::from_str(text).map_err(|e| ModelError::Yaml(e.to_string()))?;
+        raw.validate()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSnapshot {
+    #[serde(default)]
+    trust_domain: Option<String>,
+    #[serde(default, deserialize_with = "list")]
+    workloads: Vec<RawWorkload>,
+    #[serde(default, deserialize_with = "list")]
+    services: Vec<RawService>,
+    #[serde(default, deserialize_with = "list")]
+    authorizations: Vec<RawAuthorization>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    #[serde(default)]
+    uid: Option<String>,
+    name: String,
+    namespace: String,
+    node: String,
+    addresses: Vec<String>,
+    #[serde(default)]
+    service_account: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    enrolled: bool,
+    #[serde(default)]
+    mtls: Option<String>,
+    #[serde(default)]
+    waypoint: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    hostname: Option<String>,
+    vips: Vec<String>,
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    waypoint: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPort {
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
+    #[serde(default)]
+    app_protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAuthorization {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    selector: Option<BTreeMap<String, String>>,
+    action: String,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRule {
+    #[serde(default)]
+    from: Vec<RawSource>,
+    #[serde(default)]
+    ports: Vec<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    ip_blocks: Vec<String>,
+}
+
+/// A list that may also be written as nothing at all (`services:` with no items).
+fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+impl RawSnapshot {
+    fn validate(self) -> Result<Snapshot, ModelError> {
+        let trust_domain = self.trust_domain.unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+        // Validates the trust domain with the identity parser.
+        SpiffeId::new(&trust_domain, "ns", "sa").map_err(|e| ModelError::field("trustDomain", e.to_string()))?;
+
+        let mut workloads = Vec::with_capacity(self.workloads.len());
+        let mut uids = HashMap::new();
+        let mut owners: HashMap<IpAddr, String> = HashMap::new();
+        for (i, w) in self.workloads.into_iter().enumerate() {
+            let path = format!("workloads[{i}]");
+            let w = w.validate(&path, &trust_domain)?;
+            if let Some(prev) = uids.insert(w.uid.clone(), i) {
+                return Err(ModelError::field(
+                    format!("{path}.uid"),
+                    format!("{:?} is already used by workloads[{prev}]", w.uid),
+                ));
+            }
+            for (j, ip) in w.addresses.iter().enumerate() {
+                if let Some(other) = owners.insert(*ip, w.uid.clone()) {
+                    return Err(ModelError::field(
+                        format!("{path}.addresses[{j}]"),
+                        format!("{ip} is already the address of workload {other}"),
+                    ));
+                }
+            }
+            workloads.push(w);
+        }
+
+        let mut services = Vec::with_capacity(self.services.len());
+        let mut vip_ports: HashMap<(IpAddr, u16), String> = HashMap::new();
+        for (i, s) in self.services.into_iter().enumerate() {
+            let path = format!("services[{i}]");
+            let s = s.validate(&path)?;
+            for vip in &s.vips {
+                for p in &s.ports {
+                    let key = format!("{}/{}", s.namespace, s.name);
+                    if let Some(other) = vip_ports.insert((*vip, p.port), key) {
+                        return Err(ModelError::field(
+                            format!("{path}.vips"),
+                            format!("{vip}:{} is already served by service {other}", p.port),
+                        ));
+                    }
+                }
+            }
+            services.push(s);
+        }
+
+        let authorizations = self
+            .authorizations
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| a.validate(&format!("authorizations[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Snapshot { trust_domain, workloads, services, authorizations })
+    }
+}
+
+impl RawWorkload {
+    fn validate(self, path: &str, trust_domain: &str) -> Result<Workload, ModelError> {
+        name(&self.name, &format!("{path}.name"))?;
+        name(&self.namespace, &format!("{path}.namespace"))?;
+        name(&self.node, &format!("{path}.node"))?;
+        let service_account = self.service_account.unwrap_or_else(|| "default".to_owned());
+        name(&service_account, &format!("{path}.serviceAccount"))?;
+        SpiffeId::new(trust_domain, &self.namespace, &service_account)
+            .map_err(|e| ModelError::field(format!("{path}.serviceAccount"), e.to_string()))?;
+        if self.addresses.is_empty() {
+            return Err(ModelError::field(format!("{path}.addresses"), "a workload needs at least one address"));
+        }
+        let addresses = self
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(j, a)| ip(a, &format!("{path}.addresses[{j}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mtls = match self.mtls.as_deref() {
+            None | Some("PERMISSIVE") => MtlsMode::Permissive,
+            Some("STRICT") => MtlsMode::Strict,
+            Some(other) => {
+                return Err(ModelError::field(
+                    format!("{path}.mtls"),
+                    format!("{other:?} is not a mode; use STRICT or PERMISSIVE"),
+                ));
+            }
+        };
+        Ok(Workload {
+            uid: self.uid.unwrap_or_else(|| format!("{}/{}", self.namespace, self.name)),
+            name: self.name,
+            namespace: self.namespace,
+            node: self.node,
+            addresses,
+            service_account,
+            labels: self.labels,
+            enrolled: self.enrolled,
+            mtls,
+            waypoint: self.waypoint,
+        })
+    }
+}
+
+impl RawService {
+    fn validate(self, path: &str) -> Result<Service, ModelError> {
+        name(&self.name, &format!("{path}.name"))?;
+        name(&self.namespace, &format!("{path}.namespace"))?;
+        if self.vips.is_empty() {
+            return Err(ModelError::field(format!("{path}.vips"), "a service needs at least one virtual IP"));
+        }
+        let vips = self
+            .vips
+            .iter()
+            .enumerate()
+            .map(|(j, a)| ip(a, &format!("{path}.vips[{j}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.ports.is_empty() {
+            return Err(ModelError::field(format!("{path}.ports"), "a service needs at least one port"));
+        }
+        let mut ports: Vec<ServicePort> = Vec::with_capacity(self.ports.len());
+        for (j, p) in self.ports.into_iter().enumerate() {
+            let ppath = format!("{path}.ports[{j}]");
+            if p.port == 0 {
+                return Err(ModelError::field(format!("{ppath}.port"), "port 0 is not a port"));
+            }
+            if p.target_port == Some(0) {
+                return Err(ModelError::field(format!("{ppath}.targetPort"), "port 0 is not a port"));
+            }
+            if ports.iter().any(|q| q.port == p.port) {
+                return Err(ModelError::field(format!("{ppath}.port"), format!("port {} is listed twice", p.port)));
+            }
+            ports.push(ServicePort {
+                port: p.port,
+                target_port: p.target_port.unwrap_or(p.port),
+                app_protocol: p.app_protocol,
+            });
+        }
+        Ok(Service {
+            hostname: self.hostname.unwrap_or_else(|| format!("{}.{}.svc.cluster.local", self.name, self.namespace)),
+            name: self.name,
+            namespace: self.namespace,
+            vips,
+            ports,
+            selector: self.selector,
+            waypoint: self.waypoint,
+        })
+    }
+}
+
+impl RawAuthorization {
+    fn validate(self, path: &str) -> Result<Authorization, ModelError> {
+        name(&self.name, &format!("{path}.name"))?;
+        name(&self.namespace, &format!("{path}.namespace"))?;
+        let action = match self.action.as_str() {
+            "ALLOW" => Action::Allow,
+            "DENY" => Action::Deny,
+            other => {
+                return Err(ModelError::field(
+                    format!("{path}.action"),
+                    format!("{other:?} is not an action; use ALLOW or DENY"),
+                ));
+            }
+        };
+        let scope = match self.selector {
+            Some(sel) if !sel.is_empty() => PolicyScope::Selector(sel),
+            _ if self.namespace == ROOT_NAMESPACE => PolicyScope::Mesh,
+            _ => PolicyScope::Namespace,
+        };
+        // Values inside rules that cannot be understood do not reject the document: the
+        // policy is kept, marked broken, and fails closed (see `Authorization::broken`).
+        let mut broken = None;
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (r, raw) in self.rules.into_iter().enumerate() {
+            let mut rule = Rule { from: Vec::new(), ports: raw.ports };
+            if rule.ports.contains(&0) {
+                broken.get_or_insert(format!("{path}.rules[{r}].ports: port 0 is not a port"));
+            }
+            for (f, src) in raw.from.into_iter().enumerate() {
+                let spath = format!("{path}.rules[{r}].from[{f}]");
+                let mut source = Source { namespaces: src.namespaces, ..Source::default() };
+                for (k, p) in src.principals.iter().enumerate() {
+                    match principal(p) {
+                        Ok(p) => source.principals.push(p),
+                        Err(e) => {
+                            broken.get_or_insert(format!("{spath}.principals[{k}]: {e}"));
+                        }
+                    }
+                }
+                for (k, b) in src.ip_blocks.iter().enumerate() {
+                    match ip_block(b) {
+                        Ok(b) => source.ip_blocks.push(b),
+                        Err(e) => {
+                            broken.get_or_insert(format!("{spath}.ipBlocks[{k}]: {e}"));
+                        }
+                    }
+                }
+                rule.from.push(source);
+            }
+            rules.push(rule);
+        }
+        Ok(Authorization { name: self.name, namespace: self.namespace, scope, action, rules, broken })
+    }
+}
+
+/// Kubernetes object names: DNS labels (lowercase alphanumerics and '-', at most 63).
+fn name(value: &str, path: &str) -> Result<(), ModelError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::field(
+            path,
+            format!("{value:?} is not a valid name (lowercase letters, digits, '-', '.', at most 63)"),
+        ))
+    }
+}
+
+fn ip(value: &str, path: &str) -> Result<IpAddr, ModelError> {
+    value.parse().map_err(|_| ModelError::field(path, format!("{value:?} is not an IP address")))
+}
+
+fn ip_block(value: &str) -> Result<IpNet, String> {
+    if let Ok(net) = value.parse::<IpNet>() {
+        return Ok(net);
+    }
+    value.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("{value:?} is not a CIDR block or IP address"))
+}
+
+fn principal(value: &str) -> Result<Principal, String> {
+    if value == "*" {
+        return Ok(Principal::Any);
+    }
+    match value.matches('*').count() {
+        0 => value.parse().map(Principal::Exact).map_err(|e| e.to_string()),
+        1 if value.ends_with('*') => Ok(Principal::Prefix(value.trim_end_matches('*').to_owned())),
+        1 if value.starts_with('*') => Ok(Principal::Suffix(value.trim_start_matches('*').to_owned())),
+        _ => Err(format!("{value:?}: '*' may only start or end a principal")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+workloads:
+  - name: web-0
+    namespace: frontend
+    node: node-1
+    addresses: [10.244.1.2]
+    serviceAccount: web
+    labels: {app: web}
+    enrolled: true
+  - name: api-0
+    namespace: backend
+    node: node-2
+    addresses: ["10.244.2.2"]
+    labels: {app: api}
+    enrolled: true
+    mtls: STRICT
+services:
+  - name: api
+    namespace: backend
+    vips: [10.96.0.10]
+    ports: [{port: 80, targetPort: 8080}]
+    selector: {app: api}
+authorizations:
+  - name: only-frontend
+    namespace: backend
+    selector: {app: api}
+    action: ALLOW
+    rules:
+      - from: [{namespaces: [frontend]}]
+        ports: [8080]
+"#;
+
+    #[test]
+    fn parses_a_complete_snapshot() {
+        let s = Snapshot::from_yaml(GOOD).unwrap();
+        assert_eq!(s.trust_domain, "cluster.local");
+        assert_eq!(s.workloads.len(), 2);
+        let api = &s.workloads[1];
+        assert_eq!(api.uid, "backend/api-0");
+        assert_eq!(api.service_account, "default");
+        assert_eq!(api.mtls, MtlsMode::Strict);
+        assert_eq!(api.identity(&s.trust_domain).unwrap().to_string(), "spiffe://cluster.local/ns/backend/sa/default");
+        let svc = &s.services[0];
+        assert_eq!(svc.hostname, "api.backend.svc.cluster.local");
+        assert_eq!(svc.port(80).unwrap().target_port, 8080);
+        assert!(svc.selects(api));
+        assert!(!svc.selects(&s.workloads[0]));
+        let pol = &s.authorizations[0];
+        assert_eq!(pol.action, Action::Allow);
+        assert!(pol.applies_to(api));
+        assert!(!pol.applies_to(&s.workloads[0]));
+        assert!(pol.broken.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let cases = [
+            (
+                GOOD.replace("[10.244.1.2]", "[10.244.1.x]"),
+                "workloads[0].addresses[0]",
+                "\"10.244.1.x\" is not an IP address",
+            ),
+            (GOOD.replace("mtls: STRICT", "mtls: strict"), "workloads[1].mtls", "use STRICT or PERMISSIVE"),
+            (GOOD.replace("action: ALLOW", "action: PERMIT"), "authorizations[0].action", "\"PERMIT\""),
+            (GOOD.replace("targetPort: 8080", "targetPort: 0"), "services[0].ports[0].targetPort", "port 0"),
+            (
+                GOOD.replace("[\"10.244.2.2\"]", "[10.244.1.2]"),
+                "workloads[1].addresses[0]",
+                "already the address of workload frontend/web-0",
+            ),
+            (GOOD.replace("namespace: frontend", "namespace: Frontend"), "workloads[0].namespace", "not a valid name"),
+        ];
+        for (doc, path, msg) in cases {
+            let err = Snapshot::from_yaml(&doc).unwrap_err();
+            assert_eq!(err.path(), Some(path), "{err}");
+            assert!(err.to_string().contains(msg), "{err}");
+        }
+    }
+
+    #[test]
+    fn structure_errors_come_from_the_parser_with_a_location() {
+        let err =
+            Snapshot::from_yaml(&GOOD.replace("enrolled: true\n  - name: api-0", "enroled: true\n  - name: api-0"))
+                .unwrap_err();
+        assert!(matches!(err, ModelError::Yaml(_)), "{err}");
+        assert!(err.to_string().contains("enroled"), "{err}");
+        let err = Snapshot::from_yaml("workloads: [").unwrap_err();
+        assert!(matches!(err, ModelError::Yaml(_)), "{err}");
+    }
+
+    #[test]
+    fn unreadable_policy_values_fail_closed_instead_of_rejecting_the_file() {
+        let doc = GOOD.replace("namespaces: [frontend]", "principals: [\"spiffe://cluster.local/ns/a\"]");
+        let s = Snapshot::from_yaml(&doc).unwrap();
+        let broken = s.authorizations[0].broken.as_deref().unwrap();
+        assert!(broken.starts_with("authorizations[0].rules[0].from[0].principals[0]"), "{broken}");
+    }
+
+    #[test]
+    fn empty_sections_are_empty_lists() {
+        let s = Snapshot::from_yaml("workloads:\nservices:\nauthorizations:\n").unwrap();
+        assert!(s.workloads.is_empty() && s.services.is_empty() && s.authorizations.is_empty());
+    }
+
+    #[test]
+    fn principal_patterns() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/prod/sa/web".parse().unwrap();
+        assert!(principal("*").unwrap().matches(&id));
+        assert!(principal("spiffe://cluster.local/ns/prod/*").unwrap().matches(&id));
+        assert!(principal("*/sa/web").unwrap().matches(&id));
+        assert!(!principal("spiffe://cluster.local/ns/dev/*").unwrap().matches(&id));
+        assert!(principal("spiffe://cluster.local/ns/prod/sa/web").unwrap().matches(&id));
+        assert!(principal("a*b*").is_err());
+    }
+}

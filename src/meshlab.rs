@@ -1,0 +1,359 @@
+//! A mesh on a lab: the `lab` crate's nodes and pods, plus what a mesh needs on them — a CA,
+//! the cluster config file every ztunnel reads, one ztunnel per node (the real binary, run as
+//! `weft ztunnel` inside the node's namespace), and apps in pods (`weft app ...`).
+//!
+//! Tests, benchmarks and `weft demo` build their scenarios with it. Every client it opens runs
+//! inside a lab namespace; nothing is ever sent from the root namespace to a lab address.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use lab::{Lab, LabProcess, Pod};
+
+/// How long ztunnel may take to start and enroll its pods in the lab.
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// How often ztunnels re-read the config file in the lab: fast, so tests that edit it wait
+/// little.
+const RELOAD: &str = "200ms";
+
+/// A workload in the mesh config.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub node: usize,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub enrolled: bool,
+    pub strict: bool,
+}
+
+impl PodSpec {
+    /// A pod in `namespace` whose service account is its name and label `app=<app>`.
+    pub fn new(node: usize, namespace: &str, name: &str, app: &str) -> PodSpec {
+        PodSpec {
+            node,
+            namespace: namespace.into(),
+            name: name.into(),
+            service_account: name.into(),
+            labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
+            enrolled: true,
+            strict: false,
+        }
+    }
+
+    pub fn not_enrolled(mut self) -> Self {
+        self.enrolled = false;
+        self
+    }
+
+    pub fn strict(mut self) -> Self {
+        self.strict = true;
+        self
+    }
+
+    pub fn identity(&self) -> String {
+        format!("spiffe://cluster.local/ns/{}/sa/{}", self.namespace, self.service_account)
+    }
+}
+
+/// A service in the mesh config.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub namespace: String,
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub app: String,
+}
+
+pub struct MeshLab {
+    pub lab: Lab,
+    weft: PathBuf,
+    dir: PathBuf,
+    pods: Vec<(PodSpec, Pod)>,
+    services: Vec<ServiceSpec>,
+    policies: Vec<String>,
+    ztunnels: Vec<Option<LabProcess>>,
+}
+
+impl MeshLab {
+    /// A lab of `nodes` nodes and a fresh CA; `weft` is the path of the `weft` binary.
+    pub fn new(test_name: &str, nodes: usize, weft: &Path) -> anyhow::Result<MeshLab> {
+        let lab = Lab::new(test_name, nodes)?;
+        let dir = lab.log_dir().join("mesh");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = hbone::ca::Ca::new_root("weft lab root")?;
+        let (cert, key) = ca.to_pem();
+        std::fs::write(dir.join("ca.crt"), cert)?;
+        std::fs::write(dir.join("ca.key"), key)?;
+        for i in 0..nodes {
+            std::fs::create_dir_all(dir.join(format!("proc-node{i}")))?;
+        }
+        let mesh = MeshLab {
+            lab,
+            weft: weft.to_owned(),
+            dir,
+            pods: Vec::new(),
+            services: Vec::new(),
+            policies: Vec::new(),
+            ztunnels: (0..nodes).map(|_| None).collect(),
+        };
+        mesh.write_config()?;
+        Ok(mesh)
+    }
+
+    /// The name ztunnel of node `i` is started with.
+    pub fn node_name(i: usize) -> String {
+        format!("node-{i}")
+    }
+
+    /// Creates the pod's namespace and adds its workload to the config (not yet written).
+    pub fn add_pod(&mut self, spec: PodSpec) -> anyhow::Result<Pod> {
+        let pod = self.lab.add_pod(spec.node, &spec.name)?;
+        // The node's view of /proc: on a real node, /proc shows that node's processes only.
+        // All lab nodes (and parallel labs) share this machine's /proc, so each ztunnel gets a
+        // directory holding just its node's pods, `<pid>/ns/net` → the pod's pause process.
+        let entry = self.proc_root(spec.node).join(pod.pause_pid().to_string()).join("ns");
+        std::fs::create_dir_all(&entry).with_context(|| format!("creating {}", entry.display()))?;
+        std::os::unix::fs::symlink(format!("/proc/{}/ns/net", pod.pause_pid()), entry.join("net"))
+            .with_context(|| format!("linking {}", entry.display()))?;
+        self.pods.push((spec, pod.clone()));
+        Ok(pod)
+    }
+
+    /// The /proc view of node `node` (see [`MeshLab::add_pod`]).
+    pub fn proc_root(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("proc-node{node}"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        &self.spec_and_pod(name).1
+    }
+
+    pub fn spec(&self, name: &str) -> &PodSpec {
+        &self.spec_and_pod(name).0
+    }
+
+    fn spec_and_pod(&self, name: &str) -> &(PodSpec, Pod) {
+        self.pods.iter().find(|(s, _)| s.name == name).unwrap_or_else(|| panic!("no pod named {name}"))
+    }
+
+    /// Changes a pod's enrollment in the config (not yet written).
+    pub fn set_enrolled(&mut self, name: &str, enrolled: bool) {
+        if let Some((s, _)) = self.pods.iter_mut().find(|(s, _)| s.name == name) {
+            s.enrolled = enrolled;
+        }
+    }
+
+    pub fn add_service(&mut self, service: ServiceSpec) {
+        self.services.push(service);
+    }
+
+    /// Adds an authorization policy, as one YAML flow mapping (a line of the file).
+    pub fn add_policy(&mut self, yaml: &str) {
+        self.policies.push(yaml.to_owned());
+    }
+
+    pub fn clear_policies(&mut self) {
+        self.policies.clear();
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("cluster.yaml")
+    }
+
+    /// The config file every ztunnel reads.
+    pub fn config_yaml(&self) -> String {
+        let mut y = String::from("workloads:\n");
+        for (s, pod) in &self.pods {
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let _ = writeln!(
+                y,
+                "  - {{name: {}, namespace: {}, node: {}, addresses: [{}], serviceAccount: {}, labels: {{{}}}, enrolled: {}, mtls: {}}}",
+                s.name,
+                s.namespace,
+                Self::node_name(s.node),
+                pod.ip(),
+                s.service_account,
+                labels.join(", "),
+                s.enrolled,
+                if s.strict { "STRICT" } else { "PERMISSIVE" }
+            );
+        }
+        y.push_str("services:\n");
+        for s in &self.services {
+            let _ = writeln!(
+                y,
+                "  - {{name: {}, namespace: {}, vips: [{}], ports: [{{port: {}, targetPort: {}}}], selector: {{app: {}}}}}",
+                s.name, s.namespace, s.vip, s.port, s.target_port, s.app
+            );
+        }
+        y.push_str("authorizations:\n");
+        for p in &self.policies {
+            let _ = writeln!(y, "  - {p}");
+        }
+        y
+    }
+
+    /// Writes the config atomically (ztunnels never see half a file).
+    pub fn write_config(&self) -> anyhow::Result<()> {
+        self.write_raw_config(&self.config_yaml())
+    }
+
+    /// Writes arbitrary text as the config file (for bad-input tests).
+    pub fn write_raw_config(&self, text: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.join("cluster.yaml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.config_path()).context("replacing the config file")?;
+        Ok(())
+    }
+
+    /// Starts one ztunnel per node and waits until each is ready.
+    pub fn start_ztunnels(&mut self) -> anyhow::Result<()> {
+        self.write_config()?;
+        for i in 0..self.ztunnels.len() {
+            self.start_ztunnel(i, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s ztunnel with extra arguments and waits until it is ready.
+    pub fn start_ztunnel(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.weft);
+        cmd.arg("ztunnel")
+            .args(["--node", &Self::node_name(i)])
+            .arg("--local-config")
+            .arg(self.config_path())
+            .arg("--ca-cert")
+            .arg(self.dir.join("ca.crt"))
+            .arg("--ca-key")
+            .arg(self.dir.join("ca.key"))
+            .args(["--reload-interval", RELOAD])
+            .arg("--proc-root")
+            .arg(self.proc_root(i))
+            .args(extra)
+            .env("WEFT_LOG", "info");
+        let process = self.lab.nodes()[i].netns().spawn(cmd)?;
+        process.wait_for_log("ztunnel ready", STARTUP)?;
+        self.ztunnels[i] = Some(process);
+        Ok(())
+    }
+
+    pub fn ztunnel(&self, node: usize) -> &LabProcess {
+        self.ztunnels[node].as_ref().expect("ztunnel started")
+    }
+
+    pub fn take_ztunnel(&mut self, node: usize) -> Option<LabProcess> {
+        self.ztunnels[node].take()
+    }
+
+    /// Starts `weft app echo` in a pod and waits until it listens.
+    pub fn start_echo(&self, pod: &str, port: u16, banner: Option<&str>) -> anyhow::Result<LabProcess> {
+        let mut cmd = Command::new(&self.weft);
+        cmd.args(["app", "echo", "--port", &port.to_string()]);
+        if let Some(b) = banner {
+            cmd.args(["--banner", b]);
+        }
+        let process = self.pod(pod).netns().spawn(cmd)?;
+        process.wait_for_log("listening on", STARTUP)?;
+        Ok(process)
+    }
+
+    /// A TCP connection opened from inside `pod`'s namespace (a client in that pod).
+    pub fn connect(&self, pod: &str, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+        let stream = self
+            .pod(pod)
+            .netns()
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?
+            .with_context(|| format!("connecting from pod {pod} to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(stream)
+    }
+
+    /// An HTTP GET to `127.0.0.1:<port><path>` inside node `node`'s namespace (ztunnel's
+    /// admin, metrics and readiness servers); the response body.
+    pub fn node_http(&self, node: usize, port: u16, path: &str) -> anyhow::Result<String> {
+        let path = path.to_owned();
+        self.lab.nodes()[node].netns().run(move || http_get(SocketAddr::from(([127, 0, 0, 1], port)), &path))?
+    }
+
+    /// Waits until node `node`'s ztunnel reports `count` enrolled pods.
+    pub fn wait_enrolled(&self, node: usize, count: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + STARTUP;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            last = self.node_http(node, 15000, "/config_dump")?;
+            let dump: serde_json::Value = serde_json::from_str(&last)?;
+            if dump["enrolledPods"].as_array().map(|a| a.len()) == Some(count) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("node {node} did not reach {count} enrolled pods; last dump:\n{last}")
+    }
+
+    /// A metric's value on node `node`, summed over series whose labels contain every
+    /// `key="value"` in `labels`.
+    pub fn metric(&self, node: usize, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let text = self.node_http(node, 15020, "/metrics")?;
+        Ok(sum_metric(&text, name, labels))
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no client library: the lab runs it on a namespace thread).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut tcp =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    tcp.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path} on {addr}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
+}
+
+/// Sums the samples of `name` whose label set contains every given pair.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The IP of a pod as an `IpAddr`.
+pub fn ip(pod: &Pod) -> IpAddr {
+    IpAddr::V4(pod.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_matching_series() {
+        let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",a=\"1\"} 2\nistio_tcp_connections_opened_total{reporter=\"destination\",a=\"1\"} 3\nother_total 9\n";
+        assert_eq!(sum_metric(text, "istio_tcp_connections_opened_total", &[]), 5.0);
+        assert_eq!(sum_metric(text, "istio_tcp_connections_opened_total", &[("reporter", "source")]), 2.0);
+        assert_eq!(sum_metric(text, "other_total", &[]), 9.0);
+    }
+}

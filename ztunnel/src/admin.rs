@@ -1,0 +1,92 @@
+//! The small HTTP servers: admin (localhost :15000: `/config_dump`, `/logging`), metrics
+//! (:15020 `/metrics`) and readiness (:15021 `/healthz/ready`). One tiny HTTP/1.1 server
+//! function serves them all; each stops on drain.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use hbone::drain;
+
+/// What a route handler gets: method, path and query.
+pub struct Call<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: &'a str,
+}
+
+pub type Routes = Arc<dyn Fn(Call<'_>) -> futures_lite::BoxedResponse + Send + Sync>;
+
+/// Boxed future of a response, without pulling in a futures crate.
+pub mod futures_lite {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    pub type BoxedResponse = Pin<Box<dyn Future<Output = super::Reply> + Send>>;
+}
+
+/// A response: status, content type, body.
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+        Reply { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+    }
+
+    pub fn json(body: String) -> Reply {
+        Reply { status: StatusCode::OK, content_type: "application/json", body }
+    }
+}
+
+/// Serves `routes` on `listener` until the drain starts.
+pub async fn serve(listener: TcpListener, routes: Routes, drain: drain::Watch) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    let routes = routes.clone();
+                    let watch = drain.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req: Request<Incoming>| {
+                            let routes = routes.clone();
+                            async move { Ok::<_, Infallible>(respond(&routes, req).await) }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+                        tokio::select! {
+                            r = conn => if let Err(e) = r { debug!(error = %e, "admin connection error") },
+                            _ = watch.closing() => {}
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = drain.draining() => break,
+        }
+    }
+}
+
+async fn respond(routes: &Routes, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply =
+        routes(Call { method: req.method(), path: req.uri().path(), query: req.uri().query().unwrap_or("") }).await;
+    let mut resp = Response::new(Full::new(Bytes::from(reply.body)));
+    *resp.status_mut() = reply.status;
+    if let Ok(v) = http::HeaderValue::from_str(reply.content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
+}

@@ -1,0 +1,47 @@
+//! The command line of ztunnel, shared by the `ztunnel` binary and `weft ztunnel` (the lab
+//! and the demo run the latter, so one binary carries everything).
+
+use std::sync::Arc;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+
+use crate::config::Config;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Sets up logging (`WEFT_LOG`, default `info`; changeable at run time through the admin
+/// server), builds ztunnel, runs until SIGTERM or SIGINT, drains, and returns.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer().with_ansi(false)).init();
+    let log_control: crate::app::LogControl = Arc::new(move |level: &str| {
+        let new = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
+        handle.reload(new).map_err(|e| e.to_string())
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let bound = crate::build(args.config, Some(log_control)).await?;
+        tracing::info!(admin = %bound.admin_addr, metrics = %bound.metrics_addr, readiness = %bound.readiness_addr, "ztunnel ready");
+        wait_for_signal().await?;
+        let outcome = bound.shutdown().await;
+        tracing::info!(?outcome, "ztunnel stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! ztunnel's configuration: one typed struct, built from flags or environment variables
+//! (names below), with defaults that say why.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Captured outbound TCP, inside each enrolled pod's network namespace (ARCHITECTURE §3).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Captured inbound plaintext TCP, inside each enrolled pod's network namespace.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// HBONE, inside each enrolled pod's network namespace.
+pub const HBONE_PORT: u16 = 15008;
+
+/// The packet mark on ztunnel's own sockets inside pod namespaces; the capture rules let
+/// marked packets through untouched. "WF" in ASCII, chosen not to collide with Istio's 0x539
+/// or Calico's and Cilium's high-bit marks.
+pub const BYPASS_MARK: u32 = 0x5746;
+
+/// The nftables table ztunnel owns inside each enrolled pod's namespace.
+pub const NFT_TABLE: &str = "weft";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Name of the node this ztunnel serves: it captures workloads whose `node` is this.
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node: String,
+
+    /// The cluster view as a YAML file (workloads, services, policies), reloaded on change.
+    /// This is how ztunnel runs without a controller (development, VMs, the lab).
+    #[arg(long, env = "WEFT_LOCAL_CONFIG")]
+    pub local_config: PathBuf,
+
+    /// CA certificate (PEM) that signs this node's workload certificates; also the trust
+    /// bundle unless `--trust-bundle` is given.
+    #[arg(long, env = "WEFT_CA_CERT")]
+    pub ca_cert: PathBuf,
+
+    /// CA private key (PEM, PKCS#8).
+    #[arg(long, env = "WEFT_CA_KEY")]
+    pub ca_key: PathBuf,
+
+    /// Trust bundle (PEM, one or more roots); defaults to the CA certificate.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+
+    /// Lifetime of workload certificates; they are renewed at half-life. 24 h, as Istio: a
+    /// leaked key is useful for a day at most, and renewal traffic stays negligible.
+    #[arg(long, env = "WEFT_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
+    pub cert_ttl: Duration,
+
+    /// Admin server (config dump, log level), localhost only.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// How long in-flight connections may take to finish after SIGTERM. 10 s: within
+    /// Kubernetes' default 30 s grace period, long enough for request/response traffic.
+    #[arg(long, env = "WEFT_DRAIN_DEADLINE", value_parser = parse_duration, default_value = "10s")]
+    pub drain_deadline: Duration,
+
+    /// How often the local config file is checked for changes. 1 s: edits apply quickly,
+    /// and a stat per second costs nothing.
+    #[arg(long, env = "WEFT_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub reload_interval: Duration,
+
+    /// Where the host's /proc is mounted (scanned to find pods' network namespaces).
+    #[arg(long, env = "WEFT_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+
+    /// The `nft` program that installs capture rules.
+    #[arg(long, env = "WEFT_NFT", default_value = "nft")]
+    pub nft: PathBuf,
+}
+
+/// Parses `500ms`, `10s`, `5m`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 10s, 5m, 24h)"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("10").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("ten s").unwrap_err().contains("not a duration"));
+    }
+}

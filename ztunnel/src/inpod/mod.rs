@@ -1,0 +1,10 @@
+//! In-pod capture (ARCHITECTURE §8): finding an enrolled pod's network namespace, installing
+//! redirection rules there, and opening ztunnel's listeners and outbound sockets inside it.
+//! The pod is never restarted.
+
+pub mod netns;
+pub mod rules;
+pub mod scan;
+pub mod socket;
+
+pub use netns::Netns;

@@ -1,0 +1,61 @@
+//! Sockets inside pods' network namespaces: listeners for the captured ports and outbound
+//! sockets carrying ztunnel's bypass mark, plus reading a redirected connection's original
+//! destination.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use nix::sys::socket::{getsockopt, sockopt};
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use super::netns::Netns;
+use crate::config::BYPASS_MARK;
+
+/// Backlog of the captured ports: a burst of new connections from a busy pod must not see
+/// SYNs dropped.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Opens a listener on `0.0.0.0:port` inside `netns`. Must be called from the runtime (the
+/// socket is registered with it after the namespace switch).
+pub fn listen(netns: &Netns, port: u16) -> io::Result<TcpListener> {
+    let std_listener = netns.run(|| -> io::Result<std::net::TcpListener> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        Ok(socket.into())
+    })??;
+    TcpListener::from_std(std_listener)
+}
+
+/// Connects to `dst` from inside `netns`, with the bypass mark so the pod's capture rules let
+/// the connection out (its source address is the pod's).
+pub async fn connect(netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream> {
+    let std_stream = netns.run(|| -> io::Result<std::net::TcpStream> {
+        let domain = if dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let socket = Socket::new(domain, Type::STREAM, None)?;
+        socket.set_mark(BYPASS_MARK)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        Ok(socket.into())
+    })??;
+    TcpSocket::from_std_stream(std_stream).connect(dst).await
+}
+
+/// The destination a redirected connection was originally sent to (SO_ORIGINAL_DST).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    match stream.local_addr()? {
+        SocketAddr::V4(_) => {
+            let sa = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
+            let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sa.sin_port))))
+        }
+        SocketAddr::V6(_) => {
+            let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(io::Error::from)?;
+            let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+            Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0)))
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Enrollment: keeping the set of captured pods equal to the local workloads the config
+//! marks enrolled.
+//!
+//! Enrolling a pod (no restart): find its network namespace, open ztunnel's listeners inside
+//! it (15001 outbound, 15006 plaintext inbound, 15008 HBONE), *then* install the redirection
+//! rules, so no redirected connection ever meets a closed port. Un-enrolling does the reverse:
+//! rules first, then the listeners stop accepting while their connections finish.
+//!
+//! A pod whose namespace cannot be found yet (not started) is retried on every reconcile.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hbone::{Server, drain};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::inpod::{rules, scan, socket};
+use crate::proxy::inbound::Inbound;
+use crate::proxy::{PodInfo, Proxy, outbound, plaintext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("network namespace of pod {uid} (addresses {ips:?}) not found under {proc_root}; is the pod running?")]
+    NetnsNotFound { uid: String, ips: Vec<IpAddr>, proc_root: PathBuf },
+    #[error("scanning {proc_root} for pod {uid}: {error}")]
+    Scan { uid: String, proc_root: PathBuf, error: std::io::Error },
+    #[error("opening port {port} inside pod {uid}: {error}")]
+    Listen { uid: String, port: u16, error: std::io::Error },
+    #[error("pod {uid}: {error}")]
+    Rules { uid: String, error: rules::RulesError },
+    #[error("pod {uid} has no valid identity: {reason}")]
+    Identity { uid: String, reason: String },
+}
+
+/// A captured pod and the tasks serving it.
+struct Enrolled {
+    info: Arc<PodInfo>,
+    trigger: drain::Trigger,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What a pod looks like in the dump.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EnrolledPod {
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub netns_inode: u64,
+}
+
+pub struct Manager {
+    proxy: Arc<Proxy>,
+    proc_root: PathBuf,
+    nft: PathBuf,
+    drain_deadline: Duration,
+    pods: tokio::sync::Mutex<HashMap<String, Enrolled>>,
+}
+
+impl Manager {
+    pub fn new(proxy: Arc<Proxy>, proc_root: PathBuf, nft: PathBuf, drain_deadline: Duration) -> Self {
+        Manager { proxy, proc_root, nft, drain_deadline, pods: tokio::sync::Mutex::new(HashMap::new()) }
+    }
+
+    /// Brings the captured pods in line with the current state. Returns the number of pods
+    /// that should be enrolled but could not be (retried next time).
+    pub async fn reconcile(&self) -> usize {
+        let state = self.proxy.state.load();
+        let desired: HashMap<String, Vec<IpAddr>> = state
+            .local_workloads(&self.proxy.node)
+            .filter(|w| w.enrolled)
+            .map(|w| (w.uid.clone(), w.addresses.clone()))
+            .collect();
+        let keep_ids: Vec<hbone::SpiffeId> =
+            state.local_workloads(&self.proxy.node).filter_map(|w| w.identity(state.trust_domain()).ok()).collect();
+        drop(state);
+
+        let mut pods = self.pods.lock().await;
+        let leaving: Vec<String> = pods
+            .iter()
+            .filter(|(uid, e)| desired.get(*uid).is_none_or(|ips| *ips != e.info.ips))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in leaving {
+            if let Some(e) = pods.remove(&uid) {
+                self.unenroll(e).await;
+            }
+        }
+        let mut pending = 0;
+        for (uid, ips) in desired {
+            if pods.contains_key(&uid) {
+                continue;
+            }
+            match self.enroll(&uid, &ips).await {
+                Ok(e) => {
+                    info!(pod = %uid, ?ips, netns = e.info.netns.inode(), "pod enrolled: traffic captured");
+                    pods.insert(uid, e);
+                }
+                Err(e) => {
+                    pending += 1;
+                    warn!(error = %e, "pod not enrolled yet; will retry");
+                }
+            }
+        }
+        self.proxy.metrics.enrolled_pods.set(pods.len() as i64);
+        self.proxy.certs.retain(|id| keep_ids.contains(id));
+        pending
+    }
+
+    /// The captured pods, for the config dump.
+    pub async fn dump(&self) -> Vec<EnrolledPod> {
+        let pods = self.pods.lock().await;
+        let mut out: Vec<_> = pods
+            .values()
+            .map(|e| EnrolledPod {
+                uid: e.info.uid.clone(),
+                ips: e.info.ips.clone(),
+                netns_inode: e.info.netns.inode(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.uid.cmp(&b.uid));
+        out
+    }
+
+    /// Stops accepting everywhere and lets connections finish within the drain deadline.
+    /// The capture rules stay: pods remain captured (fail closed) until a ztunnel serves them
+    /// again, which reinstalls the rules idempotently.
+    pub async fn shutdown(&self) -> drain::Outcome {
+        let pods: Vec<Enrolled> = self.pods.lock().await.drain().map(|(_, e)| e).collect();
+        let deadline = self.drain_deadline;
+        let drains = pods.into_iter().map(|e| async move {
+            let outcome = e.trigger.drain(deadline).await;
+            for t in e.tasks {
+                t.abort();
+            }
+            outcome
+        });
+        let outcomes = futures_join_all(drains).await;
+        if outcomes.contains(&drain::Outcome::DeadlineExceeded) {
+            drain::Outcome::DeadlineExceeded
+        } else {
+            drain::Outcome::Graceful
+        }
+    }
+
+    async fn enroll(&self, uid: &str, ips: &[IpAddr]) -> Result<Enrolled, EnrollError> {
+        let (proc_root, scan_ips) = (self.proc_root.clone(), ips.to_vec());
+        let found = tokio::task::spawn_blocking(move || scan::find_netns(&proc_root, &scan_ips))
+            .await
+            .map_err(|e| EnrollError::Scan {
+                uid: uid.into(),
+                proc_root: self.proc_root.clone(),
+                error: std::io::Error::other(e),
+            })?
+            .map_err(|error| EnrollError::Scan { uid: uid.into(), proc_root: self.proc_root.clone(), error })?;
+        let netns = found.ok_or_else(|| EnrollError::NetnsNotFound {
+            uid: uid.into(),
+            ips: ips.to_vec(),
+            proc_root: self.proc_root.clone(),
+        })?;
+        let identity = {
+            let state = self.proxy.state.load();
+            let w = state
+                .workload_by_ip(ips[0])
+                .ok_or_else(|| EnrollError::Identity { uid: uid.into(), reason: "gone from the config".into() })?;
+            w.identity(state.trust_domain())
+                .map_err(|e| EnrollError::Identity { uid: uid.into(), reason: e.to_string() })?
+        };
+        let cert = self
+            .proxy
+            .certs
+            .get(&identity)
+            .map_err(|e| EnrollError::Identity { uid: uid.into(), reason: e.to_string() })?;
+
+        let listen =
+            |port| socket::listen(&netns, port).map_err(|error| EnrollError::Listen { uid: uid.into(), port, error });
+        let outbound_l = listen(OUTBOUND_PORT)?;
+        let plaintext_l = listen(INBOUND_PLAINTEXT_PORT)?;
+        let hbone_l = listen(HBONE_PORT)?;
+
+        let (nft, rules_netns) = (self.nft.clone(), netns.clone());
+        tokio::task::spawn_blocking(move || rules::install(&nft, &rules_netns))
+            .await
+            .map_err(|e| EnrollError::Rules {
+                uid: uid.into(),
+                error: rules::RulesError::Netns(std::io::Error::other(e)),
+            })?
+            .map_err(|error| EnrollError::Rules { uid: uid.into(), error })?;
+
+        let info = Arc::new(PodInfo { uid: uid.to_owned(), ips: ips.to_vec(), netns: netns.clone() });
+        self.proxy.pods.insert(ips, &netns);
+        let (trigger, watch) = drain::channel();
+        let server = Server::new(
+            self.proxy.hbone.clone(),
+            Arc::new(cert),
+            &self.proxy.trust,
+            Inbound { proxy: self.proxy.clone(), pod: info.clone() },
+        );
+        let tasks = vec![
+            tokio::spawn(outbound::serve(outbound_l, info.clone(), self.proxy.clone(), watch.clone())),
+            tokio::spawn(plaintext::serve(plaintext_l, info.clone(), self.proxy.clone(), watch.clone())),
+            tokio::spawn(async move { server.serve(hbone_l, watch).await }),
+        ];
+        Ok(Enrolled { info, trigger, tasks })
+    }
+
+    async fn unenroll(&self, e: Enrolled) {
+        let (nft, netns, uid) = (self.nft.clone(), e.info.netns.clone(), e.info.uid.clone());
+        match tokio::task::spawn_blocking(move || rules::remove(&nft, &netns)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(pod = %uid, error = %err, "removing capture rules failed"),
+            Err(err) => warn!(pod = %uid, error = %err, "removing capture rules failed"),
+        }
+        self.proxy.pods.remove(&e.info.ips);
+        info!(pod = %uid, "pod un-enrolled: rules removed, listeners closing");
+        // Listeners stop now; connections in flight finish (or are cut at the deadline).
+        let deadline = self.drain_deadline;
+        tokio::spawn(async move {
+            e.trigger.drain(deadline).await;
+            for t in e.tasks {
+                t.abort();
+            }
+        });
+    }
+}
+
+/// Awaits every future (a tiny join_all, to avoid a dependency for one call).
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}

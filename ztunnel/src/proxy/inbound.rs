@@ -1,0 +1,109 @@
+//! Inbound HBONE: the destination pod's :15008 listener terminates mTLS with the pod's
+//! certificate; each CONNECT is checked (the target must be this pod, policy must allow the
+//! peer) and then dialed from inside the pod's namespace.
+
+use std::io;
+use std::sync::Arc;
+
+use hbone::copy::{CopyError, Transferred};
+use hbone::server::{Handler, InboundRequest, Rejection};
+use tokio::net::TcpStream;
+use tracing::info;
+
+use super::{PodInfo, Proxy, labels, service_name};
+use crate::authz::{self, Verdict};
+use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::inpod::socket;
+use crate::metrics::{RefusedLabels, Reporter, SecurityPolicy, TcpLabels};
+use crate::proxy::Peer;
+
+pub struct Inbound {
+    pub proxy: Arc<Proxy>,
+    pub pod: Arc<PodInfo>,
+}
+
+impl Inbound {
+    fn labels(&self, req: &InboundRequest) -> TcpLabels {
+        let state = self.proxy.state.load();
+        let source = req.forwarded_for.and_then(|ip| state.workload_by_ip(ip));
+        let dest = state.workload_by_ip(req.target.ip());
+        let src = Peer::of(source, Some(&req.peer_identity), &state);
+        let dst = Peer::of(dest, None, &state);
+        labels(Reporter::destination, &src, &dst, &service_name(&state, dest), SecurityPolicy::mutual_tls)
+    }
+}
+
+impl Handler for Inbound {
+    fn authorize(&self, req: &InboundRequest) -> Result<(), Rejection> {
+        let target = req.target;
+        if !self.pod.ips.contains(&target.ip()) {
+            return Err(Rejection::NotServed(format!("{target} is not an address of pod {}", self.pod.uid)));
+        }
+        if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&target.port()) {
+            return Err(Rejection::NotServed(format!("port {} is reserved for ztunnel", target.port())));
+        }
+        let state = self.proxy.state.load();
+        let Some(workload) = state.workload_by_ip(target.ip()) else {
+            return Err(Rejection::NotServed(format!("{target} is no longer a known workload")));
+        };
+        let conn = authz::Connection {
+            identity: Some(&req.peer_identity),
+            source_ip: req.forwarded_for.unwrap_or(req.peer_addr.ip()),
+            dest_port: target.port(),
+        };
+        match authz::check(state.policies_for(workload), &conn) {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny(reason) => {
+                self.proxy
+                    .metrics
+                    .refused
+                    .get_or_create(&RefusedLabels { reason: "policy", destination_workload: workload.name.clone() })
+                    .inc();
+                info!(
+                    src.addr = %conn.source_ip,
+                    src.identity = %req.peer_identity,
+                    dst.addr = %target,
+                    dst.workload = %workload.name,
+                    protocol = "HBONE",
+                    outcome = "denied",
+                    reason = %reason,
+                    "access"
+                );
+                Err(Rejection::Denied(reason))
+            }
+        }
+    }
+
+    async fn dial(&self, req: &InboundRequest) -> io::Result<TcpStream> {
+        let stream = socket::connect(&self.pod.netns, req.target).await?;
+        self.proxy.metrics.opened.get_or_create(&self.labels(req)).inc();
+        Ok(stream)
+    }
+
+    fn finished(&self, req: &InboundRequest, result: &Result<Transferred, CopyError>) {
+        let labels = self.labels(req);
+        let (t, outcome) = match result {
+            Ok(t) => (*t, "ok".to_owned()),
+            Err(e) => (e.transferred, format!("error: {}", e.cause)),
+        };
+        // The tunnel carries client bytes in (from_tunnel, the request direction) and the
+        // app's answer out (to_tunnel).
+        self.proxy.metrics.received_bytes.get_or_create(&labels).inc_by(t.from_tunnel);
+        self.proxy.metrics.sent_bytes.get_or_create(&labels).inc_by(t.to_tunnel);
+        self.proxy.metrics.closed.get_or_create(&labels).inc();
+        info!(
+            src.addr = %req.forwarded_for.unwrap_or(req.peer_addr.ip()),
+            src.workload = %labels.source_workload,
+            src.identity = %req.peer_identity,
+            dst.addr = %req.target,
+            dst.workload = %labels.destination_workload,
+            dst.identity = %labels.destination_principal,
+            protocol = "HBONE",
+            bytes_sent = t.to_tunnel,
+            bytes_received = t.from_tunnel,
+            duration_ms = req.received_at.elapsed().as_millis() as u64,
+            outcome = %outcome,
+            "access"
+        );
+    }
+}

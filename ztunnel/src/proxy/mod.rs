@@ -1,0 +1,201 @@
+//! The L4 data path, in the order a connection travels:
+//! `outbound` (captured at :15001 in the source pod) → HBONE or passthrough →
+//! `inbound` (HBONE at :15008 in the destination pod) or `plaintext` (:15006) → the app.
+//!
+//! Everything a connection needs is in [`Proxy`], shared by all pods' listeners.
+
+pub mod inbound;
+pub mod outbound;
+pub mod plaintext;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use hbone::{SpiffeId, TrustStore};
+use meshapi::Workload;
+use tokio::net::TcpStream;
+
+use crate::certs::CertManager;
+use crate::inpod::{Netns, socket};
+use crate::metrics::{Metrics, Reporter, SecurityPolicy, TcpLabels};
+use crate::state::{State, StateStore};
+
+/// Shared by every connection of this ztunnel.
+pub struct Proxy {
+    pub node: String,
+    pub state: StateStore,
+    pub certs: CertManager,
+    pub trust: TrustStore,
+    pub client: hbone::Client,
+    pub pods: Arc<PodRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub balancer: Balancer,
+    pub hbone: hbone::Config,
+}
+
+/// An enrolled pod, as its listeners see it.
+#[derive(Debug)]
+pub struct PodInfo {
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub netns: Netns,
+}
+
+impl PodInfo {
+    pub fn primary_ip(&self) -> IpAddr {
+        self.ips[0]
+    }
+}
+
+/// Enrolled pods' namespaces by pod IP: the HBONE client's dialer opens each outbound socket
+/// in the namespace of the pod it speaks for.
+#[derive(Default)]
+pub struct PodRegistry {
+    by_ip: RwLock<HashMap<IpAddr, Netns>>,
+}
+
+impl PodRegistry {
+    pub fn insert(&self, ips: &[IpAddr], netns: &Netns) {
+        let mut map = self.by_ip.write().unwrap_or_else(|p| p.into_inner());
+        for ip in ips {
+            map.insert(*ip, netns.clone());
+        }
+    }
+
+    pub fn remove(&self, ips: &[IpAddr]) {
+        let mut map = self.by_ip.write().unwrap_or_else(|p| p.into_inner());
+        for ip in ips {
+            map.remove(ip);
+        }
+    }
+
+    fn netns(&self, ip: IpAddr) -> Option<Netns> {
+        self.by_ip.read().unwrap_or_else(|p| p.into_inner()).get(&ip).cloned()
+    }
+}
+
+/// Dials HBONE connections from inside the source pod's namespace.
+pub struct PodDialer(pub Arc<PodRegistry>);
+
+impl hbone::client::Dialer for PodDialer {
+    fn dial(
+        &self,
+        source: Option<IpAddr>,
+        dest: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + '_>> {
+        Box::pin(async move {
+            let ip = source.ok_or_else(|| io::Error::other("HBONE dial without a source pod"))?;
+            let netns = self.0.netns(ip).ok_or_else(|| io::Error::other(format!("pod {ip} is not enrolled here")))?;
+            socket::connect(&netns, dest).await
+        })
+    }
+}
+
+/// How long an endpoint that failed a connect is skipped: 10 s, long enough to stop sending
+/// new connections into a crashed pod's black hole, short enough to notice its return.
+const EJECTION: Duration = Duration::from_secs(10);
+
+/// Attempts on different endpoints before a service connection is refused.
+pub const SERVICE_ATTEMPTS: usize = 3;
+
+/// Service load balancing: round robin over the service's endpoints, skipping endpoints that
+/// failed a connect within [`EJECTION`] (unless all did); a failed connect moves on to the
+/// next endpoint, up to [`SERVICE_ATTEMPTS`] tries. Round robin spreads connections evenly
+/// and predictably; connections, not requests, are balanced at L4.
+#[derive(Default)]
+pub struct Balancer {
+    next: Mutex<HashMap<String, usize>>,
+    ejected: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Balancer {
+    /// The order in which to try `n` endpoints (addresses given by `ip`) for `service`.
+    pub fn order(&self, service: &str, n: usize, ip: impl Fn(usize) -> IpAddr) -> Vec<usize> {
+        let start = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = next.entry(service.to_owned()).or_insert(0);
+            let start = *slot % n.max(1);
+            *slot = slot.wrapping_add(1);
+            start
+        };
+        let now = Instant::now();
+        let ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
+        let is_ejected = |i: usize| ejected.get(&ip(i)).is_some_and(|until| *until > now);
+        let rotated = (0..n).map(|k| (start + k) % n);
+        let (healthy, sick): (Vec<usize>, Vec<usize>) = rotated.partition(|i| !is_ejected(*i));
+        healthy.into_iter().chain(sick).collect()
+    }
+
+    pub fn eject(&self, ip: IpAddr) {
+        let mut ejected = self.ejected.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        ejected.retain(|_, until| *until > now);
+        ejected.insert(ip, now + EJECTION);
+    }
+}
+
+/// The peer of a connection as metrics and access logs name it.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+}
+
+impl Peer {
+    pub fn of(workload: Option<&Workload>, identity: Option<&SpiffeId>, state: &State) -> Peer {
+        let principal = identity
+            .map(|i| i.to_string())
+            .or_else(|| workload.and_then(|w| w.identity(state.trust_domain()).ok()).map(|i| i.to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        match workload {
+            Some(w) => Peer { workload: w.name.clone(), namespace: w.namespace.clone(), principal },
+            None => Peer {
+                workload: "unknown".into(),
+                namespace: identity.map(|i| i.namespace().to_owned()).unwrap_or_else(|| "unknown".into()),
+                principal,
+            },
+        }
+    }
+}
+
+pub fn labels(reporter: Reporter, src: &Peer, dst: &Peer, service: &str, security: SecurityPolicy) -> TcpLabels {
+    TcpLabels {
+        reporter,
+        source_workload: src.workload.clone(),
+        source_workload_namespace: src.namespace.clone(),
+        source_principal: src.principal.clone(),
+        destination_workload: dst.workload.clone(),
+        destination_workload_namespace: dst.namespace.clone(),
+        destination_principal: dst.principal.clone(),
+        destination_service: service.to_owned(),
+        request_protocol: "tcp",
+        connection_security_policy: security,
+    }
+}
+
+/// The service name for metrics: the first service selecting the workload, or "unknown".
+pub fn service_name(state: &State, workload: Option<&Workload>) -> String {
+    workload.and_then(|w| state.services_of(w).next()).map(|s| s.hostname.clone()).unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_skips_ejected_endpoints() {
+        let b = Balancer::default();
+        let ips: Vec<IpAddr> = ["10.0.0.1", "10.0.0.2", "10.0.0.3"].iter().map(|s| s.parse().unwrap()).collect();
+        let firsts: Vec<usize> = (0..6).map(|_| b.order("svc", 3, |i| ips[i])[0]).collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
+        b.eject(ips[1]);
+        let order = b.order("svc", 3, |i| ips[i]);
+        assert_eq!(order, [0, 2, 1], "ejected endpoint tried last");
+    }
+}

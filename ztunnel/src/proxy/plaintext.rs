@@ -1,0 +1,116 @@
+//! Inbound plaintext: TCP that reached an enrolled pod without HBONE (from a pod outside the
+//! mesh, or another node's non-mesh traffic), redirected to :15006. Allowed only when the
+//! pod's mode is PERMISSIVE and policy admits a peer without identity; in STRICT mode it is
+//! closed, counted and logged.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hbone::drain;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::{PodInfo, Proxy, labels, service_name};
+use crate::authz::{self, Verdict};
+use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::inpod::socket;
+use crate::metrics::{RefusedLabels, Reporter, SecurityPolicy};
+use crate::proxy::Peer;
+use meshapi::MtlsMode;
+
+pub async fn serve(listener: TcpListener, pod: Arc<PodInfo>, proxy: Arc<Proxy>, drain: drain::Watch) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let (pod, proxy, watch) = (pod.clone(), proxy.clone(), drain.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = handle(tcp, peer, &pod, &proxy) => {}
+                            _ = watch.closing() => debug!(pod = %pod.uid, "plaintext connection cut by drain deadline"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(pod = %pod.uid, error = %e, "plaintext accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = drain.draining() => break,
+        }
+    }
+}
+
+async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: &PodInfo, proxy: &Proxy) {
+    let started = Instant::now();
+    let orig = match socket::original_dst(&tcp) {
+        Ok(orig) => orig,
+        Err(e) => {
+            warn!(pod = %pod.uid, error = %e, "cannot read the original destination; closing");
+            return;
+        }
+    };
+    let state = proxy.state.load();
+    let workload = state.workload_by_ip(orig.ip());
+    let refuse = |reason: &'static str, detail: String| {
+        proxy
+            .metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                reason,
+                destination_workload: workload.map(|w| w.name.clone()).unwrap_or_else(|| "unknown".into()),
+            })
+            .inc();
+        info!(src.addr = %peer, dst.addr = %orig, protocol = "TCP", outcome = "refused", reason = %detail, "access");
+    };
+    let Some(w) = workload.filter(|_| pod.ips.contains(&orig.ip())) else {
+        return refuse("not_served", format!("{orig} is not an address of pod {}", pod.uid));
+    };
+    if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&orig.port()) {
+        return refuse("not_served", format!("port {} is reserved for ztunnel", orig.port()));
+    }
+    if w.mtls == MtlsMode::Strict {
+        return refuse("strict_mtls", format!("workload {} is STRICT: plaintext from {peer} refused", w.uid));
+    }
+    let conn = authz::Connection { identity: None, source_ip: peer.ip(), dest_port: orig.port() };
+    if let Verdict::Deny(reason) = authz::check(state.policies_for(w), &conn) {
+        return refuse("policy", reason);
+    }
+    let src = Peer::of(state.workload_by_ip(peer.ip()), None, &state);
+    let dst = Peer::of(Some(w), None, &state);
+    let labels = labels(Reporter::destination, &src, &dst, &service_name(&state, Some(w)), SecurityPolicy::none);
+    drop(state);
+    let mut upstream = match socket::connect(&pod.netns, orig).await {
+        Ok(u) => u,
+        Err(e) => {
+            proxy
+                .metrics
+                .refused
+                .get_or_create(&RefusedLabels { reason: "unreachable", destination_workload: dst.workload.clone() })
+                .inc();
+            info!(src.addr = %peer, dst.addr = %orig, outcome = "refused", reason = %e, "access");
+            return;
+        }
+    };
+    proxy.metrics.opened.get_or_create(&labels).inc();
+    let (received, sent, outcome) = match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
+        Ok((a, b)) => (a, b, "ok".to_owned()),
+        Err(e) => (0, 0, format!("error: {e}")),
+    };
+    proxy.metrics.received_bytes.get_or_create(&labels).inc_by(received);
+    proxy.metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
+    proxy.metrics.closed.get_or_create(&labels).inc();
+    info!(
+        src.addr = %peer,
+        src.workload = %src.workload,
+        dst.addr = %orig,
+        dst.workload = %dst.workload,
+        protocol = "TCP",
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        outcome = %outcome,
+        "access"
+    );
+}

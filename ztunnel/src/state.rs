@@ -1,0 +1,158 @@
+//! The cluster as this ztunnel sees it: the model indexed for the lookups a connection needs
+//! (workload by IP, service by VIP and port, a service's endpoints, the policies of a
+//! workload), swapped atomically when a new snapshot is accepted.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use meshapi::{Authorization, Service, ServicePort, Snapshot, Workload};
+
+/// An immutable, indexed snapshot.
+#[derive(Debug, Default)]
+pub struct State {
+    snapshot: Snapshot,
+    by_ip: HashMap<IpAddr, usize>,
+    by_vip: HashMap<(IpAddr, u16), usize>,
+    /// Service index -> workload indexes it selects.
+    endpoints: Vec<Vec<usize>>,
+}
+
+/// Where an outbound connection goes, once resolved.
+#[derive(Debug, Clone, Copy)]
+pub enum Resolved<'a> {
+    /// To a service VIP: load balanced over `endpoints` (never empty).
+    Service { service: &'a Service, port: &'a ServicePort, endpoints: &'a [usize] },
+    /// To a workload's own address.
+    Workload { workload: &'a Workload },
+    /// To something the mesh does not know: passed through as is.
+    Unknown,
+}
+
+impl State {
+    pub fn new(snapshot: Snapshot) -> State {
+        let mut by_ip = HashMap::new();
+        for (i, w) in snapshot.workloads.iter().enumerate() {
+            for ip in &w.addresses {
+                by_ip.insert(*ip, i);
+            }
+        }
+        let mut by_vip = HashMap::new();
+        let mut endpoints = Vec::with_capacity(snapshot.services.len());
+        for (i, s) in snapshot.services.iter().enumerate() {
+            for vip in &s.vips {
+                for p in &s.ports {
+                    by_vip.insert((*vip, p.port), i);
+                }
+            }
+            endpoints
+                .push(snapshot.workloads.iter().enumerate().filter(|(_, w)| s.selects(w)).map(|(j, _)| j).collect());
+        }
+        State { snapshot, by_ip, by_vip, endpoints }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.snapshot.trust_domain
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_ip.get(&ip).map(|i| &self.snapshot.workloads[*i])
+    }
+
+    pub fn workload(&self, index: usize) -> &Workload {
+        &self.snapshot.workloads[index]
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.snapshot.workloads.iter().filter(move |w| w.node == node)
+    }
+
+    /// Resolves an original destination: a service VIP with endpoints, a workload, or unknown.
+    /// A VIP whose service has no endpoint resolves to `Unknown` (the caller refuses it).
+    pub fn resolve(&self, dst: SocketAddr) -> Resolved<'_> {
+        if let Some(i) = self.by_vip.get(&(dst.ip(), dst.port())) {
+            let service = &self.snapshot.services[*i];
+            if let (Some(port), false) = (service.port(dst.port()), self.endpoints[*i].is_empty()) {
+                return Resolved::Service { service, port, endpoints: &self.endpoints[*i] };
+            }
+            return Resolved::Unknown;
+        }
+        match self.workload_by_ip(dst.ip()) {
+            Some(workload) => Resolved::Workload { workload },
+            None => Resolved::Unknown,
+        }
+    }
+
+    /// Whether `ip` is a service VIP (on any port).
+    pub fn is_vip(&self, ip: IpAddr) -> bool {
+        self.snapshot.services.iter().any(|s| s.vips.contains(&ip))
+    }
+
+    /// The services that select `workload` (for metrics' `destination_service`).
+    pub fn services_of<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Service> + 'a {
+        self.snapshot.services.iter().filter(move |s| s.selects(workload))
+    }
+
+    /// The authorization policies that govern `workload`.
+    pub fn policies_for<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Authorization> + 'a {
+        self.snapshot.authorizations.iter().filter(move |a| a.applies_to(workload))
+    }
+}
+
+/// The current state, shared by every connection; replaced whole on each accepted snapshot.
+#[derive(Clone, Default)]
+pub struct StateStore {
+    current: Arc<ArcSwap<State>>,
+}
+
+impl StateStore {
+    pub fn load(&self) -> Arc<State> {
+        self.current.load_full()
+    }
+
+    pub fn replace(&self, snapshot: Snapshot) {
+        self.current.store(Arc::new(State::new(snapshot)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = r#"
+workloads:
+  - {name: a, namespace: ns, node: n1, addresses: [10.244.1.2], labels: {app: api}, enrolled: true}
+  - {name: b, namespace: ns, node: n2, addresses: [10.244.2.2], labels: {app: api}, enrolled: true}
+  - {name: c, namespace: other, node: n1, addresses: [10.244.1.3], labels: {app: api}}
+services:
+  - {name: api, namespace: ns, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: api}}
+  - {name: empty, namespace: ns, vips: [10.96.0.11], ports: [{port: 80}], selector: {app: none}}
+"#;
+
+    #[test]
+    fn resolves_vips_workloads_and_unknowns() {
+        let state = State::new(Snapshot::from_yaml(DOC).unwrap());
+        match state.resolve("10.96.0.10:80".parse().unwrap()) {
+            Resolved::Service { service, port, endpoints } => {
+                assert_eq!(service.name, "api");
+                assert_eq!(port.target_port, 8080);
+                let names: Vec<_> = endpoints.iter().map(|i| state.workload(*i).name.as_str()).collect();
+                assert_eq!(names, ["a", "b"], "same-namespace workloads only");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(state.resolve("10.96.0.10:81".parse().unwrap()), Resolved::Unknown), "unknown port");
+        assert!(matches!(state.resolve("10.96.0.11:80".parse().unwrap()), Resolved::Unknown), "no endpoints");
+        assert!(
+            matches!(state.resolve("10.244.2.2:9".parse().unwrap()), Resolved::Workload { workload } if workload.name == "b")
+        );
+        assert!(matches!(state.resolve("192.0.2.1:80".parse().unwrap()), Resolved::Unknown));
+        assert_eq!(state.local_workloads("n1").count(), 2);
+    }
+}
