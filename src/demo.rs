@@ -1,193 +1,255 @@
-//! `weft demo`: HBONE end to end on loopback, told as a story.
+//! `weft demo`: a two-node cluster built from network namespaces on this machine, a ztunnel
+//! per node, a few pods, and traffic that shows the mesh at work — told step by step, then
+//! torn down (also on Ctrl-C).
 //!
-//! Two "nodes" live in this process: node 1 runs an outbound proxy that accepts plain TCP from
-//! an app and carries it through HBONE as `ns-frontend/sa/web`; node 2 runs an HBONE server as
-//! `ns-backend/sa/api` in front of an echo app, with a policy that admits only the frontend
-//! namespace. Everything binds to 127.0.0.1.
+//! ```text
+//!  node-0                                     node-1
+//!  ├─ front/web    (enrolled)                 ├─ back/api-1    (enrolled, echo :8080)
+//!  ├─ front/batch  (enrolled)                 └─ legacy/old    (not in the mesh, echo :8080)
+//!  └─ back/api-0   (enrolled, echo :8080)
+//!  service back/api: a VIP in 10.96.0.0/16, port 80 → api-0, api-1 :8080
+//! ```
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use hbone::server::Rejection;
-use hbone::testing::{Pki, PolicyHandler, RunningServer, client_proxy, echo_server, id, request};
-use hbone::{Client, Config, InboundRequest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use weft::meshlab::{MeshLab, PodSpec, ServiceSpec};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Megabytes to send through one tunnel in the bulk transfer step.
-    #[arg(long, default_value_t = 64)]
-    bulk_mib: usize,
-    /// Concurrent connections in the pooling step.
-    #[arg(long, default_value_t = 300)]
-    connections: usize,
+    /// Keep the cluster running after the story, for exploring; Ctrl-C tears it down.
+    #[arg(long)]
+    keep_running: bool,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    if args.bulk_mib == 0 || args.bulk_mib > 4096 {
-        bail!("--bulk-mib must be between 1 and 4096, got {}", args.bulk_mib);
-    }
-    if args.connections == 0 || args.connections > 2000 {
-        bail!("--connections must be between 1 and 2000, got {}", args.connections);
-    }
-    println!("Weft demo: HBONE (HTTP/2 CONNECT inside mutual TLS 1.3) on 127.0.0.1\n");
+const APP_PORT: u16 = 8080;
 
-    let pki = Pki::new();
-    let web = pki.workload("ns-frontend", "web");
-    let api = pki.workload("ns-backend", "api");
-    println!("1. A CA minted a root and two workload certificates (ECDSA P-256, 1 h):");
-    for w in [&web, &api] {
-        let left = w.current().not_after().duration_since(std::time::SystemTime::now()).unwrap_or_default();
-        println!("     {}  (expires in {} min)", w.identity(), left.as_secs() / 60);
-    }
+pub fn run(args: Args) -> anyhow::Result<()> {
+    check_prerequisites()?;
+    let weft = std::env::current_exe().context("locating the weft binary")?;
+    let shared: Arc<Mutex<Option<MeshLab>>> = Arc::new(Mutex::new(None));
+    watch_ctrl_c(shared.clone());
 
-    let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let log2 = log.clone();
-    let policy = PolicyHandler(move |r: &InboundRequest| {
-        let verdict = if r.peer_identity.namespace() == "ns-frontend" {
-            Ok(())
-        } else {
-            Err(Rejection::Denied(format!("namespace {} may not reach {}", r.peer_identity.namespace(), r.target)))
-        };
-        log2.lock().map_err(|_| Rejection::Denied("log poisoned".into()))?.push(format!(
-            "     node 2 saw {} -> {} : {}",
-            r.peer_identity,
-            r.target,
-            if verdict.is_ok() { "ALLOW" } else { "DENY (403)" }
-        ));
-        verdict
-    });
-    let app = echo_server().await;
-    let node2 = RunningServer::start(Config::default(), api.clone(), &pki.trust, policy).await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let template = request(&web, node2.addr, api.identity(), app);
-    let (node1, _proxy) = client_proxy(client.clone(), template.clone(), Config::default().copy_buffer).await;
-    println!("\n2. Node 2 serves HBONE on {} in front of an echo app on {app};", node2.addr);
-    println!("   node 1 accepts plain TCP on {node1} and tunnels it as {}.", web.identity());
-
-    // One connection through the proxy path.
-    println!("\n3. The app on node 1 connects in plain TCP; the bytes cross as TLS:");
-    let started = Instant::now();
-    let reply = echo_once(node1, b"hello from the frontend").await?;
-    println!(
-        "     sent \"hello from the frontend\", got back \"{}\" in {:?}",
-        String::from_utf8_lossy(&reply),
-        started.elapsed()
-    );
-    println!("     path: app -> node 1 {node1} -> mTLS {} -> node 2 {} -> app {app}", web.identity(), node2.addr);
-    print_log(&log);
-
-    // Policy refusal.
-    println!("\n4. A workload from another namespace is refused by policy:");
-    let stranger = pki.workload("ns-other", "intruder");
-    match client.connect(request(&stranger, node2.addr, api.identity(), app)).await {
-        Ok(_) => bail!("the policy should have refused {}", stranger.identity()),
-        Err(e) => println!("     {} -> refused: {e}", stranger.identity()),
-    }
-    print_log(&log);
-
-    // Identity check by the client.
-    println!("\n5. The client checks who answers: expecting another identity fails the handshake:");
-    let mut wrong = template.clone();
-    wrong.expected = Arc::from(vec![id("ns-backend", "payments")]);
-    match client.connect(wrong).await {
-        Ok(_) => bail!("the handshake should have failed"),
-        Err(e) => println!("     {e}"),
+    println!("Weft demo: a two-node cluster made of network namespaces, one ztunnel per node.\n");
+    {
+        let mut mesh = MeshLab::new("demo", 2, &weft)?;
+        println!(
+            "1. Built the lab {}: nodes node-0 and node-1 on a bridge, pods on each node's cni0.",
+            mesh.lab.name()
+        );
+        mesh.add_pod(PodSpec::new(0, "front", "web", "web"))?;
+        mesh.add_pod(PodSpec::new(0, "front", "batch", "batch"))?;
+        mesh.add_pod(PodSpec::new(0, "back", "api-0", "api"))?;
+        mesh.add_pod(PodSpec::new(1, "back", "api-1", "api"))?;
+        mesh.add_pod(PodSpec::new(1, "legacy", "old", "old").not_enrolled())?;
+        mesh.add_service(ServiceSpec {
+            namespace: "back".into(),
+            name: "api".into(),
+            vip: lab::addresses::service_vip(10),
+            port: 80,
+            target_port: APP_PORT,
+            app: "api".into(),
+        });
+        for name in ["web", "batch", "api-0", "api-1", "old"] {
+            let s = mesh.spec(name);
+            let p = mesh.pod(name);
+            println!(
+                "     {:<13} node-{}  {:<11} {}",
+                format!("{}/{}", s.namespace, s.name),
+                s.node,
+                p.ip(),
+                if s.enrolled { s.identity() } else { "not in the mesh".into() }
+            );
+        }
+        mesh.start_ztunnels()?;
+        for (pod, banner) in [("api-0", "api-0"), ("api-1", "api-1"), ("old", "old")] {
+            let app = mesh.start_echo(pod, APP_PORT, Some(banner))?;
+            mesh.keep(app);
+        }
+        mesh.wait_enrolled(0, 3)?;
+        mesh.wait_enrolled(1, 1)?;
+        println!("\n2. Started a ztunnel in each node; they found the pods' namespaces in /proc and captured");
+        println!(
+            "   them without restarting them (nft table `inet weft` + listeners 15001/15006/15008 inside each pod)."
+        );
+        *shared.lock().map_err(|_| anyhow::anyhow!("demo state poisoned"))? = Some(mesh);
     }
 
-    // Pooling.
-    println!("\n6. {} concurrent connections share a few TLS sessions:", args.connections);
-    let before = node2.server.stats().connections_accepted.load(Ordering::Relaxed);
-    let mut tasks = Vec::new();
-    for i in 0..args.connections {
-        tasks.push(tokio::spawn(async move { echo_once(node1, format!("conn {i}").as_bytes()).await }));
+    let guard = || shared.lock().map_err(|_| anyhow::anyhow!("demo state poisoned"));
+    {
+        let g = guard()?;
+        let mesh = g.as_ref().context("the demo was interrupted")?;
+        story(mesh)?;
     }
-    for t in tasks {
-        t.await.context("connection task")??;
+    if args.keep_running {
+        let g = guard()?;
+        let mesh = g.as_ref().context("the demo was interrupted")?;
+        println!("\nThe cluster keeps running. Explore it from another terminal, for example:");
+        println!("  ip netns exec {} curl -s localhost:15000/config_dump", mesh.lab.nodes()[0].netns().name());
+        println!("  ip netns exec {} curl -s localhost:15020/metrics", mesh.lab.nodes()[1].netns().name());
+        println!("  ip netns exec {} nft list ruleset", mesh.pod("web").netns().name());
+        println!("Press Ctrl-C to tear it down.");
+        drop(g);
+        loop {
+            std::thread::park();
+        }
     }
-    let after = node2.server.stats().connections_accepted.load(Ordering::Relaxed);
-    println!(
-        "     {} tunnels, {} new TLS connections (at most {} streams each)",
-        args.connections,
-        after - before,
-        Config::default().max_streams_per_connection
-    );
-
-    // Bulk.
-    println!("\n7. Bulk transfer through one tunnel ({} MiB each way, echoed):", args.bulk_mib);
-    let (bytes, elapsed) = bulk(node1, args.bulk_mib * 1024 * 1024).await?;
-    println!(
-        "     {} MiB echoed intact in {:.2?} ({:.2} Gbit/s each way)",
-        bytes / (1024 * 1024),
-        elapsed,
-        bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
-    );
-
-    let stats = node2.server.stats();
-    println!("\n8. Node 2 counters:");
-    println!("     TLS connections accepted  {}", stats.connections_accepted.load(Ordering::Relaxed));
-    println!("     tunnels accepted          {}", stats.streams_accepted.load(Ordering::Relaxed));
-    println!("     tunnels refused           {}", stats.streams_rejected.load(Ordering::Relaxed));
-    println!("     handshakes refused        {}", stats.handshake_failures.load(Ordering::Relaxed));
-    println!("\nDone. Next: `weft demo` grows into a network-namespace cluster with ztunnels (issue 3).");
+    let mesh = guard()?.take();
+    if let Some(mesh) = mesh {
+        mesh.lab.teardown()?;
+    }
+    println!("\nDone: every namespace and process of the demo is gone.");
     Ok(())
 }
 
-async fn echo_once(proxy: SocketAddr, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut tcp = TcpStream::connect(proxy).await.context("connect to node 1")?;
-    tcp.write_all(msg).await?;
-    tcp.shutdown().await?;
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut back)).await.context("echo timed out")??;
-    if back != msg {
-        bail!("echo mismatch: sent {} bytes, got {}", msg.len(), back.len());
+fn story(mesh: &MeshLab) -> anyhow::Result<()> {
+    let api1 = SocketAddr::from((mesh.pod("api-1").ip(), APP_PORT));
+    println!("\n3. front/web connects to api-1's pod IP {api1} (another node). The app sees plain TCP;");
+    println!("   ztunnel carries it as HBONE. A capture on the fabric shows what crosses between nodes:");
+    let capture = mesh.lab.capture()?;
+    let marker = "hello-from-web";
+    let reply = exchange(mesh, "web", api1, marker)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let packets = capture.stop()?;
+    let (banner, echoed) = reply.split_once('\n').unwrap_or((&reply, ""));
+    println!("     web sent {marker:?}; the app greeted with {banner:?} and echoed {echoed:?}");
+    let (web, api) = (mesh.pod("web").ip(), mesh.pod("api-1").ip());
+    let flows: Vec<_> = packets
+        .iter()
+        .filter(|p| !p.outgoing)
+        .filter(|p| (*p.src.ip() == web && *p.dst.ip() == api) || (*p.src.ip() == api && *p.dst.ip() == web))
+        .collect();
+    let ports: std::collections::BTreeSet<u16> = flows.iter().map(|p| p.dst.port().min(p.src.port())).collect();
+    let plaintext = flows.iter().any(|p| p.payload.windows(marker.len()).any(|w| w == marker.as_bytes()));
+    let tls = flows.iter().any(|p| p.dst.port() == 15008 && p.payload.first() == Some(&0x16));
+    println!(
+        "     on the wire: {} segments, server port(s) {:?}, TLS handshake seen: {}, plaintext {:?} seen: {}",
+        flows.len(),
+        ports,
+        tls,
+        marker,
+        plaintext
+    );
+    print_access(mesh, 0, "outbound", 1)?;
+    print_access(mesh, 1, "inbound", 1)?;
+
+    let vip = SocketAddr::from((lab::addresses::service_vip(10), 80));
+    println!("\n4. front/web connects to the service VIP {vip} six times; ztunnel balances over the endpoints:");
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(exchange(mesh, "web", vip, "")?.trim().to_owned());
     }
-    Ok(back)
+    println!("     answered by: {}", answers.join(", "));
+
+    let old = SocketAddr::from((mesh.pod("old").ip(), APP_PORT));
+    println!("\n5. front/web connects to legacy/old {old}, which is not in the mesh: plain passthrough.");
+    let reply = exchange(mesh, "web", old, "hi")?;
+    println!("     answered by {:?}", reply.lines().next().unwrap_or(""));
+    print_access(mesh, 0, "outbound", 1)?;
+
+    println!("\n6. An L4 policy: back/api accepts only spiffe://cluster.local/ns/front/sa/web.");
+    let mut mesh_policy = mesh.config_yaml();
+    mesh_policy.push_str("  - {name: only-web, namespace: back, selector: {app: api}, action: ALLOW, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/front/sa/web\"]}]}]}\n");
+    mesh.write_raw_config(&mesh_policy)?;
+    std::thread::sleep(Duration::from_millis(800));
+    for client in ["web", "batch"] {
+        let outcome = match exchange(mesh, client, api1, "ping") {
+            Ok(_) => "allowed".to_owned(),
+            Err(e) => format!("refused ({e})"),
+        };
+        println!("     front/{client} -> api-1: {outcome}");
+    }
+    mesh.write_config()?;
+    print_access(mesh, 1, "denied", 1)?;
+
+    println!("\n7. Metrics (node-1's ztunnel, :15020/metrics), as Istio dashboards read them:");
+    let metrics = mesh.node_http(1, 15020, "/metrics")?;
+    for line in metrics.lines().filter(|l| {
+        (l.starts_with("istio_tcp_connections_opened_total") || l.starts_with("istio_tcp_received_bytes_total"))
+            && l.contains("reporter=\"destination\"")
+    }) {
+        println!("     {}", shorten(line));
+    }
+    for line in metrics.lines().filter(|l| l.starts_with("weft_")) {
+        println!("     {line}");
+    }
+    Ok(())
 }
 
-async fn bulk(proxy: SocketAddr, total: usize) -> anyhow::Result<(usize, Duration)> {
-    let tcp = TcpStream::connect(proxy).await.context("connect to node 1")?;
-    let (mut r, mut w) = tcp.into_split();
-    let started = Instant::now();
-    let writer = tokio::spawn(async move {
-        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            w.write_all(&chunk[..n]).await?;
-            left -= n;
+/// Connects from `pod` to `to`, sends `msg`, and returns what came back (banner and echo).
+fn exchange(mesh: &MeshLab, pod: &str, to: SocketAddr, msg: &str) -> anyhow::Result<String> {
+    let mut conn: TcpStream = mesh.connect(pod, to)?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut banner = String::new();
+    reader.read_line(&mut banner).context("no answer: the connection was closed")?;
+    if banner.is_empty() {
+        bail!("connection closed by the mesh");
+    }
+    if msg.is_empty() {
+        return Ok(banner);
+    }
+    conn.write_all(msg.as_bytes())?;
+    let mut back = vec![0u8; msg.len()];
+    reader.read_exact(&mut back).context("the echo did not come back")?;
+    Ok(format!("{banner}{}", String::from_utf8_lossy(&back)))
+}
+
+/// Prints the last `n` access-log lines of node `node`'s ztunnel that mention `what`.
+fn print_access(mesh: &MeshLab, node: usize, what: &str, n: usize) -> anyhow::Result<()> {
+    std::thread::sleep(Duration::from_millis(100));
+    let logs = mesh.ztunnel(node).logs()?;
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(" access ") || l.ends_with(" access"))
+        .filter(|l| l.contains(what))
+        .collect();
+    for line in lines.iter().rev().take(n).rev() {
+        println!("     node-{node} ztunnel: {}", shorten(line.split_once(": ").map(|x| x.1).unwrap_or(line)));
+    }
+    Ok(())
+}
+
+fn shorten(line: &str) -> String {
+    line.replace("spiffe://cluster.local/", "spiffe://…/")
+}
+
+/// Says exactly what is missing instead of failing halfway.
+fn check_prerequisites() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    if let Err(e) = lab::Lab::require_root() {
+        missing.push(format!("root privileges (CAP_NET_ADMIN and CAP_SYS_ADMIN): {e}; run with sudo"));
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        missing.push("the `nft` program: install the nftables package (apt-get install nftables)".into());
+    }
+    if Command::new("sleep").arg("0").output().is_err() {
+        missing.push("the `sleep` program (coreutils)".into());
+    }
+    if !std::path::Path::new("/proc/self/ns/net").exists() {
+        missing.push("network namespaces (a kernel with CONFIG_NET_NS)".into());
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    bail!("weft demo needs:\n  - {}", missing.join("\n  - "))
+}
+
+/// On Ctrl-C, tears the cluster down (waiting for the current step) and exits.
+fn watch_ctrl_c(shared: Arc<Mutex<Option<MeshLab>>>) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        if rt.block_on(tokio::signal::ctrl_c()).is_err() {
+            return;
         }
-        w.shutdown().await
+        eprintln!("\ninterrupted: tearing the cluster down...");
+        let mesh = shared.lock().map(|mut g| g.take()).unwrap_or_else(|p| p.into_inner().take());
+        if let Some(mesh) = mesh {
+            let _ = mesh.lab.teardown();
+        }
+        std::process::exit(130);
     });
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0usize;
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf)).await.context("bulk stalled")??;
-        if n == 0 {
-            break;
-        }
-        for (i, b) in buf[..n].iter().enumerate() {
-            if *b != ((got + i) % (64 * 1024) % 251) as u8 {
-                bail!("corrupted byte at offset {}", got + i);
-            }
-        }
-        got += n;
-    }
-    writer.await.context("writer task")??;
-    if got != total {
-        bail!("sent {total} bytes, got {got} back");
-    }
-    Ok((got, started.elapsed()))
-}
-
-fn print_log(log: &std::sync::Mutex<Vec<String>>) {
-    if let Ok(mut lines) = log.lock() {
-        for line in lines.drain(..) {
-            println!("{line}");
-        }
-    }
 }

@@ -56,7 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match command {
-        Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Demo(args) => demo::run(args),
         Command::App(app) => runtime.block_on(apps::run(app)),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Ztunnel(_) => unreachable!("handled above"),

@@ -83,6 +83,8 @@ pub struct MeshLab {
     services: Vec<ServiceSpec>,
     policies: Vec<String>,
     ztunnels: Vec<Option<LabProcess>>,
+    /// Processes kept running for the lab's lifetime (see [`MeshLab::keep`]).
+    kept: Vec<LabProcess>,
 }
 
 impl MeshLab {
@@ -106,6 +108,7 @@ impl MeshLab {
             services: Vec::new(),
             policies: Vec::new(),
             ztunnels: (0..nodes).map(|_| None).collect(),
+            kept: Vec::new(),
         };
         mesh.write_config()?;
         Ok(mesh)
@@ -246,6 +249,11 @@ impl MeshLab {
         process.wait_for_log("ztunnel ready", STARTUP)?;
         self.ztunnels[i] = Some(process);
         Ok(())
+    }
+
+    /// Keeps a process (an app) running until the lab is dropped.
+    pub fn keep(&mut self, process: LabProcess) {
+        self.kept.push(process);
     }
 
     pub fn ztunnel(&self, node: usize) -> &LabProcess {
