@@ -3,6 +3,8 @@
 //! - `echo`: a TCP server that optionally greets each connection with a banner line (so a
 //!   client can tell which endpoint answered), then echoes everything back, half-closing after
 //!   the client does. Each accepted peer is printed, so tests can see who connected.
+//! - `sink`: reads and discards; on EOF answers the byte count (8 bytes, big-endian).
+//! - `http`: a minimal HTTP/1.1 keep-alive server answering every request `200 ok`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -21,19 +23,86 @@ pub enum App {
         #[arg(long)]
         banner: Option<String>,
     },
+    /// Discards input, answers the byte count on EOF.
+    Sink {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Answers every HTTP/1.1 request with `200 ok` (keep-alive).
+    Http {
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 pub async fn run(app: App) -> anyhow::Result<()> {
     match app {
         App::Echo { port, banner } => echo(port, banner).await,
+        App::Sink { port } => sink(port).await,
+        App::Http { port } => http(port).await,
     }
 }
 
-async fn echo(port: u16, banner: Option<String>) -> anyhow::Result<()> {
+async fn listen(port: u16) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
         .await
         .with_context(|| format!("binding port {port}"))?;
     println!("listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+async fn sink(port: u16) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let listener = listen(port).await?;
+    loop {
+        let (mut tcp, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = tcp.write_all(&total.to_be_bytes()).await;
+            let _ = tcp.shutdown().await;
+        });
+    }
+}
+
+async fn http(port: u16) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let listener = listen(port).await?;
+    loop {
+        let (mut tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(4096);
+            loop {
+                // Requests carry no body: one request ends at the blank line.
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buf.drain(..end + 4);
+                    if tcp.write_all(RESPONSE).await.is_err() {
+                        return;
+                    }
+                }
+                if buf.len() > 64 * 1024 {
+                    return; // not HTTP as this server knows it
+                }
+                match tcp.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+}
+
+async fn echo(port: u16, banner: Option<String>) -> anyhow::Result<()> {
+    let listener = listen(port).await?;
     loop {
         let (mut tcp, peer) = listener.accept().await?;
         println!("accepted {peer}");

@@ -276,6 +276,15 @@ impl MeshLab {
         Ok(process)
     }
 
+    /// Starts `weft app <kind> --port <port>` (sink, http) in a pod and waits until it listens.
+    pub fn start_app(&self, pod: &str, kind: &str, port: u16) -> anyhow::Result<LabProcess> {
+        let mut cmd = Command::new(&self.weft);
+        cmd.args(["app", kind, "--port", &port.to_string()]);
+        let process = self.pod(pod).netns().spawn(cmd)?;
+        process.wait_for_log("listening on", STARTUP)?;
+        Ok(process)
+    }
+
     /// A TCP connection opened from inside `pod`'s namespace (a client in that pod).
     pub fn connect(&self, pod: &str, addr: SocketAddr) -> anyhow::Result<TcpStream> {
         let stream = self

@@ -24,6 +24,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let new = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
         handle.reload(new).map_err(|e| e.to_string())
     });
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let bound = crate::build(args.config, Some(log_control)).await?;
@@ -33,6 +34,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(?outcome, "ztunnel stopped");
         anyhow::Ok(())
     })
+}
+
+/// Every proxied connection holds two sockets (plus pooled tunnels): raise the soft limit on
+/// open files to the hard limit, as the default 1024 would cap a node at a few hundred
+/// connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -1,0 +1,290 @@
+//! ztunnel in the lab (issue 3): the same client and server code, across two nodes, once
+//! between two pods outside the mesh (direct) and once between two enrolled pods (meshed:
+//! app → ztunnel node-0 → HBONE → ztunnel node-1 → app), in the same run, alternating.
+//!
+//! - throughput, 1 and 8 streams: bulk writes into `weft app sink` for `WEFT_BENCH_SECS`;
+//! - latency: 1-byte and 64-byte request/response ping-pong on one connection (p50/p99);
+//! - HTTP request/response at a fixed rate (open loop: latency counted from each request's
+//!   scheduled time, so a stall is not hidden), p50/p99;
+//! - connection setup rate: connect, 1-byte exchange, close, from 4 client threads;
+//! - memory: ztunnel RSS at rest and per 1,000 idle tunneled connections.
+//!
+//! Run: `cargo bench --bench ztunnel` as root, with `nft` installed. Env: `WEFT_BENCH_SECS`
+//! (default 5), `WEFT_BENCH_REPS` (default 3, medians reported).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use weft::meshlab::{MeshLab, PodSpec};
+
+const SINK: u16 = 5001;
+const ECHO: u16 = 5002;
+const HTTP: u16 = 5003;
+
+struct Pair {
+    name: &'static str,
+    client: &'static str,
+    server: &'static str,
+}
+
+const DIRECT: Pair = Pair { name: "direct", client: "dclient", server: "dserver" };
+const MESHED: Pair = Pair { name: "meshed", client: "mclient", server: "mserver" };
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    if let Err(e) = lab::Lab::require_root() {
+        eprintln!("the ztunnel benchmark needs root: {e}");
+        std::process::exit(1);
+    }
+    let secs = env_u64("WEFT_BENCH_SECS", 5).clamp(1, 60);
+    let reps = env_u64("WEFT_BENCH_REPS", 3).clamp(1, 9) as usize;
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let mut mesh = MeshLab::new("bench", 2, weft).expect("building the lab");
+    mesh.add_pod(PodSpec::new(0, "bench", "dclient", "dclient").not_enrolled()).unwrap();
+    mesh.add_pod(PodSpec::new(1, "bench", "dserver", "dserver").not_enrolled()).unwrap();
+    mesh.add_pod(PodSpec::new(0, "bench", "mclient", "mclient")).unwrap();
+    mesh.add_pod(PodSpec::new(1, "bench", "mserver", "mserver")).unwrap();
+    mesh.start_ztunnels().expect("starting ztunnels");
+    for server in ["dserver", "mserver"] {
+        for (kind, port) in [("sink", SINK), ("http", HTTP)] {
+            let p = mesh.start_app(server, kind, port).unwrap();
+            mesh.keep(p);
+        }
+        let p = mesh.start_echo(server, ECHO, None).unwrap();
+        mesh.keep(p);
+    }
+    mesh.wait_enrolled(0, 1).unwrap();
+    mesh.wait_enrolled(1, 1).unwrap();
+    println!("ztunnel lab benchmark: 2 nodes, {secs} s per throughput run, median of {reps}; {} cores", cores());
+
+    // Memory first, before traffic grows any pool or cache.
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle: Vec<u64> = (0..2).map(|n| rss_kib(mesh.ztunnel(n).pid())).collect();
+    let per_conn = idle_connections(&mesh, 1000);
+
+    let mut rows: Vec<(String, f64, f64, &str)> = Vec::new();
+    for streams in [1usize, 8] {
+        let (d, m) = alternate(reps, || throughput(&mesh, &DIRECT, streams, secs), || throughput(&mesh, &MESHED, streams, secs));
+        rows.push((format!("throughput, {streams} stream(s)"), d, m, "Gbit/s"));
+    }
+    let mut latency_rows = Vec::new();
+    for size in [1usize, 64] {
+        let d = ping_pong(&mesh, &DIRECT, size, 20_000);
+        let m = ping_pong(&mesh, &MESHED, size, 20_000);
+        latency_rows.push((format!("{size}-byte round trip"), d, m));
+    }
+    let d = http_fixed_rate(&mesh, &DIRECT, 1000, secs);
+    let m = http_fixed_rate(&mesh, &MESHED, 1000, secs);
+    latency_rows.push(("HTTP req/resp at 1000/s".to_owned(), d, m));
+    let (d, m) = alternate(reps, || conn_rate(&mesh, &DIRECT, 4, secs), || conn_rate(&mesh, &MESHED, 4, secs));
+    rows.push(("connection setup (4 clients)".to_owned(), d, m, "conn/s"));
+
+    println!("\n{:<32} {:>12} {:>12} {:>8}", "measure", "direct", "meshed", "ratio");
+    for (name, d, m, unit) in &rows {
+        println!("{:<32} {:>9.2} {unit:<2} {:>9.2} {unit:<2} {:>7.1}%", name, d, m, m / d * 100.0);
+    }
+    println!("\n{:<32} {:>18} {:>18} {:>14}", "latency (µs)", "direct p50/p99", "meshed p50/p99", "added p50");
+    for (name, d, m) in &latency_rows {
+        println!(
+            "{:<32} {:>8.1} / {:<7.1} {:>8.1} / {:<7.1} {:>+12.1}",
+            name, d.0, d.1, m.0, m.1, m.0 - d.0
+        );
+    }
+    println!("\nmemory: ztunnel RSS at rest: node-0 {} KiB, node-1 {} KiB", rss_idle[0], rss_idle[1]);
+    println!(
+        "memory: per idle tunneled connection: node-0 (outbound) {:.2} KiB, node-1 (inbound) {:.2} KiB",
+        per_conn.0, per_conn.1
+    );
+    println!(
+        "\nsummary: 1-stream throughput {:.1}% of direct; added p50 64-byte RTT {:.1} µs; idle RSS {} KiB; {:.2} KiB/conn",
+        rows[0].2 / rows[0].1 * 100.0,
+        latency_rows[1].2.0 - latency_rows[1].1.0,
+        rss_idle.iter().max().copied().unwrap_or(0),
+        per_conn.0.max(per_conn.1)
+    );
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Runs `direct` and `meshed` alternately `reps` times; medians.
+fn alternate(reps: usize, mut direct: impl FnMut() -> f64, mut meshed: impl FnMut() -> f64) -> (f64, f64) {
+    let (mut d, mut m) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        d.push(direct());
+        m.push(meshed());
+    }
+    (median(&mut d), median(&mut m))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn target(mesh: &MeshLab, pair: &Pair, port: u16) -> SocketAddr {
+    SocketAddr::from((mesh.pod(pair.server).ip(), port))
+}
+
+/// Gbit/s received by the sink over `streams` connections writing for `secs`.
+fn throughput(mesh: &MeshLab, pair: &Pair, streams: usize, secs: u64) -> f64 {
+    let to = target(mesh, pair, SINK);
+    let conns: Vec<TcpStream> = (0..streams).map(|_| mesh.connect(pair.client, to).expect("connect")).collect();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    let handles: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let buf = vec![0x5au8; 256 * 1024];
+                while Instant::now() < deadline {
+                    if c.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+                let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut count = [0u8; 8];
+                match c.read_exact(&mut count) {
+                    Ok(()) => u64::from_be_bytes(count),
+                    Err(_) => 0,
+                }
+            })
+        })
+        .collect();
+    let bytes: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+    let elapsed = started.elapsed().as_secs_f64();
+    let gbps = bytes as f64 * 8.0 / elapsed / 1e9;
+    eprintln!("  {} throughput {streams} stream(s): {gbps:.2} Gbit/s", pair.name);
+    gbps
+}
+
+/// (p50, p99) in µs of `n` sequential `size`-byte round trips on one connection.
+fn ping_pong(mesh: &MeshLab, pair: &Pair, size: usize, n: usize) -> (f64, f64) {
+    let mut c = mesh.connect(pair.client, target(mesh, pair, ECHO)).expect("connect");
+    c.set_nodelay(true).unwrap();
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut samples = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0..(n + 1000) {
+        let t = Instant::now();
+        c.write_all(&msg).unwrap();
+        c.read_exact(&mut back).unwrap();
+        if i >= 1000 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    let r = percentiles(&mut samples);
+    eprintln!("  {} {size}-byte RTT p50 {:.1} µs p99 {:.1} µs", pair.name, r.0, r.1);
+    r
+}
+
+/// (p50, p99) in µs of HTTP requests sent at `rate`/s on one keep-alive connection for
+/// `secs`, measured from each request's scheduled send time.
+fn http_fixed_rate(mesh: &MeshLab, pair: &Pair, rate: u64, secs: u64) -> (f64, f64) {
+    let mut c = mesh.connect(pair.client, target(mesh, pair, HTTP)).expect("connect");
+    c.set_nodelay(true).unwrap();
+    let request = b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n";
+    const RESPONSE_LEN: usize = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".len();
+    let mut back = [0u8; RESPONSE_LEN];
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let total = (rate * secs) as usize;
+    let mut samples = Vec::with_capacity(total);
+    let start = Instant::now();
+    for i in 0..total {
+        let scheduled = start + interval * i as u32;
+        if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        c.write_all(request).unwrap();
+        c.read_exact(&mut back).unwrap();
+        samples.push(scheduled.elapsed().as_secs_f64() * 1e6);
+    }
+    let r = percentiles(&mut samples);
+    eprintln!("  {} HTTP at {rate}/s p50 {:.1} µs p99 {:.1} µs", pair.name, r.0, r.1);
+    r
+}
+
+/// New connections per second (connect, 1-byte exchange, close) from `threads` clients.
+fn conn_rate(mesh: &MeshLab, pair: &Pair, threads: usize, secs: u64) -> f64 {
+    let to = target(mesh, pair, ECHO);
+    let netns = mesh.pod(pair.client).netns().clone();
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (netns, count) = (netns.clone(), count.clone());
+            std::thread::spawn(move || {
+                netns
+                    .run(|| {
+                        while Instant::now() < deadline {
+                            let Ok(mut c) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else { continue };
+                            let mut b = [0u8; 1];
+                            if c.write_all(b"x").is_ok() && c.read_exact(&mut b).is_ok() {
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                    .expect("client thread in the pod")
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    let rate = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    eprintln!("  {} connection setup: {rate:.0} conn/s", pair.name);
+    rate
+}
+
+/// KiB per idle tunneled connection on each ztunnel (node-0 outbound, node-1 inbound).
+fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
+    let before: Vec<u64> = (0..2).map(|i| rss_kib(mesh.ztunnel(i).pid())).collect();
+    let to = target(mesh, &MESHED, ECHO);
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = mesh.connect(MESHED.client, to).expect("connect");
+        let mut b = [0u8; 1];
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut b).unwrap();
+        conns.push(c);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after: Vec<u64> = (0..2).map(|i| rss_kib(mesh.ztunnel(i).pid())).collect();
+    drop(conns);
+    std::thread::sleep(Duration::from_secs(1));
+    let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / n as f64;
+    eprintln!("  idle connections: RSS node-0 {} -> {} KiB, node-1 {} -> {} KiB", before[0], after[0], before[1], after[1]);
+    (per(0), per(1))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentiles(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    if samples.is_empty() {
+        return (0.0, 0.0);
+    }
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+    (at(0.5), at(0.99))
+}
