@@ -71,7 +71,8 @@ fn main() {
 
     let mut rows: Vec<(String, f64, f64, &str)> = Vec::new();
     for streams in [1usize, 8] {
-        let (d, m) = alternate(reps, || throughput(&mesh, &DIRECT, streams, secs), || throughput(&mesh, &MESHED, streams, secs));
+        let (d, m) =
+            alternate(reps, || throughput(&mesh, &DIRECT, streams, secs), || throughput(&mesh, &MESHED, streams, secs));
         rows.push((format!("throughput, {streams} stream(s)"), d, m, "Gbit/s"));
     }
     let mut latency_rows = Vec::new();
@@ -92,10 +93,7 @@ fn main() {
     }
     println!("\n{:<32} {:>18} {:>18} {:>14}", "latency (µs)", "direct p50/p99", "meshed p50/p99", "added p50");
     for (name, d, m) in &latency_rows {
-        println!(
-            "{:<32} {:>8.1} / {:<7.1} {:>8.1} / {:<7.1} {:>+12.1}",
-            name, d.0, d.1, m.0, m.1, m.0 - d.0
-        );
+        println!("{:<32} {:>8.1} / {:<7.1} {:>8.1} / {:<7.1} {:>+12.1}", name, d.0, d.1, m.0, m.1, m.0 - d.0);
     }
     println!("\nmemory: ztunnel RSS at rest: node-0 {} KiB, node-1 {} KiB", rss_idle[0], rss_idle[1]);
     println!(
@@ -267,7 +265,10 @@ fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
     drop(conns);
     std::thread::sleep(Duration::from_secs(1));
     let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / n as f64;
-    eprintln!("  idle connections: RSS node-0 {} -> {} KiB, node-1 {} -> {} KiB", before[0], after[0], before[1], after[1]);
+    eprintln!(
+        "  idle connections: RSS node-0 {} -> {} KiB, node-1 {} -> {} KiB",
+        before[0], after[0], before[1], after[1]
+    );
     (per(0), per(1))
 }
 
