@@ -231,9 +231,8 @@ impl MeshLab {
 
     /// Starts node `i`'s ztunnel with extra arguments and waits until it is ready.
     pub fn start_ztunnel(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
-        let mut cmd = Command::new(&self.weft);
-        cmd.arg("ztunnel")
-            .args(["--node", &Self::node_name(i)])
+        let mut cmd = self.ztunnel_command();
+        cmd.args(["--node", &Self::node_name(i)])
             .arg("--local-config")
             .arg(self.config_path())
             .arg("--ca-cert")
@@ -244,7 +243,7 @@ impl MeshLab {
             .arg("--proc-root")
             .arg(self.proc_root(i))
             .args(extra)
-            .env("WEFT_LOG", "info");
+            .env("WEFT_LOG", std::env::var("WEFT_LAB_ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()));
         let process = self.lab.nodes()[i].netns().spawn(cmd)?;
         process.wait_for_log("ztunnel ready", STARTUP)?;
         self.ztunnels[i] = Some(process);
@@ -254,6 +253,19 @@ impl MeshLab {
     /// Keeps a process (an app) running until the lab is dropped.
     pub fn keep(&mut self, process: LabProcess) {
         self.kept.push(process);
+    }
+
+    /// The dedicated `ztunnel` binary when it was built next to `weft` (smaller, so its
+    /// memory figures are the ones a node would see), else `weft ztunnel`.
+    fn ztunnel_command(&self) -> Command {
+        let dedicated = self.weft.with_file_name("ztunnel");
+        let fresh = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if dedicated.is_file() && fresh(&dedicated) >= fresh(&self.weft) {
+            return Command::new(dedicated);
+        }
+        let mut cmd = Command::new(&self.weft);
+        cmd.arg("ztunnel");
+        cmd
     }
 
     pub fn ztunnel(&self, node: usize) -> &LabProcess {

@@ -278,6 +278,10 @@ impl<H: Handler> ServerInner<H> {
         idle.tick().await;
         let mut used_since_tick = false;
         let mut draining = false;
+        // Created once: this loop wakes for every frame the connection reads.
+        let drain_started = drain.draining();
+        let drain_closing = drain.closing();
+        tokio::pin!(drain_started, drain_closing);
         loop {
             tokio::select! {
                 next = conn.accept() => match next {
@@ -300,11 +304,11 @@ impl<H: Handler> ServerInner<H> {
                     }
                     None => break,
                 },
-                _ = drain.draining(), if !draining => {
+                _ = &mut drain_started, if !draining => {
                     draining = true;
                     conn.graceful_shutdown();
                 }
-                _ = drain.closing() => break,
+                _ = &mut drain_closing => break,
                 _ = idle.tick() => {
                     // `active` has one reference per running stream plus ours.
                     if Arc::strong_count(&active) == 1 && !used_since_tick && !draining {

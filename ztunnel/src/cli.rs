@@ -25,7 +25,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         handle.reload(new).map_err(|e| e.to_string())
     });
     raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if args.config.worker_threads == 0 || args.config.worker_threads > 256 {
+        anyhow::bail!("--worker-threads must be between 1 and 256, got {}", args.config.worker_threads);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.config.worker_threads)
+        .thread_name("ztunnel-worker")
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let bound = crate::build(args.config, Some(log_control)).await?;
         tracing::info!(admin = %bound.admin_addr, metrics = %bound.metrics_addr, readiness = %bound.readiness_addr, "ztunnel ready");

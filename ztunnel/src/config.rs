@@ -75,6 +75,11 @@ pub struct Config {
     #[arg(long, env = "WEFT_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
 
+    /// Worker threads of the proxy's runtime. 2 by default, as Istio's ztunnel: a node proxy
+    /// must not take every core from the workloads it serves; raise it on busy nodes.
+    #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+
     /// The `nft` program that installs capture rules.
     #[arg(long, env = "WEFT_NFT", default_value = "nft")]
     pub nft: PathBuf,

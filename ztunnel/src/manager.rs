@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::inpod::{rules, scan, socket};
 use crate::proxy::inbound::Inbound;
-use crate::proxy::{PodInfo, Proxy, outbound, plaintext};
+use crate::proxy::{self, PodInfo, Proxy, outbound, plaintext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -200,8 +200,22 @@ impl Manager {
             Inbound { proxy: self.proxy.clone(), pod: info.clone() },
         );
         let tasks = vec![
-            tokio::spawn(outbound::serve(outbound_l, info.clone(), self.proxy.clone(), watch.clone())),
-            tokio::spawn(plaintext::serve(plaintext_l, info.clone(), self.proxy.clone(), watch.clone())),
+            tokio::spawn(proxy::serve(
+                "outbound",
+                outbound_l,
+                info.clone(),
+                self.proxy.clone(),
+                watch.clone(),
+                outbound::handle,
+            )),
+            tokio::spawn(proxy::serve(
+                "plaintext",
+                plaintext_l,
+                info.clone(),
+                self.proxy.clone(),
+                watch.clone(),
+                plaintext::handle,
+            )),
             tokio::spawn(async move { server.serve(hbone_l, watch).await }),
         ];
         Ok(Enrolled { info, trigger, tasks })

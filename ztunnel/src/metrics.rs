@@ -108,6 +108,35 @@ impl Metrics {
     }
 }
 
+/// The counters of one open connection, taken when it opens: a long-lived connection holds
+/// three counter handles instead of its label set.
+pub struct ConnCounters {
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
+}
+
+impl ConnCounters {
+    /// Counts the close and the bytes moved each way.
+    pub fn close(self, received: u64, sent: u64) {
+        self.received.inc_by(received);
+        self.sent.inc_by(sent);
+        self.closed.inc();
+    }
+}
+
+impl Metrics {
+    /// Counts a connection as opened and returns its counters for when it closes.
+    pub fn open(&self, labels: &TcpLabels) -> ConnCounters {
+        self.opened.get_or_create(labels).inc();
+        ConnCounters {
+            closed: self.closed.get_or_create(labels).clone(),
+            received: self.received_bytes.get_or_create(labels).clone(),
+            sent: self.sent_bytes.get_or_create(labels).clone(),
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()

@@ -16,9 +16,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use hbone::drain;
 use hbone::{SpiffeId, TrustStore};
 use meshapi::Workload;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
 
 use crate::certs::CertManager;
 use crate::inpod::{Netns, socket};
@@ -49,6 +51,46 @@ pub struct PodInfo {
 impl PodInfo {
     pub fn primary_ip(&self) -> IpAddr {
         self.ips[0]
+    }
+}
+
+/// Accepts the connections of one pod's captured port until the drain starts. Each runs
+/// `handle` as its own task, which the drain's deadline cuts if it is still running.
+pub async fn serve<F, Fut>(
+    port: &'static str,
+    listener: TcpListener,
+    pod: Arc<PodInfo>,
+    proxy: Arc<Proxy>,
+    drain: drain::Watch,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<PodInfo>, Arc<Proxy>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let draining = drain.draining();
+    tokio::pin!(draining);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    hbone::socket::tune(&tcp);
+                    let connection = handle(tcp, peer, pod.clone(), proxy.clone());
+                    let (watch, uid) = (drain.clone(), pod.uid.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = connection => {}
+                            _ = watch.closing() => debug!(pod = %uid, port, "connection cut by the drain deadline"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(pod = %pod.uid, port, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut draining => break,
+        }
     }
 }
 

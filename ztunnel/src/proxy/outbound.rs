@@ -11,9 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hbone::drain;
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
 
 use super::{PodInfo, Proxy, SERVICE_ATTEMPTS, labels, service_name};
 use crate::config::HBONE_PORT;
@@ -21,30 +20,6 @@ use crate::inpod::socket;
 use crate::metrics::{RefusedLabels, Reporter, SecurityPolicy};
 use crate::proxy::Peer;
 use crate::state::{Resolved, State};
-
-/// Accepts captured outbound connections of one pod until the drain starts.
-pub async fn serve(listener: TcpListener, pod: Arc<PodInfo>, proxy: Arc<Proxy>, drain: drain::Watch) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let (pod, proxy, watch) = (pod.clone(), proxy.clone(), drain.clone());
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = handle(tcp, peer, &pod, &proxy) => {}
-                            _ = watch.closing() => debug!(pod = %pod.uid, "outbound connection cut by drain deadline"),
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!(pod = %pod.uid, error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            _ = drain.draining() => break,
-        }
-    }
-}
 
 /// One way to reach the destination.
 enum Route {
@@ -58,7 +33,9 @@ enum Upstream {
     Direct(TcpStream),
 }
 
-async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: &PodInfo, proxy: &Proxy) {
+/// Serves one captured outbound connection (see the module docs).
+pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
+    let (pod, proxy) = (&*pod, &*proxy);
     let started = Instant::now();
     let orig = match socket::original_dst(&tcp) {
         Ok(orig) => orig,
@@ -123,11 +100,10 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: &PodInfo, proxy: &Pro
                 break;
             }
         };
-        let labels = labels(Reporter::source, &src_peer, &dst_peer, &service_label, security);
-        proxy.metrics.opened.get_or_create(&labels).inc();
+        let counters = proxy.metrics.open(&labels(Reporter::source, &src_peer, &dst_peer, &service_label, security));
         let (to_dst, from_dst, outcome) = match upstream {
             Upstream::Hbone(tunnel) => {
-                let peer_id = tunnel.peer_identity().to_string();
+                let peer_id = tunnel.peer_identity().clone();
                 match hbone::copy::bidirectional(&mut tcp, tunnel, proxy.hbone.copy_buffer).await {
                     Ok(t) => (t.to_tunnel, t.from_tunnel, format!("ok (mTLS, peer {peer_id})")),
                     Err(e) => (e.transferred.to_tunnel, e.transferred.from_tunnel, format!("error: {}", e.cause)),
@@ -138,9 +114,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: &PodInfo, proxy: &Pro
                 Err(e) => (0, 0, format!("error: {e}")),
             },
         };
-        proxy.metrics.received_bytes.get_or_create(&labels).inc_by(to_dst);
-        proxy.metrics.sent_bytes.get_or_create(&labels).inc_by(from_dst);
-        proxy.metrics.closed.get_or_create(&labels).inc();
+        counters.close(to_dst, from_dst);
         info!(
             src.addr = %peer,
             src.workload = %src_peer.workload,
@@ -253,7 +227,7 @@ async fn connect(
 mod tests {
     use super::*;
 
-    fn future_size<Fut>(_f: impl FnOnce(TcpStream, SocketAddr, &'static PodInfo, &'static Proxy) -> Fut) -> usize {
+    fn future_size<Fut>(_f: impl FnOnce(TcpStream, SocketAddr, Arc<PodInfo>, Arc<Proxy>) -> Fut) -> usize {
         std::mem::size_of::<Fut>()
     }
 

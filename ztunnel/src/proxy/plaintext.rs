@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hbone::drain;
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
 
 use super::{PodInfo, Proxy, labels, service_name};
 use crate::authz::{self, Verdict};
@@ -19,30 +18,9 @@ use crate::metrics::{RefusedLabels, Reporter, SecurityPolicy};
 use crate::proxy::Peer;
 use meshapi::MtlsMode;
 
-pub async fn serve(listener: TcpListener, pod: Arc<PodInfo>, proxy: Arc<Proxy>, drain: drain::Watch) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let (pod, proxy, watch) = (pod.clone(), proxy.clone(), drain.clone());
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = handle(tcp, peer, &pod, &proxy) => {}
-                            _ = watch.closing() => debug!(pod = %pod.uid, "plaintext connection cut by drain deadline"),
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!(pod = %pod.uid, error = %e, "plaintext accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            _ = drain.draining() => break,
-        }
-    }
-}
-
-async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: &PodInfo, proxy: &Proxy) {
+/// Serves one plaintext inbound connection (see the module docs).
+pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
+    let (pod, proxy) = (&*pod, &*proxy);
     let started = Instant::now();
     let orig = match socket::original_dst(&tcp) {
         Ok(orig) => orig,
@@ -93,14 +71,13 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: &PodInfo, proxy: &Pro
             return;
         }
     };
-    proxy.metrics.opened.get_or_create(&labels).inc();
+    let counters = proxy.metrics.open(&labels);
+    drop(labels);
     let (received, sent, outcome) = match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
         Ok((a, b)) => (a, b, "ok".to_owned()),
         Err(e) => (0, 0, format!("error: {e}")),
     };
-    proxy.metrics.received_bytes.get_or_create(&labels).inc_by(received);
-    proxy.metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
-    proxy.metrics.closed.get_or_create(&labels).inc();
+    counters.close(received, sent);
     info!(
         src.addr = %peer,
         src.workload = %src.workload,
