@@ -18,8 +18,9 @@ pub const DEFAULT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// connection's worst-case buffered data stays bounded.
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
-/// Largest HTTP/2 DATA frame we accept: 1 MiB. Larger frames mean fewer frame headers and
-/// fewer wake-ups per byte; the sender still never frames more than one read of the socket.
+/// Largest HTTP/2 DATA frame we accept: 1 MiB, so that peers which send large frames are not
+/// cut down. Our own copy loop sends frames of at most 64 KiB (four TLS records), which
+/// measured cheaper per byte than larger ones (see `copy`).
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 1024 * 1024;
 
 /// Concurrent streams per HTTP/2 connection: 100, as in Istio's ztunnel. The server
@@ -51,9 +52,12 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// well above the client's pool idle timeout so the client normally closes first.
 pub const DEFAULT_SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Bytes read from a plain socket per HTTP/2 DATA frame: 256 KiB. Large reads cut syscalls
-/// and frame overhead on bulk transfers; the buffer is reused once the previous frame is
-/// written out, so an idle tunnel holds no buffer at all.
+/// Most bytes read from a plain socket at once: 256 KiB. Large reads cut syscalls on bulk
+/// transfers; each read is sent as DATA frames of at most 64 KiB that share its allocation
+/// (see `copy`), and the buffer is released whenever the socket has nothing to read, so an
+/// idle tunnel holds no buffer at all. The HTTP/2 send buffer of a stream is twice this.
+/// Measured on loopback, 64 KiB to 256 KiB reads cost the same CPU per byte, 1 MiB slightly
+/// more (docs/BENCHMARKS.md).
 pub const DEFAULT_COPY_BUFFER: usize = 256 * 1024;
 
 /// HBONE tunables. `Config::default()` is what production uses.

@@ -19,8 +19,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::identity::SpiffeId;
 
-/// The most we hand to HTTP/2 per `poll_write`; bounds the copy `AsyncWrite` makes.
-const MAX_WRITE: usize = 256 * 1024;
+/// The most we hand to HTTP/2 per `poll_write`: one DATA frame of the size the copy loop
+/// sends (four TLS records; larger frames cost the receiver page faults, see `copy`).
+const MAX_WRITE: usize = crate::copy::FRAME_PAYLOAD;
 
 pub struct Tunnel {
     pub(crate) send: SendStream<Bytes>,
