@@ -52,24 +52,8 @@ async fn listen(port: u16) -> anyhow::Result<TcpListener> {
 }
 
 async fn sink(port: u16) -> anyhow::Result<()> {
-    use tokio::io::AsyncReadExt;
-    let listener = listen(port).await?;
-    loop {
-        let (mut tcp, _) = listener.accept().await?;
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                match tcp.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => total += n as u64,
-                    Err(_) => return,
-                }
-            }
-            let _ = tcp.write_all(&total.to_be_bytes()).await;
-            let _ = tcp.shutdown().await;
-        });
-    }
+    hbone::testing::serve_sink(listen(port).await?).await;
+    anyhow::bail!("the sink stopped accepting connections")
 }
 
 async fn http(port: u16) -> anyhow::Result<()> {

@@ -112,24 +112,27 @@ pub async fn echo_server() -> SocketAddr {
 pub async fn sink_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sink server");
     let addr = listener.local_addr().expect("sink server address");
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                loop {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => total += n as u64,
-                        Err(_) => return,
-                    }
-                }
-                let _ = tcp.write_all(&total.to_be_bytes()).await;
-                let _ = tcp.shutdown().await;
-            });
-        }
-    });
+    tokio::spawn(serve_sink(listener));
     addr
+}
+
+/// Serves the sink protocol (see [`sink_server`]) on `listener` until accepting fails.
+pub async fn serve_sink(listener: TcpListener) {
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = tcp.write_all(&total.to_be_bytes()).await;
+            let _ = tcp.shutdown().await;
+        });
+    }
 }
 
 /// An HBONE server running on loopback.
