@@ -37,6 +37,7 @@ pub struct Bound {
     manager: Arc<Manager>,
     ready: Arc<AtomicBool>,
     servers: drain::Trigger,
+    /// Config reload and certificate renewal.
     loops: Vec<JoinHandle<()>>,
 }
 
@@ -89,11 +90,11 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     let (admin_addr, metrics_addr, readiness_addr) =
         (admin_l.local_addr()?, metrics_l.local_addr()?, ready_l.local_addr()?);
 
-    let mut loops = vec![
-        tokio::spawn(admin::serve(admin_l, admin_routes(proxy.clone(), manager.clone(), log_control), watch.clone())),
-        tokio::spawn(admin::serve(metrics_l, metrics_routes(metrics.clone()), watch.clone())),
-        tokio::spawn(admin::serve(ready_l, readiness_routes(ready.clone()), watch.clone())),
-    ];
+    // The servers stop on `servers`' drain; the loops below are aborted at shutdown.
+    tokio::spawn(admin::serve(admin_l, admin_routes(proxy.clone(), manager.clone(), log_control), watch.clone()));
+    tokio::spawn(admin::serve(metrics_l, metrics_routes(metrics.clone()), watch.clone()));
+    tokio::spawn(admin::serve(ready_l, readiness_routes(ready.clone()), watch.clone()));
+    let mut loops = Vec::new();
 
     // Reload the local file when it changes; retry pending enrollments on the same beat.
     let (reload_state, reload_manager, reload_metrics) = (state.clone(), manager.clone(), metrics.clone());
@@ -150,7 +151,7 @@ impl Bound {
     /// finish within the drain deadline (or are cut), then the servers stop.
     pub async fn shutdown(self) -> drain::Outcome {
         self.ready.store(false, Ordering::Release);
-        for l in &self.loops[3..] {
+        for l in &self.loops {
             l.abort();
         }
         info!("draining");

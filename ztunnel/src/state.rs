@@ -2,7 +2,7 @@
 //! (workload by IP, service by VIP and port, a service's endpoints, the policies of a
 //! workload), swapped atomically when a new snapshot is accepted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -15,6 +15,8 @@ pub struct State {
     snapshot: Snapshot,
     by_ip: HashMap<IpAddr, usize>,
     by_vip: HashMap<(IpAddr, u16), usize>,
+    /// Every service VIP, whatever the port.
+    vips: HashSet<IpAddr>,
     /// Service index -> workload indexes it selects.
     endpoints: Vec<Vec<usize>>,
 }
@@ -49,7 +51,8 @@ impl State {
             endpoints
                 .push(snapshot.workloads.iter().enumerate().filter(|(_, w)| s.selects(w)).map(|(j, _)| j).collect());
         }
-        State { snapshot, by_ip, by_vip, endpoints }
+        let vips = snapshot.services.iter().flat_map(|s| s.vips.iter().copied()).collect();
+        State { snapshot, by_ip, by_vip, vips, endpoints }
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -91,7 +94,7 @@ impl State {
 
     /// Whether `ip` is a service VIP (on any port).
     pub fn is_vip(&self, ip: IpAddr) -> bool {
-        self.snapshot.services.iter().any(|s| s.vips.contains(&ip))
+        self.vips.contains(&ip)
     }
 
     /// The services that select `workload` (for metrics' `destination_service`).
@@ -154,5 +157,7 @@ services:
         );
         assert!(matches!(state.resolve("192.0.2.1:80".parse().unwrap()), Resolved::Unknown));
         assert_eq!(state.local_workloads("n1").count(), 2);
+        assert!(state.is_vip("10.96.0.11".parse().unwrap()));
+        assert!(!state.is_vip("10.244.1.2".parse().unwrap()));
     }
 }

@@ -54,8 +54,9 @@ impl PodInfo {
     }
 }
 
-/// Accepts the connections of one pod's captured port until the drain starts. Each runs
-/// `handle` as its own task, which the drain's deadline cuts if it is still running.
+/// Accepts the connections of one pod's captured port until the drain starts, reads each
+/// one's original destination (where the redirect took it from), and runs `handle` on it as
+/// its own task, which the drain's deadline cuts if it is still running.
 pub async fn serve<F, Fut>(
     port: &'static str,
     listener: TcpListener,
@@ -64,7 +65,7 @@ pub async fn serve<F, Fut>(
     drain: drain::Watch,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Arc<PodInfo>, Arc<Proxy>) -> Fut,
+    F: Fn(Accepted, Arc<PodInfo>, Arc<Proxy>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let draining = drain.draining();
@@ -73,8 +74,15 @@ pub async fn serve<F, Fut>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    let orig = match socket::original_dst(&tcp) {
+                        Ok(orig) => orig,
+                        Err(e) => {
+                            warn!(pod = %pod.uid, port, error = %e, "cannot read the original destination; closing");
+                            continue;
+                        }
+                    };
                     hbone::socket::tune(&tcp);
-                    let connection = handle(tcp, peer, pod.clone(), proxy.clone());
+                    let connection = handle(Accepted { tcp, peer, orig }, pod.clone(), proxy.clone());
                     let (watch, uid) = (drain.clone(), pod.uid.clone());
                     tokio::spawn(async move {
                         tokio::select! {
@@ -92,6 +100,15 @@ pub async fn serve<F, Fut>(
             _ = &mut draining => break,
         }
     }
+}
+
+/// A connection accepted on a captured port.
+pub struct Accepted {
+    pub tcp: TcpStream,
+    /// The connection's other end (the app, for outbound; the client, for inbound).
+    pub peer: SocketAddr,
+    /// Where the connection was headed before the capture rules redirected it.
+    pub orig: SocketAddr,
 }
 
 /// Enrolled pods' namespaces by pod IP: the HBONE client's dialer opens each outbound socket

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::{PodInfo, Proxy, SERVICE_ATTEMPTS, labels, service_name};
+use super::{Accepted, PodInfo, Proxy, SERVICE_ATTEMPTS, labels, service_name};
 use crate::config::HBONE_PORT;
 use crate::inpod::socket;
 use crate::metrics::{RefusedLabels, Reporter, SecurityPolicy};
@@ -34,16 +34,10 @@ enum Upstream {
 }
 
 /// Serves one captured outbound connection (see the module docs).
-pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
+pub async fn handle(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
+    let Accepted { mut tcp, peer, orig } = accepted;
     let (pod, proxy) = (&*pod, &*proxy);
     let started = Instant::now();
-    let orig = match socket::original_dst(&tcp) {
-        Ok(orig) => orig,
-        Err(e) => {
-            warn!(pod = %pod.uid, error = %e, "cannot read the original destination; closing");
-            return;
-        }
-    };
     let state = proxy.state.load();
     let Some(source) = state.workload_by_ip(pod.primary_ip()) else {
         warn!(pod = %pod.uid, dst = %orig, "source pod is no longer in the config; closing");
@@ -227,7 +221,7 @@ async fn connect(
 mod tests {
     use super::*;
 
-    fn future_size<Fut>(_f: impl FnOnce(TcpStream, SocketAddr, Arc<PodInfo>, Arc<Proxy>) -> Fut) -> usize {
+    fn future_size<Fut>(_f: impl FnOnce(Accepted, Arc<PodInfo>, Arc<Proxy>) -> Fut) -> usize {
         std::mem::size_of::<Fut>()
     }
 

@@ -3,14 +3,12 @@
 //! pod's mode is PERMISSIVE and policy admits a peer without identity; in STRICT mode it is
 //! closed, counted and logged.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::{PodInfo, Proxy, labels, service_name};
+use super::{Accepted, PodInfo, Proxy, labels, service_name};
 use crate::authz::{self, Verdict};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::inpod::socket;
@@ -19,16 +17,10 @@ use crate::proxy::Peer;
 use meshapi::MtlsMode;
 
 /// Serves one plaintext inbound connection (see the module docs).
-pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
+pub async fn handle(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
+    let Accepted { mut tcp, peer, orig } = accepted;
     let (pod, proxy) = (&*pod, &*proxy);
     let started = Instant::now();
-    let orig = match socket::original_dst(&tcp) {
-        Ok(orig) => orig,
-        Err(e) => {
-            warn!(pod = %pod.uid, error = %e, "cannot read the original destination; closing");
-            return;
-        }
-    };
     let state = proxy.state.load();
     let workload = state.workload_by_ip(orig.ip());
     let refuse = |reason: &'static str, detail: String| {
