@@ -63,7 +63,12 @@ fn main() {
             .expect("entering the pod")
             .expect("setting the pod's TCP sysctls");
     }
-    mesh.start_ztunnels().expect("starting ztunnels");
+    mesh.write_config().expect("writing the lab's config");
+    let extra = std::env::var("WEFT_BENCH_ZTUNNEL_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    for node in 0..2 {
+        mesh.start_ztunnel(node, &extra).expect("starting ztunnels");
+    }
     for server in ["dserver", "mserver"] {
         for (kind, port) in [("sink", SINK), ("http", HTTP)] {
             let p = mesh.start_app(server, kind, port).unwrap();
@@ -74,30 +79,48 @@ fn main() {
     }
     mesh.wait_enrolled(0, 1).unwrap();
     mesh.wait_enrolled(1, 1).unwrap();
-    println!("ztunnel lab benchmark: 2 nodes, {secs} s per throughput run, median of {reps}; {} cores", cores());
+    let only = std::env::var("WEFT_BENCH_ONLY").unwrap_or_default();
+    let run = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
+    println!(
+        "ztunnel lab benchmark: 2 nodes, {secs} s per throughput run, median of {reps}; {} cores; ztunnel args {extra:?}",
+        cores()
+    );
 
     // Memory first, before traffic grows any pool or cache.
     std::thread::sleep(Duration::from_secs(1));
     let rss_idle: Vec<u64> = (0..2).map(|n| rss_kib(mesh.ztunnel(n).pid())).collect();
-    let per_conn = idle_connections(&mesh, 1000);
+    let rss_split: Vec<String> = (0..2).map(|n| rss_split(mesh.ztunnel(n).pid())).collect();
+    let per_conn = if run("memory") { idle_connections(&mesh, 1000) } else { (f64::NAN, f64::NAN) };
 
     let mut rows: Vec<(String, f64, f64, &str)> = Vec::new();
-    for streams in [1usize, 8] {
-        let (d, m) =
-            alternate(reps, || throughput(&mesh, &DIRECT, streams, secs), || throughput(&mesh, &MESHED, streams, secs));
-        rows.push((format!("throughput, {streams} stream(s)"), d, m, "Gbit/s"));
+    if run("throughput") {
+        for streams in [1usize, 8] {
+            let (d, m) = alternate(
+                reps,
+                || throughput(&mesh, &DIRECT, streams, secs),
+                || throughput(&mesh, &MESHED, streams, secs),
+            );
+            rows.push((format!("throughput, {streams} stream(s)"), d, m, "Gbit/s"));
+        }
     }
     let mut latency_rows = Vec::new();
-    for size in [1usize, 64] {
-        let d = ping_pong(&mesh, &DIRECT, size, 20_000);
-        let m = ping_pong(&mesh, &MESHED, size, 20_000);
-        latency_rows.push((format!("{size}-byte round trip"), d, m));
+    if run("latency") {
+        for size in [1usize, 64] {
+            let (d, m) = alternate_pair(
+                reps,
+                || ping_pong(&mesh, &DIRECT, size, 20_000),
+                || ping_pong(&mesh, &MESHED, size, 20_000),
+            );
+            latency_rows.push((format!("{size}-byte round trip"), d, m));
+        }
+        let d = http_fixed_rate(&mesh, &DIRECT, 1000, secs);
+        let m = http_fixed_rate(&mesh, &MESHED, 1000, secs);
+        latency_rows.push(("HTTP req/resp at 1000/s".to_owned(), d, m));
     }
-    let d = http_fixed_rate(&mesh, &DIRECT, 1000, secs);
-    let m = http_fixed_rate(&mesh, &MESHED, 1000, secs);
-    latency_rows.push(("HTTP req/resp at 1000/s".to_owned(), d, m));
-    let (d, m) = alternate(reps, || conn_rate(&mesh, &DIRECT, 4, secs), || conn_rate(&mesh, &MESHED, 4, secs));
-    rows.push(("connection setup (4 clients)".to_owned(), d, m, "conn/s"));
+    if run("setup") {
+        let (d, m) = alternate(reps, || conn_rate(&mesh, &DIRECT, 4, secs), || conn_rate(&mesh, &MESHED, 4, secs));
+        rows.push(("connection setup (4 clients)".to_owned(), d, m, "conn/s"));
+    }
 
     println!("\n{:<32} {:>12} {:>12} {:>8}", "measure", "direct", "meshed", "ratio");
     for (name, d, m, unit) in &rows {
@@ -108,21 +131,46 @@ fn main() {
         println!("{:<32} {:>8.1} / {:<7.1} {:>8.1} / {:<7.1} {:>+12.1}", name, d.0, d.1, m.0, m.1, m.0 - d.0);
     }
     println!("\nmemory: ztunnel RSS at rest: node-0 {} KiB, node-1 {} KiB", rss_idle[0], rss_idle[1]);
+    println!("memory: at rest, node-0 {}; node-1 {}", rss_split[0], rss_split[1]);
     println!(
         "memory: per idle tunneled connection: node-0 (outbound) {:.2} KiB, node-1 (inbound) {:.2} KiB",
         per_conn.0, per_conn.1
     );
+    let ratio = |name: &str| rows.iter().find(|r| r.0.starts_with(name)).map_or(f64::NAN, |r| r.2 / r.1 * 100.0);
+    let added = latency_rows.get(1).map_or(f64::NAN, |r| r.2.0 - r.1.0);
     println!(
-        "\nsummary: 1-stream throughput {:.1}% of direct; added p50 64-byte RTT {:.1} µs; idle RSS {} KiB; {:.2} KiB/conn",
-        rows[0].2 / rows[0].1 * 100.0,
-        latency_rows[1].2.0 - latency_rows[1].1.0,
+        "\nsummary: 1-stream throughput {:.1}% of direct; added p50 64-byte RTT {added:.1} µs; idle RSS {} KiB; {:.2} KiB/conn",
+        ratio("throughput, 1 "),
         rss_idle.iter().max().copied().unwrap_or(0),
         per_conn.0.max(per_conn.1)
     );
+
+    // A graceful stop, so that a heap-profiled ztunnel (feature dhat-heap) writes its profile.
+    for node in 0..2 {
+        if let Some(z) = mesh.take_ztunnel(node) {
+            let _ = z.signal(lab::Signal::SIGTERM);
+            let _ = z.wait_timeout(Duration::from_secs(30));
+        }
+    }
 }
 
 fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Runs `direct` and `meshed` alternately `reps` times; medians of each component.
+fn alternate_pair(
+    reps: usize,
+    mut direct: impl FnMut() -> (f64, f64),
+    mut meshed: impl FnMut() -> (f64, f64),
+) -> ((f64, f64), (f64, f64)) {
+    let (mut d, mut m) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        d.push(direct());
+        m.push(meshed());
+    }
+    let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    ((med(&d, |x| x.0), med(&d, |x| x.1)), (med(&m, |x| x.0), med(&m, |x| x.1)))
 }
 
 /// Runs `direct` and `meshed` alternately `reps` times; medians.
@@ -262,8 +310,17 @@ fn conn_rate(mesh: &MeshLab, pair: &Pair, threads: usize, secs: u64) -> f64 {
 
 /// KiB per idle tunneled connection on each ztunnel (node-0 outbound, node-1 inbound).
 fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
-    let before: Vec<u64> = (0..2).map(|i| rss_kib(mesh.ztunnel(i).pid())).collect();
     let to = target(mesh, &MESHED, ECHO);
+    // One connection first, closed: one-time costs (the first HBONE handshake, lazily built
+    // state) are not per connection.
+    {
+        let mut c = mesh.connect(MESHED.client, to).expect("connect");
+        let mut b = [0u8; 1];
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut b).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before: Vec<u64> = (0..2).map(|i| rss_kib(mesh.ztunnel(i).pid())).collect();
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
         let mut c = mesh.connect(MESHED.client, to).expect("connect");
@@ -282,6 +339,28 @@ fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
         before[0], after[0], before[1], after[1]
     );
     (per(0), per(1))
+}
+
+/// What the resident memory is made of: anonymous (heap, stacks), file-backed (the binary and
+/// libraries), and the binary's own share of the latter.
+fn rss_split(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field =
+        |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default();
+    // Resident KiB of the executable's own mappings.
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut in_exe, mut exe_kib) = (false, 0u64);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: "start-end perms offset dev inode [path]".
+            in_exe = line.split_whitespace().nth(5).is_some_and(|p| Path::new(p) == exe);
+        } else if let Some(rss) = line.strip_prefix("Rss:").filter(|_| in_exe) {
+            exe_kib += rss.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    format!("anon {}, file {} (the ztunnel binary's {exe_kib} kB)", field("RssAnon:"), field("RssFile:"))
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -50,9 +50,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ztunnel(args) => return ztunnel::cli::run(*args),
         other => other,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
-        .with_writer(std::io::stderr)
+    // `RUST_LOG` as a level or per-target levels (`warn,weft=debug`); errors only by default.
+    let filter: tracing_subscriber::filter::Targets =
+        std::env::var("RUST_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| "error".parse().expect("valid"));
+    use tracing_subscriber::prelude::*;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match command {

@@ -255,9 +255,13 @@ impl MeshLab {
         self.kept.push(process);
     }
 
-    /// The dedicated `ztunnel` binary when it was built next to `weft` (smaller, so its
-    /// memory figures are the ones a node would see), else `weft ztunnel`.
+    /// `WEFT_LAB_ZTUNNEL` when set (a ztunnel binary to run instead, e.g. a heap-profiling
+    /// build); else the dedicated `ztunnel` binary when it was built next to `weft` (smaller,
+    /// so its memory figures are the ones a node would see); else `weft ztunnel`.
     fn ztunnel_command(&self) -> Command {
+        if let Some(path) = std::env::var_os("WEFT_LAB_ZTUNNEL") {
+            return Command::new(path);
+        }
         let dedicated = self.weft.with_file_name("ztunnel");
         let fresh = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         if dedicated.is_file() && fresh(&dedicated) >= fresh(&self.weft) {

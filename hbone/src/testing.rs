@@ -63,12 +63,14 @@ pub fn id(ns: &str, sa: &str) -> SpiffeId {
 pub struct AllowAll;
 
 impl Handler for AllowAll {
+    type Session = ();
+
     fn authorize(&self, _request: &InboundRequest) -> Result<(), Rejection> {
         Ok(())
     }
 
-    async fn dial(&self, request: &InboundRequest) -> io::Result<TcpStream> {
-        TcpStream::connect(request.target).await
+    async fn dial(&self, request: &InboundRequest) -> io::Result<(TcpStream, ())> {
+        Ok((TcpStream::connect(request.target).await?, ()))
     }
 }
 
@@ -79,12 +81,14 @@ impl<F> Handler for PolicyHandler<F>
 where
     F: Fn(&InboundRequest) -> Result<(), Rejection> + Send + Sync + 'static,
 {
+    type Session = ();
+
     fn authorize(&self, request: &InboundRequest) -> Result<(), Rejection> {
         (self.0)(request)
     }
 
-    async fn dial(&self, request: &InboundRequest) -> io::Result<TcpStream> {
-        TcpStream::connect(request.target).await
+    async fn dial(&self, request: &InboundRequest) -> io::Result<(TcpStream, ())> {
+        Ok((TcpStream::connect(request.target).await?, ()))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 use crate::config::Config;
@@ -16,12 +16,24 @@ pub struct Args {
 
 /// Sets up logging (`WEFT_LOG`, default `info`; changeable at run time through the admin
 /// server), builds ztunnel, runs until SIGTERM or SIGINT, drains, and returns.
+///
+/// A log filter is a level (`debug`) or per-target levels (`info,hbone=debug,h2=warn`):
+/// `tracing`'s `Targets` syntax, which needs no regular-expression engine in the binary.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let (initial, invalid) = match std::env::var("WEFT_LOG") {
+        Ok(v) => match parse_filter(&v) {
+            Ok(f) => (f, None),
+            Err(e) => (parse_filter("info").expect("valid default filter"), Some(e)),
+        },
+        Err(_) => (parse_filter("info").expect("valid default filter"), None),
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(initial);
     tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer().with_ansi(false)).init();
+    if let Some(e) = invalid {
+        tracing::warn!(error = %e, "WEFT_LOG ignored; logging at info");
+    }
     let log_control: crate::app::LogControl = Arc::new(move |level: &str| {
-        let new = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
+        let new = parse_filter(level)?;
         handle.reload(new).map_err(|e| e.to_string())
     });
     raise_fd_limit();
@@ -41,6 +53,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(?outcome, "ztunnel stopped");
         anyhow::Ok(())
     })
+}
+
+fn parse_filter(text: &str) -> Result<Targets, String> {
+    text.trim().parse::<Targets>().map_err(|e| format!("invalid log filter {text:?}: {e}"))
 }
 
 /// Every proxied connection holds two sockets (plus pooled tunnels): raise the soft limit on

@@ -11,7 +11,14 @@ struct Cli {
     args: ztunnel::cli::Args,
 }
 
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 fn main() -> std::process::ExitCode {
+    // Written when this guard drops, at exit (see benches/README.md, heap profile).
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::builder().file_name(format!("dhat-heap-{}.json", std::process::id())).build();
     // Errors are printed for the operator (with their causes), not as a backtrace.
     match ztunnel::cli::run(Cli::parse().args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,16 +4,54 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
+use hbone::SpiffeId;
 use meshapi::{Authorization, Service, ServicePort, Snapshot, Workload};
+
+/// A connection's peer as metrics and access logs name it. Built once per workload and
+/// snapshot, and shared by that workload's connections: a connection holds an `Arc`, not
+/// three strings of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+}
+
+impl Peer {
+    /// A peer the mesh knows nothing about.
+    pub fn unknown() -> Arc<Peer> {
+        static UNKNOWN: LazyLock<Arc<Peer>> = LazyLock::new(|| {
+            Arc::new(Peer { workload: "unknown".into(), namespace: "unknown".into(), principal: "unknown".into() })
+        });
+        UNKNOWN.clone()
+    }
+
+    fn of(workload: &Workload, trust_domain: &str) -> Peer {
+        let principal = workload.identity(trust_domain).map_or_else(|_| "unknown".into(), |id| id.to_string());
+        Peer { workload: workload.name.clone(), namespace: workload.namespace.clone(), principal }
+    }
+
+    /// `self` with a principal of `principal`, shared if it already is.
+    pub fn with_principal(self: &Arc<Peer>, principal: &str) -> Arc<Peer> {
+        if self.principal == principal {
+            return self.clone();
+        }
+        Arc::new(Peer { principal: principal.to_owned(), ..Peer::clone(self) })
+    }
+}
 
 /// An immutable, indexed snapshot.
 #[derive(Debug, Default)]
 pub struct State {
     snapshot: Snapshot,
     by_ip: HashMap<IpAddr, usize>,
+    /// Workload index -> its peer, for labels and logs.
+    peers: Vec<Arc<Peer>>,
+    /// Workload index -> the first service selecting it (metrics' `destination_service`).
+    service_names: Vec<Arc<str>>,
     by_vip: HashMap<(IpAddr, u16), usize>,
     /// Every service VIP, whatever the port.
     vips: HashSet<IpAddr>,
@@ -52,7 +90,16 @@ impl State {
                 .push(snapshot.workloads.iter().enumerate().filter(|(_, w)| s.selects(w)).map(|(j, _)| j).collect());
         }
         let vips = snapshot.services.iter().flat_map(|s| s.vips.iter().copied()).collect();
-        State { snapshot, by_ip, by_vip, vips, endpoints }
+        let peers = snapshot.workloads.iter().map(|w| Arc::new(Peer::of(w, &snapshot.trust_domain))).collect();
+        let unknown: Arc<str> = Arc::from("unknown");
+        let service_names = snapshot
+            .workloads
+            .iter()
+            .map(|w| {
+                snapshot.services.iter().find(|s| s.selects(w)).map_or(unknown.clone(), |s| Arc::from(&*s.hostname))
+            })
+            .collect();
+        State { snapshot, by_ip, peers, service_names, by_vip, vips, endpoints }
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -69,6 +116,30 @@ impl State {
 
     pub fn workload(&self, index: usize) -> &Workload {
         &self.snapshot.workloads[index]
+    }
+
+    /// The peer at `ip` (its configured identity as principal), or unknown.
+    pub fn peer_by_ip(&self, ip: IpAddr) -> Arc<Peer> {
+        self.by_ip.get(&ip).map_or_else(Peer::unknown, |i| self.peers[*i].clone())
+    }
+
+    /// The peer at `ip` whose identity `identity` was proved: the workload there, or, when no
+    /// known workload is, what the identity says (its namespace).
+    pub fn proved_peer(&self, ip: Option<IpAddr>, identity: &SpiffeId) -> Arc<Peer> {
+        match ip.and_then(|ip| self.by_ip.get(&ip)) {
+            Some(i) => self.peers[*i].with_principal(identity.as_str()),
+            None => Arc::new(Peer {
+                workload: "unknown".into(),
+                namespace: identity.namespace().to_owned(),
+                principal: identity.to_string(),
+            }),
+        }
+    }
+
+    /// The service name for metrics of the workload at `ip`: the first service selecting
+    /// it, or "unknown".
+    pub fn service_name_by_ip(&self, ip: IpAddr) -> Arc<str> {
+        self.by_ip.get(&ip).map_or_else(|| Arc::from("unknown"), |i| self.service_names[*i].clone())
     }
 
     /// Workloads scheduled on `node`.

@@ -10,30 +10,28 @@ use hbone::server::{Handler, InboundRequest, Rejection};
 use tokio::net::TcpStream;
 use tracing::info;
 
-use super::{PodInfo, Proxy, labels, service_name};
+use super::{PodInfo, Proxy, labels};
 use crate::authz::{self, Verdict};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::inpod::socket;
-use crate::metrics::{RefusedLabels, Reporter, SecurityPolicy, TcpLabels};
-use crate::proxy::Peer;
+use crate::metrics::{ConnCounters, RefusedLabels, Reporter, SecurityPolicy};
+use crate::state::Peer;
 
 pub struct Inbound {
     pub proxy: Arc<Proxy>,
     pub pod: Arc<PodInfo>,
 }
 
-impl Inbound {
-    fn labels(&self, req: &InboundRequest) -> TcpLabels {
-        let state = self.proxy.state.load();
-        let source = req.forwarded_for.and_then(|ip| state.workload_by_ip(ip));
-        let dest = state.workload_by_ip(req.target.ip());
-        let src = Peer::of(source, Some(&req.peer_identity), &state);
-        let dst = Peer::of(dest, None, &state);
-        labels(Reporter::destination, &src, &dst, &service_name(&state, dest), SecurityPolicy::mutual_tls)
-    }
+/// What an open inbound tunnel keeps for its metrics and access-log line.
+pub struct Session {
+    src: Arc<Peer>,
+    dst: Arc<Peer>,
+    counters: ConnCounters,
 }
 
 impl Handler for Inbound {
+    type Session = Session;
+
     fn authorize(&self, req: &InboundRequest) -> Result<(), Rejection> {
         let target = req.target;
         if !self.pod.ips.contains(&target.ip()) {
@@ -74,30 +72,34 @@ impl Handler for Inbound {
         }
     }
 
-    async fn dial(&self, req: &InboundRequest) -> io::Result<TcpStream> {
+    async fn dial(&self, req: &InboundRequest) -> io::Result<(TcpStream, Session)> {
         let stream = socket::connect(&self.pod.netns, req.target).await?;
-        self.proxy.metrics.opened.get_or_create(&self.labels(req)).inc();
-        Ok(stream)
+        let state = self.proxy.state.load();
+        let src = state.proved_peer(req.forwarded_for, &req.peer_identity);
+        let dst = state.peer_by_ip(req.target.ip());
+        let service = state.service_name_by_ip(req.target.ip());
+        drop(state);
+        let counters =
+            self.proxy.metrics.open(&labels(Reporter::destination, &src, &dst, &service, SecurityPolicy::mutual_tls));
+        Ok((stream, Session { src, dst, counters }))
     }
 
-    fn finished(&self, req: &InboundRequest, result: &Result<Transferred, CopyError>) {
-        let labels = self.labels(req);
+    fn finished(&self, req: &InboundRequest, session: Session, result: &Result<Transferred, CopyError>) {
         let (t, outcome) = match result {
             Ok(t) => (*t, "ok".to_owned()),
             Err(e) => (e.transferred, format!("error: {}", e.cause)),
         };
         // The tunnel carries client bytes in (from_tunnel, the request direction) and the
         // app's answer out (to_tunnel).
-        self.proxy.metrics.received_bytes.get_or_create(&labels).inc_by(t.from_tunnel);
-        self.proxy.metrics.sent_bytes.get_or_create(&labels).inc_by(t.to_tunnel);
-        self.proxy.metrics.closed.get_or_create(&labels).inc();
+        let Session { src, dst, counters } = session;
+        counters.close(t.from_tunnel, t.to_tunnel);
         info!(
             src.addr = %req.forwarded_for.unwrap_or(req.peer_addr.ip()),
-            src.workload = %labels.source_workload,
+            src.workload = %src.workload,
             src.identity = %req.peer_identity,
             dst.addr = %req.target,
-            dst.workload = %labels.destination_workload,
-            dst.identity = %labels.destination_principal,
+            dst.workload = %dst.workload,
+            dst.identity = %dst.principal,
             protocol = "HBONE",
             bytes_sent = t.to_tunnel,
             bytes_received = t.from_tunnel,

@@ -16,16 +16,15 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use hbone::TrustStore;
 use hbone::drain;
-use hbone::{SpiffeId, TrustStore};
-use meshapi::Workload;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::certs::CertManager;
 use crate::inpod::{Netns, socket};
 use crate::metrics::{Metrics, Reporter, SecurityPolicy, TcpLabels};
-use crate::state::{State, StateStore};
+use crate::state::{Peer, StateStore};
 
 /// Shared by every connection of this ztunnel.
 pub struct Proxy {
@@ -83,13 +82,7 @@ pub async fn serve<F, Fut>(
                     };
                     hbone::socket::tune(&tcp);
                     let connection = handle(Accepted { tcp, peer, orig }, pod.clone(), proxy.clone());
-                    let (watch, uid) = (drain.clone(), pod.uid.clone());
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = connection => {}
-                            _ = watch.closing() => debug!(pod = %uid, port, "connection cut by the drain deadline"),
-                        }
-                    });
+                    tokio::spawn(drain.clone().until_closing(connection));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -198,31 +191,7 @@ impl Balancer {
     }
 }
 
-/// The peer of a connection as metrics and access logs name it.
-#[derive(Debug, Clone, Default)]
-pub struct Peer {
-    pub workload: String,
-    pub namespace: String,
-    pub principal: String,
-}
-
-impl Peer {
-    pub fn of(workload: Option<&Workload>, identity: Option<&SpiffeId>, state: &State) -> Peer {
-        let principal = identity
-            .map(|i| i.to_string())
-            .or_else(|| workload.and_then(|w| w.identity(state.trust_domain()).ok()).map(|i| i.to_string()))
-            .unwrap_or_else(|| "unknown".into());
-        match workload {
-            Some(w) => Peer { workload: w.name.clone(), namespace: w.namespace.clone(), principal },
-            None => Peer {
-                workload: "unknown".into(),
-                namespace: identity.map(|i| i.namespace().to_owned()).unwrap_or_else(|| "unknown".into()),
-                principal,
-            },
-        }
-    }
-}
-
+/// The metric labels of a connection between `src` and `dst`.
 pub fn labels(reporter: Reporter, src: &Peer, dst: &Peer, service: &str, security: SecurityPolicy) -> TcpLabels {
     TcpLabels {
         reporter,
@@ -236,11 +205,6 @@ pub fn labels(reporter: Reporter, src: &Peer, dst: &Peer, service: &str, securit
         request_protocol: "tcp",
         connection_security_policy: security,
     }
-}
-
-/// The service name for metrics: the first service selecting the workload, or "unknown".
-pub fn service_name(state: &State, workload: Option<&Workload>) -> String {
-    workload.and_then(|w| state.services_of(w).next()).map(|s| s.hostname.clone()).unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]

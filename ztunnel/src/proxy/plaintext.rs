@@ -8,12 +8,11 @@ use std::time::Instant;
 
 use tracing::info;
 
-use super::{Accepted, PodInfo, Proxy, labels, service_name};
+use super::{Accepted, PodInfo, Proxy, labels};
 use crate::authz::{self, Verdict};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::inpod::socket;
 use crate::metrics::{RefusedLabels, Reporter, SecurityPolicy};
-use crate::proxy::Peer;
 use meshapi::MtlsMode;
 
 /// Serves one plaintext inbound connection (see the module docs).
@@ -47,9 +46,10 @@ pub async fn handle(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
     if let Verdict::Deny(reason) = authz::check(state.policies_for(w), &conn) {
         return refuse("policy", reason);
     }
-    let src = Peer::of(state.workload_by_ip(peer.ip()), None, &state);
-    let dst = Peer::of(Some(w), None, &state);
-    let labels = labels(Reporter::destination, &src, &dst, &service_name(&state, Some(w)), SecurityPolicy::none);
+    // Plaintext proves nothing about the source: its principal is unknown.
+    let src = state.peer_by_ip(peer.ip()).with_principal("unknown");
+    let dst = state.peer_by_ip(orig.ip());
+    let labels = labels(Reporter::destination, &src, &dst, &state.service_name_by_ip(orig.ip()), SecurityPolicy::none);
     drop(state);
     let mut upstream = match socket::connect(&pod.netns, orig).await {
         Ok(u) => u,
