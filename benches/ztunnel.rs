@@ -85,6 +85,14 @@ fn main() {
         "ztunnel lab benchmark: 2 nodes, {secs} s per throughput run, median of {reps}; {} cores; ztunnel args {extra:?}",
         cores()
     );
+    let (program, subcommand) = mesh.ztunnel_program();
+    println!("ztunnel: {} {}", program.display(), subcommand.unwrap_or(""));
+    if subcommand.is_some() {
+        println!(
+            "  (not the dedicated binary: build it after the benchmark, `cargo build --release -p ztunnel`, \
+             for the memory a node would see)"
+        );
+    }
 
     // Memory first, before traffic grows any pool or cache.
     std::thread::sleep(Duration::from_secs(1));

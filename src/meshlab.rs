@@ -255,20 +255,26 @@ impl MeshLab {
         self.kept.push(process);
     }
 
-    /// `WEFT_LAB_ZTUNNEL` when set (a ztunnel binary to run instead, e.g. a heap-profiling
-    /// build); else the dedicated `ztunnel` binary when it was built next to `weft` (smaller,
-    /// so its memory figures are the ones a node would see); else `weft ztunnel`.
-    fn ztunnel_command(&self) -> Command {
+    /// The ztunnel command the lab runs: `WEFT_LAB_ZTUNNEL` when set (a ztunnel binary to run
+    /// instead, e.g. a heap-profiling build); else the dedicated `ztunnel` binary when it was
+    /// built next to `weft` and is at least as new (smaller, so its memory figures are the
+    /// ones a node would see); else `weft ztunnel`.
+    pub fn ztunnel_program(&self) -> (PathBuf, Option<&'static str>) {
         if let Some(path) = std::env::var_os("WEFT_LAB_ZTUNNEL") {
-            return Command::new(path);
+            return (PathBuf::from(path), None);
         }
         let dedicated = self.weft.with_file_name("ztunnel");
         let fresh = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         if dedicated.is_file() && fresh(&dedicated) >= fresh(&self.weft) {
-            return Command::new(dedicated);
+            return (dedicated, None);
         }
-        let mut cmd = Command::new(&self.weft);
-        cmd.arg("ztunnel");
+        (self.weft.clone(), Some("ztunnel"))
+    }
+
+    fn ztunnel_command(&self) -> Command {
+        let (program, subcommand) = self.ztunnel_program();
+        let mut cmd = Command::new(program);
+        cmd.args(subcommand);
         cmd
     }
 

@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -229,6 +230,14 @@ async fn lingering_close(mut tcp: TcpStream) {
     .await;
 }
 
+/// An admitted stream whose target answered.
+struct Opened<S> {
+    upstream: TcpStream,
+    session: S,
+    send: h2::SendStream<Bytes>,
+    inbound: Box<InboundRequest>,
+}
+
 /// The parts of a connection every stream on it shares.
 struct ConnContext {
     identity: SpiffeId,
@@ -349,25 +358,36 @@ impl<H: Handler> ServerInner<H> {
     }
 
     /// An admitted stream's task: dials the target, answers, and copies until the tunnel
-    /// ends. `_alive` holds the drain and the connection's stream count for as long.
-    async fn tunnel(
+    /// ends. `alive` holds the drain and the connection's stream count for as long.
+    fn tunnel(
         self: Arc<Self>,
         inbound: Box<InboundRequest>,
         body: RecvStream,
+        respond: SendResponse<Bytes>,
+        alive: (drain::Watch, Arc<()>),
+    ) -> impl Future<Output = ()> + Send {
+        // Boxed, and made here rather than inside an `async fn`: the dial is over once the
+        // tunnel opens, and the task should keep room for neither it nor its arguments while
+        // copying (every open tunnel holds this task).
+        let open = Box::pin(self.clone().open(inbound, respond));
+        self.relay(open, body, alive)
+    }
+
+    /// Dials the target (bounded like the client's wait for our answer: a target that never
+    /// answers the SYN must not hold the stream forever) and answers `200` or `503`.
+    async fn open(
+        self: Arc<Self>,
+        inbound: Box<InboundRequest>,
         mut respond: SendResponse<Bytes>,
-        _alive: (drain::Watch, Arc<()>),
-    ) {
-        // Bounded like the client's wait for our answer: a target that never answers the SYN
-        // must not hold the stream (and its task) forever. Boxed: the handler's dial is over
-        // once the tunnel opens, and the task should not keep room for it while copying.
-        let dial = Box::pin(tokio::time::timeout(self.config.connect_timeout, self.handler.dial(&inbound)));
+    ) -> Option<Opened<H::Session>> {
+        let dial = tokio::time::timeout(self.config.connect_timeout, self.handler.dial(&inbound));
         let dialed = dial.await.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out")));
-        let (mut upstream, session) = match dialed {
+        let (upstream, session) = match dialed {
             Ok(dialed) => dialed,
             Err(e) => {
                 info!(identity = %inbound.peer_identity, target = %inbound.target, error = %e, "HBONE target unreachable");
                 self.reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                return;
+                return None;
             }
         };
         let _ = upstream.set_nodelay(true);
@@ -375,10 +395,22 @@ impl<H: Handler> ServerInner<H> {
             Ok(send) => send,
             Err(e) => {
                 debug!(error = %e, "HBONE client went away before the tunnel opened");
-                return;
+                return None;
             }
         };
         self.stats.streams_accepted.fetch_add(1, Ordering::Relaxed);
+        Some(Opened { upstream, session, send, inbound })
+    }
+
+    async fn relay(
+        self: Arc<Self>,
+        open: Pin<Box<impl Future<Output = Option<Opened<H::Session>>>>>,
+        body: RecvStream,
+        _alive: (drain::Watch, Arc<()>),
+    ) {
+        let Some(Opened { mut upstream, session, send, inbound }) = open.await else {
+            return;
+        };
         let tunnel = Tunnel::new(send, body, inbound.peer_identity.clone(), None);
         let result = copy::bidirectional(&mut upstream, tunnel, self.config.copy_buffer).await;
         self.handler.finished(&inbound, session, &result);
@@ -438,7 +470,9 @@ mod tests {
     use super::*;
 
     /// Every open tunnel holds this future: the dial is boxed and the request parsed into a
-    /// box, so that an idle tunnel keeps only the copy state (it was 2 KB before).
+    /// box, so that an idle tunnel keeps only the copy state (it was 2 KB before). Tokio
+    /// allocates a task in 128-byte steps with about 100 bytes of its own: with a handler
+    /// session of up to 60 bytes (ztunnel's is 40), this task takes 1024.
     #[test]
     fn stream_task_stays_small() {
         struct Refuse;
@@ -458,7 +492,7 @@ mod tests {
         }
         let size =
             future_size(|(inner, inbound, body, respond, alive): Args| inner.tunnel(inbound, body, respond, alive));
-        assert!(size < 1200, "HBONE stream task grew to {size} bytes");
+        assert!(size <= 860, "HBONE stream task grew to {size} bytes");
     }
 
     #[test]
