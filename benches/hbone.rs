@@ -125,6 +125,9 @@ struct Figures {
     p99: Vec<f64>,
     mean: Vec<f64>,
     rtt_cpu: Vec<f64>,
+    /// The same round trips with every party a task of one current-thread runtime.
+    one_thread_p50: Vec<f64>,
+    one_thread_cpu: Vec<f64>,
 }
 
 /// What one throughput run achieved.
@@ -189,6 +192,11 @@ fn main() {
                 f.p99.push(l.p99);
                 f.mean.push(l.mean);
                 f.rtt_cpu.push(l.cpu_us);
+            }
+            let runs = latency_one_thread(settings.warmup, settings.round_trips);
+            for (l, f) in runs.into_iter().zip(&mut figures) {
+                f.one_thread_p50.push(l.p50);
+                f.one_thread_cpu.push(l.cpu_us);
             }
         }
     }
@@ -318,6 +326,71 @@ fn latency(paths: [&Path; 2], warmup: usize, count: usize) -> [Latency; 2] {
     runs
 }
 
+/// The latency test with the app client, the echo server and both proxies as tasks of one
+/// current-thread runtime, on a fresh HBONE connection: no party ever waits to be woken on
+/// another CPU, so this is what the path itself costs: syscalls, the kernel's loopback TCP,
+/// TLS and HTTP/2, without the scheduler's wake-ups (which this VM makes expensive, see
+/// docs/BENCHMARKS.md).
+fn latency_one_thread(warmup: usize, count: usize) -> [Latency; 2] {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a one-thread runtime");
+    runtime.block_on(async {
+        let echo = hbone::testing::echo_server().await;
+        let (meshed, _client, _server) = start_mesh(echo, echo).await;
+        let mut conns = Vec::new();
+        for addr in [echo, meshed.echo] {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connecting to the test path");
+            tcp.set_nodelay(true).expect("nodelay");
+            conns.push(tcp);
+        }
+        let mut samples = [Vec::with_capacity(count), Vec::with_capacity(count)];
+        let mut cpu = [0.0; 2];
+        let deadline = Instant::now() + LATENCY_DEADLINE;
+        for round in 0..(warmup / LATENCY_BLOCK + 1 + count.div_ceil(LATENCY_BLOCK)) {
+            for (i, tcp) in conns.iter_mut().enumerate() {
+                let cpu_before = process_cpu_secs();
+                for _ in 0..LATENCY_BLOCK {
+                    let sent = Instant::now();
+                    let fut = async {
+                        tcp.write_all(&[0xa5]).await?;
+                        let mut back = [0u8; 1];
+                        tcp.read_exact(&mut back).await.map(|_| back)
+                    };
+                    let back = tokio::time::timeout(IO_TIMEOUT, fut)
+                        .await
+                        .expect("one-thread round trip timed out")
+                        .expect("one-thread round trip");
+                    assert_eq!(back, [0xa5]);
+                    if round * LATENCY_BLOCK >= warmup && samples[i].len() < count {
+                        samples[i].push(sent.elapsed().as_nanos() as f64 / 1e3);
+                    }
+                }
+                if round * LATENCY_BLOCK >= warmup {
+                    cpu[i] += process_cpu_secs() - cpu_before;
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        let names = ["plain TCP", "HBONE"];
+        [0, 1].map(|i| {
+            let s = &mut samples[i];
+            assert!(!s.is_empty(), "no one-thread round trip completed");
+            let cpu_us = cpu[i] * 1e6 / s.len() as f64;
+            s.sort_by(f64::total_cmp);
+            let mean = s.iter().sum::<f64>() / s.len() as f64;
+            let l = Latency { p50: percentile(s, 0.50), p99: percentile(s, 0.99), mean, cpu_us };
+            eprintln!(
+                "  {:<9} one-thread latency: p50 {:.1} µs, CPU {:.1} µs per round trip",
+                names[i], l.p50, l.cpu_us
+            );
+            l
+        })
+    })
+}
+
 /// One 1-byte request and its echo; returns the round-trip time in microseconds.
 fn round_trip(path: &Path, tcp: &mut TcpStream) -> f64 {
     let byte = [0xa5];
@@ -437,6 +510,8 @@ fn print_results(s: &Settings, figures: &[Figures; 2]) {
     row("1-byte round trip p99 (µs)", &plain.p99, &meshed.p99);
     row("1-byte round trip mean (µs)", &plain.mean, &meshed.mean);
     row("CPU per round trip (µs)", &plain.rtt_cpu, &meshed.rtt_cpu);
+    row("1-byte RTT p50, one thread (µs)", &plain.one_thread_p50, &meshed.one_thread_p50);
+    row("CPU per round trip, one thread (µs)", &plain.one_thread_cpu, &meshed.one_thread_cpu);
     println!();
     let mut ratios = Vec::new();
     if !plain.single_gbits.is_empty() {
@@ -451,6 +526,8 @@ fn print_results(s: &Settings, figures: &[Figures; 2]) {
     if !plain.p50.is_empty() {
         let (p, m) = (median(&plain.p50), median(&meshed.p50));
         ratios.push(format!("round trip p50 +{:.1} µs ({:.2}x)", m - p, m / p));
+        let (p, m) = (median(&plain.one_thread_p50), median(&meshed.one_thread_p50));
+        ratios.push(format!("one-thread round trip p50 +{:.1} µs ({:.2}x)", m - p, m / p));
     }
     println!("ratios: {}", ratios.join(", "));
 }
