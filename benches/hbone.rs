@@ -1,28 +1,32 @@
 //! HBONE on loopback: what carrying a TCP connection through the mesh costs, measured against
 //! the same connection made directly.
 //!
-//! Two paths to the same servers, on 127.0.0.1 only:
+//! Three paths to the same servers, on 127.0.0.1 only:
 //!
 //! ```text
-//!  plain:   app ──TCP──► sink / echo
-//!  meshed:  app ──TCP──► client proxy ══ HBONE ══► HBONE server ──TCP──► sink / echo
-//!                        (testing::client_proxy:   (hbone::Server, AllowAll,
-//!                         hbone::Client, like       like ztunnel's inbound)
-//!                         ztunnel's outbound)
+//!  plain:    app ──TCP──► sink / echo
+//!  proxy:    app ──TCP──► client proxy ══ HBONE ══► HBONE server ──TCP──► sink / echo
+//!                         (testing::client_proxy:   (hbone::Server, AllowAll,
+//!                          hbone::Client, like       like ztunnel's inbound)
+//!                          ztunnel's outbound)
+//!  library:  app on hbone::Client ══ HBONE ══► HBONE server ──TCP──► sink / echo
 //! ```
 //!
-//! HBONE here is mutual TLS 1.3 + HTTP/2 CONNECT, with `Config::default()` on both proxies.
-//! The app client and the sink/echo servers are the same code on both paths: blocking
-//! `std::net` sockets on their own OS threads, so the application side does not share the
-//! proxies' runtime. Both proxies run in one tokio multi-thread runtime (one worker per core
-//! unless `WEFT_BENCH_PROXY_THREADS` says otherwise) and share one pooled HBONE connection, as
-//! ztunnel does for one source/destination pair. On one machine the proxies compete with the
-//! app for the same cores, so the meshed figures include the proxies' CPU cost.
+//! HBONE here is mutual TLS 1.3 + HTTP/2 CONNECT, with `Config::default()` everywhere. On
+//! the plain and proxy paths the app client and the sink/echo servers are the same code:
+//! blocking `std::net` sockets on their own OS threads, so the application side does not share
+//! the proxies' runtime. The library path is the HBONE client→server pair itself: the app is a
+//! task that opens tunnels with `hbone::Client` and reads and writes them (`hbone::Tunnel`),
+//! compared with the same async app over a tokio `TcpStream`. The proxies run in one tokio
+//! multi-thread runtime (one worker per core unless `WEFT_BENCH_PROXY_THREADS` says otherwise)
+//! and share one pooled HBONE connection, as ztunnel does for one source/destination pair. On
+//! one machine the proxies compete with the app for the same cores, so the meshed figures
+//! include the proxies' CPU cost.
 //!
-//! Measured, in one run:
-//! 1. **Throughput**, 1 stream and `WEFT_BENCH_STREAMS` parallel streams: each app thread
-//!    writes 128 KiB chunks for `WEFT_BENCH_SECS` seconds, then half-closes; the sink counts
-//!    what arrived and answers the count. Rate = bytes the sink received / time from the first
+//! Measured, in one run, for the proxy path and for the library path:
+//! 1. **Throughput**, 1 stream and `WEFT_BENCH_STREAMS` parallel streams: each app writes
+//!    128 KiB chunks for `WEFT_BENCH_SECS` seconds, then half-closes; the sink counts what
+//!    arrived and answers the count. Rate = bytes the sink received / time from the first
 //!    write to the last answer, so data still buffered in the proxies at the deadline counts,
 //!    and so does the time to drain it. Every byte written must arrive, or the run fails.
 //!    Alongside: the CPU time the whole process spent per GB moved (`/proc/self/stat`), a
@@ -30,7 +34,9 @@
 //! 2. **Latency**: sequential 1-byte request / 1-byte echo round trips on one connection per
 //!    path, `WEFT_BENCH_WARMUP` unmeasured, then `WEFT_BENCH_ROUND_TRIPS` measured per path,
 //!    the two paths alternating in blocks so both see the same machine; p50 / p99 / mean, and
-//!    the process's CPU time per round trip (the work, without the wake-up delays).
+//!    the process's CPU time per round trip (the work, without the wake-up delays). Then the
+//!    same with every party a task of one current-thread runtime: the path's own cost, without
+//!    the scheduler's wake-ups.
 //!
 //! Each measurement is repeated `WEFT_BENCH_REPEATS` times, plain and meshed alternating; the
 //! table shows the median of the repeats and their range. Every loop is bounded by a count
@@ -47,7 +53,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use hbone::testing::{AllowAll, Pki, RunningServer, client_proxy, request};
-use hbone::{Client, Config};
+use hbone::{Client, Config, ConnectRequest};
 
 /// Size of one application write in the throughput test (iperf3's default).
 const APP_WRITE: usize = 128 * 1024;
@@ -86,6 +92,8 @@ enum Only {
     All,
     Throughput,
     Latency,
+    /// Only the one-thread round trips on the library path, to profile the path's own cost.
+    LibraryOneThread,
 }
 
 impl Settings {
@@ -101,7 +109,10 @@ impl Settings {
                 Err(_) | Ok("") => Only::All,
                 Ok("throughput") => Only::Throughput,
                 Ok("latency") => Only::Latency,
-                Ok(other) => panic!("WEFT_BENCH_ONLY={other:?}: expected `throughput` or `latency`"),
+                Ok("library-one-thread") => Only::LibraryOneThread,
+                Ok(other) => {
+                    panic!("WEFT_BENCH_ONLY={other:?}: expected `throughput`, `latency` or `library-one-thread`")
+                }
             },
         }
     }
@@ -161,7 +172,7 @@ fn main() {
         runtime.worker_threads(threads);
     }
     let runtime = runtime.enable_all().build().expect("building the proxies' tokio runtime");
-    let (meshed, client, mut server) = runtime.block_on(start_mesh(sink, echo));
+    let (meshed, client, mut server, library) = runtime.block_on(start_mesh(sink, echo));
     let paths = [&plain, &meshed];
 
     print_header(&settings);
@@ -171,9 +182,18 @@ fn main() {
     }
 
     let mut figures = [Figures::default(), Figures::default()];
+    let mut lib_figures = [Figures::default(), Figures::default()];
     for repeat in 1..=settings.repeats {
         eprintln!("repeat {repeat}/{}", settings.repeats);
-        if settings.only != Only::Latency {
+        if settings.only == Only::LibraryOneThread {
+            let runs = latency_one_thread(settings.warmup, settings.round_trips, true);
+            for (l, f) in runs.into_iter().zip(&mut lib_figures) {
+                f.one_thread_p50.push(l.p50);
+                f.one_thread_cpu.push(l.cpu_us);
+            }
+            continue;
+        }
+        if settings.only == Only::All || settings.only == Only::Throughput {
             for (path, f) in paths.iter().zip(&mut figures) {
                 let rate = throughput(path, 1, settings.secs);
                 f.single_gbits.push(rate.gbits);
@@ -184,8 +204,18 @@ fn main() {
                 f.parallel_gbits.push(rate.gbits);
                 f.parallel_cpu.push(rate.cpu_per_gb);
             }
+            for (meshed, f) in [false, true].into_iter().zip(&mut lib_figures) {
+                let rate = library_throughput(&runtime, &library, meshed, 1, settings.secs);
+                f.single_gbits.push(rate.gbits);
+                f.single_cpu.push(rate.cpu_per_gb);
+            }
+            for (meshed, f) in [false, true].into_iter().zip(&mut lib_figures) {
+                let rate = library_throughput(&runtime, &library, meshed, settings.streams, settings.secs);
+                f.parallel_gbits.push(rate.gbits);
+                f.parallel_cpu.push(rate.cpu_per_gb);
+            }
         }
-        if settings.only != Only::Throughput {
+        if settings.only == Only::All || settings.only == Only::Latency {
             let runs = latency(paths, settings.warmup, settings.round_trips);
             for (l, f) in runs.into_iter().zip(&mut figures) {
                 f.p50.push(l.p50);
@@ -193,15 +223,44 @@ fn main() {
                 f.mean.push(l.mean);
                 f.rtt_cpu.push(l.cpu_us);
             }
-            let runs = latency_one_thread(settings.warmup, settings.round_trips);
+            let runs = latency_one_thread(settings.warmup, settings.round_trips, false);
             for (l, f) in runs.into_iter().zip(&mut figures) {
+                f.one_thread_p50.push(l.p50);
+                f.one_thread_cpu.push(l.cpu_us);
+            }
+            let runs = library_latency(&runtime, &library, settings.warmup, settings.round_trips);
+            for (l, f) in runs.into_iter().zip(&mut lib_figures) {
+                f.p50.push(l.p50);
+                f.p99.push(l.p99);
+                f.mean.push(l.mean);
+                f.rtt_cpu.push(l.cpu_us);
+            }
+            let runs = latency_one_thread(settings.warmup, settings.round_trips, true);
+            for (l, f) in runs.into_iter().zip(&mut lib_figures) {
                 f.one_thread_p50.push(l.p50);
                 f.one_thread_cpu.push(l.cpu_us);
             }
         }
     }
 
-    print_results(&settings, &figures);
+    println!("\nThe proxy path: app ─TCP─► client proxy ═HBONE═► server ─TCP─► sink/echo (ztunnel's shape)");
+    print_results(&settings, &figures, "plain TCP");
+    println!("\nThe library path: async app on hbone::Client ═HBONE═► hbone::Server ─TCP─► sink/echo");
+    print_results(&settings, &lib_figures, "plain (async app)");
+    // The async plain app is a weaker baseline than the blocking one (its round trips cross
+    // threads); the ratios against the blocking plain app are the conservative ones.
+    let (plain, lib) = (&figures[0], &lib_figures[1]);
+    let mut against_blocking = Vec::new();
+    if !plain.single_gbits.is_empty() && !lib.single_gbits.is_empty() {
+        let pct = 100.0 * median(&lib.single_gbits) / median(&plain.single_gbits);
+        against_blocking.push(format!("1 stream {pct:.0}% of plain"));
+    }
+    if !plain.p50.is_empty() && !lib.p50.is_empty() {
+        against_blocking.push(format!("round trip p50 +{:.1} µs", median(&lib.p50) - median(&plain.p50)));
+    }
+    if !against_blocking.is_empty() {
+        println!("library against the blocking plain app: {}", against_blocking.join(", "));
+    }
     let stats = client.stats();
     println!(
         "(the meshed path used {} HBONE connection(s) for {} tunnels)",
@@ -222,7 +281,7 @@ fn main() {
 
 /// Starts the HBONE server and one client proxy per target; returns the meshed path, the
 /// proxies' HBONE client and the server.
-async fn start_mesh(sink: SocketAddr, echo: SocketAddr) -> (Path, Client, RunningServer<AllowAll>) {
+async fn start_mesh(sink: SocketAddr, echo: SocketAddr) -> (Path, Client, RunningServer<AllowAll>, Library) {
     let pki = Pki::new();
     let server_cert = pki.workload("bench", "server");
     let client_cert = pki.workload("bench", "client");
@@ -233,7 +292,9 @@ async fn start_mesh(sink: SocketAddr, echo: SocketAddr) -> (Path, Client, Runnin
     let to = |target| request(&client_cert, server.addr, &server_id, target);
     let (to_sink, _) = client_proxy(client.clone(), to(sink), config.copy_buffer).await;
     let (to_echo, _) = client_proxy(client.clone(), to(echo), config.copy_buffer).await;
-    (Path { name: "HBONE", sink: to_sink, echo: to_echo }, client, server)
+    let library =
+        Library { client: client.clone(), sink: to(sink), echo: to(echo), plain_sink: sink, plain_echo: echo };
+    (Path { name: "HBONE", sink: to_sink, echo: to_echo }, client, server, library)
 }
 
 /// What `streams` app threads writing to `path`'s sink for `secs` seconds achieve.
@@ -326,69 +387,172 @@ fn latency(paths: [&Path; 2], warmup: usize, count: usize) -> [Latency; 2] {
     runs
 }
 
-/// The latency test with the app client, the echo server and both proxies as tasks of one
+/// The latency test with the app client, the echo server and the proxies as tasks of one
 /// current-thread runtime, on a fresh HBONE connection: no party ever waits to be woken on
 /// another CPU, so this is what the path itself costs: syscalls, the kernel's loopback TCP,
 /// TLS and HTTP/2, without the scheduler's wake-ups (which this VM makes expensive, see
-/// docs/BENCHMARKS.md).
-fn latency_one_thread(warmup: usize, count: usize) -> [Latency; 2] {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// docs/BENCHMARKS.md). `library`: the app opens the tunnel with `hbone::Client` itself
+/// instead of going through the client proxy.
+fn latency_one_thread(warmup: usize, count: usize, library: bool) -> [Latency; 2] {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a one-thread runtime");
     runtime.block_on(async {
         let echo = hbone::testing::echo_server().await;
-        let (meshed, _client, _server) = start_mesh(echo, echo).await;
-        let mut conns = Vec::new();
-        for addr in [echo, meshed.echo] {
-            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connecting to the test path");
-            tcp.set_nodelay(true).expect("nodelay");
-            conns.push(tcp);
-        }
-        let mut samples = [Vec::with_capacity(count), Vec::with_capacity(count)];
-        let mut cpu = [0.0; 2];
-        let deadline = Instant::now() + LATENCY_DEADLINE;
-        for round in 0..(warmup / LATENCY_BLOCK + 1 + count.div_ceil(LATENCY_BLOCK)) {
-            for (i, tcp) in conns.iter_mut().enumerate() {
-                let cpu_before = process_cpu_secs();
-                for _ in 0..LATENCY_BLOCK {
-                    let sent = Instant::now();
-                    let fut = async {
-                        tcp.write_all(&[0xa5]).await?;
-                        let mut back = [0u8; 1];
-                        tcp.read_exact(&mut back).await.map(|_| back)
-                    };
-                    let back = tokio::time::timeout(IO_TIMEOUT, fut)
-                        .await
-                        .expect("one-thread round trip timed out")
-                        .expect("one-thread round trip");
-                    assert_eq!(back, [0xa5]);
-                    if round * LATENCY_BLOCK >= warmup && samples[i].len() < count {
-                        samples[i].push(sent.elapsed().as_nanos() as f64 / 1e3);
-                    }
-                }
-                if round * LATENCY_BLOCK >= warmup {
-                    cpu[i] += process_cpu_secs() - cpu_before;
-                }
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        let names = ["plain TCP", "HBONE"];
-        [0, 1].map(|i| {
-            let s = &mut samples[i];
-            assert!(!s.is_empty(), "no one-thread round trip completed");
-            let cpu_us = cpu[i] * 1e6 / s.len() as f64;
-            s.sort_by(f64::total_cmp);
-            let mean = s.iter().sum::<f64>() / s.len() as f64;
-            let l = Latency { p50: percentile(s, 0.50), p99: percentile(s, 0.99), mean, cpu_us };
-            eprintln!(
-                "  {:<9} one-thread latency: p50 {:.1} µs, CPU {:.1} µs per round trip",
-                names[i], l.p50, l.cpu_us
-            );
-            l
-        })
+        let (meshed, _client, _server, lib) = start_mesh(echo, echo).await;
+        let conns: [Box<dyn AppIo>; 2] = [
+            lib.open(false, true).await,
+            if library { lib.open(true, true).await } else { Box::new(async_connect(meshed.echo).await) },
+        ];
+        round_trips(conns, warmup, count, if library { "one-thread library" } else { "one-thread" }).await
     })
+}
+
+/// Sequential 1-byte round trips on `conns` (plain, meshed), alternating in blocks of
+/// [`LATENCY_BLOCK`]: `warmup` unmeasured, then up to `count` measured on each.
+async fn round_trips(mut conns: [Box<dyn AppIo>; 2], warmup: usize, count: usize, label: &str) -> [Latency; 2] {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut samples = [Vec::with_capacity(count), Vec::with_capacity(count)];
+    let mut cpu = [0.0; 2];
+    let deadline = Instant::now() + LATENCY_DEADLINE;
+    for round in 0..(warmup / LATENCY_BLOCK + 1 + count.div_ceil(LATENCY_BLOCK)) {
+        for (i, tcp) in conns.iter_mut().enumerate() {
+            let cpu_before = process_cpu_secs();
+            for _ in 0..LATENCY_BLOCK {
+                let sent = Instant::now();
+                let fut = async {
+                    tcp.write_all(&[0xa5]).await?;
+                    let mut back = [0u8; 1];
+                    tcp.read_exact(&mut back).await.map(|_| back)
+                };
+                let back = tokio::time::timeout(IO_TIMEOUT, fut)
+                    .await
+                    .expect("async round trip timed out")
+                    .expect("async round trip");
+                assert_eq!(back, [0xa5]);
+                if round * LATENCY_BLOCK >= warmup && samples[i].len() < count {
+                    samples[i].push(sent.elapsed().as_nanos() as f64 / 1e3);
+                }
+            }
+            if round * LATENCY_BLOCK >= warmup {
+                cpu[i] += process_cpu_secs() - cpu_before;
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    let names = ["plain TCP", "HBONE"];
+    [0, 1].map(|i| {
+        let s = &mut samples[i];
+        assert!(!s.is_empty(), "no {label} round trip completed");
+        let cpu_us = cpu[i] * 1e6 / s.len() as f64;
+        s.sort_by(f64::total_cmp);
+        let mean = s.iter().sum::<f64>() / s.len() as f64;
+        let l = Latency { p50: percentile(s, 0.50), p99: percentile(s, 0.99), mean, cpu_us };
+        eprintln!("  {:<9} {label} latency: p50 {:.1} µs, CPU {:.1} µs per round trip", names[i], l.p50, l.cpu_us);
+        l
+    })
+}
+
+/// The library path: the app opens tunnels with `hbone::Client` and reads and writes them as
+/// `hbone::Tunnel`s (AsyncRead + AsyncWrite): client → server, with no client proxy and no
+/// local TCP hop before the tunnel. Its plain counterpart is the same async app over a tokio
+/// `TcpStream`. Both apps are tasks of the proxies' runtime; the servers are the same as for
+/// the proxy path.
+#[derive(Clone)]
+struct Library {
+    client: Client,
+    sink: ConnectRequest,
+    echo: ConnectRequest,
+    plain_sink: SocketAddr,
+    plain_echo: SocketAddr,
+}
+
+/// A connection of an async app: a tokio `TcpStream` or an `hbone::Tunnel`.
+trait AppIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AppIo for T {}
+
+impl Library {
+    /// A connection to the echo server (`echo`) or the sink, through HBONE (`meshed`) or not.
+    async fn open(&self, meshed: bool, echo: bool) -> Box<dyn AppIo> {
+        if !meshed {
+            return Box::new(async_connect(if echo { self.plain_echo } else { self.plain_sink }).await);
+        }
+        let req = if echo { self.echo.clone() } else { self.sink.clone() };
+        Box::new(self.client.connect(req).await.expect("opening an HBONE tunnel"))
+    }
+}
+
+async fn async_connect(addr: SocketAddr) -> tokio::net::TcpStream {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connecting to the test path");
+    tcp.set_nodelay(true).expect("setting TCP_NODELAY");
+    tcp
+}
+
+/// The throughput test with async app tasks on the library path (`meshed`) or plain TCP.
+fn library_throughput(
+    runtime: &tokio::runtime::Runtime,
+    lib: &Library,
+    meshed: bool,
+    streams: usize,
+    secs: f64,
+) -> Rate {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = if meshed { "HBONE lib" } else { "plain TCP" };
+    runtime.block_on(async {
+        let mut conns = Vec::with_capacity(streams);
+        for _ in 0..streams {
+            conns.push(lib.open(meshed, false).await);
+        }
+        let began = Instant::now();
+        let cpu_before = process_cpu_secs();
+        let deadline = began + Duration::from_secs_f64(secs);
+        let writers: Vec<_> = conns
+            .into_iter()
+            .map(|mut conn| {
+                tokio::spawn(async move {
+                    let chunk = vec![0x5a_u8; APP_WRITE];
+                    let mut sent = 0u64;
+                    while Instant::now() < deadline {
+                        let write = tokio::time::timeout(IO_TIMEOUT, conn.write_all(&chunk)).await;
+                        write.expect("writing to the sink stalled").expect("writing to the sink");
+                        sent += chunk.len() as u64;
+                    }
+                    conn.shutdown().await.expect("half-closing towards the sink");
+                    let mut count = [0u8; 8];
+                    let read = tokio::time::timeout(IO_TIMEOUT, conn.read_exact(&mut count)).await;
+                    read.expect("the sink's count did not come").expect("reading the sink's count");
+                    (sent, u64::from_be_bytes(count))
+                })
+            })
+            .collect();
+        let mut received = 0u64;
+        for writer in writers {
+            let (sent, got) = writer.await.expect("throughput writer task panicked");
+            assert_eq!(sent, got, "{name}: the sink received {got} bytes of the {sent} written");
+            received += got;
+        }
+        let elapsed = began.elapsed().as_secs_f64();
+        let cpu = process_cpu_secs() - cpu_before;
+        let rate = Rate { gbits: received as f64 * 8.0 / elapsed / 1e9, cpu_per_gb: cpu / (received as f64 / 1e9) };
+        eprintln!(
+            "  {name:<9} async app, {streams} stream(s): {:6.2} Gbit/s, {:.2} core-s/GB",
+            rate.gbits, rate.cpu_per_gb
+        );
+        rate
+    })
+}
+
+/// The latency test with an async app task on the library path and on plain TCP.
+fn library_latency(runtime: &tokio::runtime::Runtime, lib: &Library, warmup: usize, count: usize) -> [Latency; 2] {
+    let lib = lib.clone();
+    // A task, not `block_on`'s own future: the app runs on the runtime's workers like the
+    // proxies, as an app task would.
+    let task = runtime.spawn(async move {
+        let conns = [lib.open(false, true).await, lib.open(true, true).await];
+        round_trips(conns, warmup, count, "library").await
+    });
+    runtime.block_on(task).expect("latency task panicked")
 }
 
 /// One 1-byte request and its echo; returns the round-trip time in microseconds.
@@ -492,14 +656,14 @@ fn print_header(s: &Settings) {
     );
 }
 
-fn print_results(s: &Settings, figures: &[Figures; 2]) {
+fn print_results(s: &Settings, figures: &[Figures; 2], plain_name: &str) {
     let [plain, meshed] = figures;
     println!();
-    println!("{:<34} {:>22} {:>22} {:>12}", "", "plain TCP", "HBONE", "HBONE/plain");
+    println!("{:<36} {:>22} {:>22} {:>12}", "", plain_name, "HBONE", "HBONE/plain");
     // A test that did not run (WEFT_BENCH_ONLY) has no figures and no row.
     let row = |label: &str, p: &[f64], m: &[f64]| {
         if !p.is_empty() {
-            println!("{label:<34} {:>22} {:>22} {:>11.2}x", spread(p), spread(m), median(m) / median(p));
+            println!("{label:<36} {:>22} {:>22} {:>11.2}x", spread(p), spread(m), median(m) / median(p));
         }
     };
     row("throughput, 1 stream (Gbit/s)", &plain.single_gbits, &meshed.single_gbits);
@@ -526,6 +690,8 @@ fn print_results(s: &Settings, figures: &[Figures; 2]) {
     if !plain.p50.is_empty() {
         let (p, m) = (median(&plain.p50), median(&meshed.p50));
         ratios.push(format!("round trip p50 +{:.1} µs ({:.2}x)", m - p, m / p));
+    }
+    if !plain.one_thread_p50.is_empty() {
         let (p, m) = (median(&plain.one_thread_p50), median(&meshed.one_thread_p50));
         ratios.push(format!("one-thread round trip p50 +{:.1} µs ({:.2}x)", m - p, m / p));
     }
