@@ -141,6 +141,37 @@ struct Figures {
     one_thread_cpu: Vec<f64>,
 }
 
+impl Figures {
+    fn push_single(&mut self, r: Rate) {
+        self.single_gbits.push(r.gbits);
+        self.single_cpu.push(r.cpu_per_gb);
+    }
+
+    fn push_parallel(&mut self, r: Rate) {
+        self.parallel_gbits.push(r.gbits);
+        self.parallel_cpu.push(r.cpu_per_gb);
+    }
+
+    fn push_latency(&mut self, l: Latency) {
+        self.p50.push(l.p50);
+        self.p99.push(l.p99);
+        self.mean.push(l.mean);
+        self.rtt_cpu.push(l.cpu_us);
+    }
+
+    fn push_one_thread(&mut self, l: Latency) {
+        self.one_thread_p50.push(l.p50);
+        self.one_thread_cpu.push(l.cpu_us);
+    }
+}
+
+/// Adds one run's (plain, meshed) results to their paths' figures.
+fn record<T>(runs: [T; 2], figures: &mut [Figures; 2], push: fn(&mut Figures, T)) {
+    for (run, f) in runs.into_iter().zip(figures) {
+        push(f, run);
+    }
+}
+
 /// What one throughput run achieved.
 struct Rate {
     /// Bytes the sink received, in Gbit/s.
@@ -185,61 +216,25 @@ fn main() {
     let mut lib_figures = [Figures::default(), Figures::default()];
     for repeat in 1..=settings.repeats {
         eprintln!("repeat {repeat}/{}", settings.repeats);
+        let (secs, streams) = (settings.secs, settings.streams);
+        let (warmup, round_trips) = (settings.warmup, settings.round_trips);
         if settings.only == Only::LibraryOneThread {
-            let runs = latency_one_thread(settings.warmup, settings.round_trips, true);
-            for (l, f) in runs.into_iter().zip(&mut lib_figures) {
-                f.one_thread_p50.push(l.p50);
-                f.one_thread_cpu.push(l.cpu_us);
-            }
+            record(latency_one_thread(warmup, round_trips, true), &mut lib_figures, Figures::push_one_thread);
             continue;
         }
         if settings.only == Only::All || settings.only == Only::Throughput {
-            for (path, f) in paths.iter().zip(&mut figures) {
-                let rate = throughput(path, 1, settings.secs);
-                f.single_gbits.push(rate.gbits);
-                f.single_cpu.push(rate.cpu_per_gb);
-            }
-            for (path, f) in paths.iter().zip(&mut figures) {
-                let rate = throughput(path, settings.streams, settings.secs);
-                f.parallel_gbits.push(rate.gbits);
-                f.parallel_cpu.push(rate.cpu_per_gb);
-            }
-            for (meshed, f) in [false, true].into_iter().zip(&mut lib_figures) {
-                let rate = library_throughput(&runtime, &library, meshed, 1, settings.secs);
-                f.single_gbits.push(rate.gbits);
-                f.single_cpu.push(rate.cpu_per_gb);
-            }
-            for (meshed, f) in [false, true].into_iter().zip(&mut lib_figures) {
-                let rate = library_throughput(&runtime, &library, meshed, settings.streams, settings.secs);
-                f.parallel_gbits.push(rate.gbits);
-                f.parallel_cpu.push(rate.cpu_per_gb);
-            }
+            record(paths.map(|p| throughput(p, 1, secs)), &mut figures, Figures::push_single);
+            record(paths.map(|p| throughput(p, streams, secs)), &mut figures, Figures::push_parallel);
+            let lib =
+                |streams| [false, true].map(|meshed| library_throughput(&runtime, &library, meshed, streams, secs));
+            record(lib(1), &mut lib_figures, Figures::push_single);
+            record(lib(streams), &mut lib_figures, Figures::push_parallel);
         }
         if settings.only == Only::All || settings.only == Only::Latency {
-            let runs = latency(paths, settings.warmup, settings.round_trips);
-            for (l, f) in runs.into_iter().zip(&mut figures) {
-                f.p50.push(l.p50);
-                f.p99.push(l.p99);
-                f.mean.push(l.mean);
-                f.rtt_cpu.push(l.cpu_us);
-            }
-            let runs = latency_one_thread(settings.warmup, settings.round_trips, false);
-            for (l, f) in runs.into_iter().zip(&mut figures) {
-                f.one_thread_p50.push(l.p50);
-                f.one_thread_cpu.push(l.cpu_us);
-            }
-            let runs = library_latency(&runtime, &library, settings.warmup, settings.round_trips);
-            for (l, f) in runs.into_iter().zip(&mut lib_figures) {
-                f.p50.push(l.p50);
-                f.p99.push(l.p99);
-                f.mean.push(l.mean);
-                f.rtt_cpu.push(l.cpu_us);
-            }
-            let runs = latency_one_thread(settings.warmup, settings.round_trips, true);
-            for (l, f) in runs.into_iter().zip(&mut lib_figures) {
-                f.one_thread_p50.push(l.p50);
-                f.one_thread_cpu.push(l.cpu_us);
-            }
+            record(latency(paths, warmup, round_trips), &mut figures, Figures::push_latency);
+            record(latency_one_thread(warmup, round_trips, false), &mut figures, Figures::push_one_thread);
+            record(library_latency(&runtime, &library, warmup, round_trips), &mut lib_figures, Figures::push_latency);
+            record(latency_one_thread(warmup, round_trips, true), &mut lib_figures, Figures::push_one_thread);
         }
     }
 
