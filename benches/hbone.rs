@@ -251,7 +251,7 @@ fn main() {
         against_blocking.push(format!("1 stream {pct:.0}% of plain"));
     }
     if !plain.p50.is_empty() && !lib.p50.is_empty() {
-        against_blocking.push(format!("round trip p50 +{:.1} µs", median(&lib.p50) - median(&plain.p50)));
+        against_blocking.push(format!("round trip p50 {:+.1} µs", median(&lib.p50) - median(&plain.p50)));
     }
     if !against_blocking.is_empty() {
         println!("library against the blocking plain app: {}", against_blocking.join(", "));
@@ -684,11 +684,11 @@ fn print_results(s: &Settings, figures: &[Figures; 2], plain_name: &str) {
     }
     if !plain.p50.is_empty() {
         let (p, m) = (median(&plain.p50), median(&meshed.p50));
-        ratios.push(format!("round trip p50 +{:.1} µs ({:.2}x)", m - p, m / p));
+        ratios.push(format!("round trip p50 {:+.1} µs ({:.2}x)", m - p, m / p));
     }
     if !plain.one_thread_p50.is_empty() {
         let (p, m) = (median(&plain.one_thread_p50), median(&meshed.one_thread_p50));
-        ratios.push(format!("one-thread round trip p50 +{:.1} µs ({:.2}x)", m - p, m / p));
+        ratios.push(format!("one-thread round trip p50 {:+.1} µs ({:.2}x)", m - p, m / p));
     }
     println!("ratios: {}", ratios.join(", "));
 }
