@@ -7,7 +7,8 @@
 //!    connections send GOAWAY) and let in-flight work finish;
 //! 2. *closing*, if the deadline passes first: watchers abandon what is left.
 //!
-//! It returns once every `Watch` is dropped, so "drained" means no task still runs.
+//! It returns once every `Watch` is dropped, so "drained" means no task still runs; or, past
+//! the deadline, after a one-second grace for the tasks to close, whether or not they did.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +17,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// How long [`Trigger::drain`] waits, after the deadline, for tasks to close.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Where a drain is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -74,7 +78,12 @@ impl Trigger {
         if outcome == Outcome::DeadlineExceeded {
             let _ = self.phase.send(Phase::Closing);
             self.closing.cancel();
-            self.done.recv().await;
+            // Tasks that watch `closing` end at once. One that cannot see it (a tunnel whose
+            // app neither reads nor writes, blocked on its socket) must not hold shutdown
+            // forever: after a short grace it is abandoned to the runtime's shutdown.
+            if tokio::time::timeout(CLOSE_GRACE, self.done.recv()).await.is_err() {
+                tracing::warn!(grace = ?CLOSE_GRACE, "tasks still running after the drain deadline; abandoning them");
+            }
         }
         outcome
     }
@@ -155,6 +164,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_task_deaf_to_closing_is_abandoned_after_the_grace() {
+        let (trigger, watch) = channel();
+        let deaf = tokio::spawn(async move {
+            let _held = watch;
+            std::future::pending::<()>().await;
+        });
+        let started = tokio::time::Instant::now();
+        assert_eq!(trigger.drain(Duration::from_secs(5)).await, Outcome::DeadlineExceeded);
+        assert_eq!(started.elapsed(), Duration::from_secs(5) + CLOSE_GRACE, "returned after deadline and grace");
+        assert!(!deaf.is_finished(), "the deaf task is abandoned, not waited for");
+        deaf.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn closing_after_deadline() {
         let (trigger, watch) = channel();
         let task = tokio::spawn(async move {
@@ -170,6 +193,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn until_closing_cuts_work_at_the_deadline_and_holds_the_drain() {
+        // Bounded: a cut that never comes fails the test instead of hanging it.
+        tokio::time::timeout(Duration::from_secs(60), until_closing_cuts()).await.expect("the endless task was cut");
+    }
+
+    async fn until_closing_cuts() {
         let (trigger, watch) = channel();
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let finishing = watch.clone().until_closing(async move {

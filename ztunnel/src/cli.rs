@@ -55,7 +55,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
+/// Parses a log filter. A bare word must be a level: `Targets` would read a misspelt level
+/// (`inof`) as a target name and silently turn every other log line off, access logs included.
 fn parse_filter(text: &str) -> Result<Targets, String> {
+    if text.trim().is_empty() {
+        return Err("empty log filter: give a level such as info".into());
+    }
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if !part.contains('=') && part.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+            return Err(format!(
+                "invalid log filter {text:?}: {part:?} is not a level (trace, debug, info, warn, error, off); \
+                 per-target levels are written target=level"
+            ));
+        }
+    }
     text.trim().parse::<Targets>().map_err(|e| format!("invalid log filter {text:?}: {e}"))
 }
 
@@ -84,4 +97,20 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_filter;
+
+    #[test]
+    fn log_filters_are_levels_or_target_levels() {
+        for good in ["info", "debug,h2=warn", "ztunnel=trace,hbone=debug", " warn "] {
+            assert!(parse_filter(good).is_ok(), "{good:?} refused");
+        }
+        for bad in ["inof", "info,debgu", "h2=loud", ""] {
+            let e = parse_filter(bad).err();
+            assert!(e.is_some(), "{bad:?} accepted");
+        }
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use arc_swap::ArcSwap;
 use hbone::SpiffeId;
@@ -43,15 +43,31 @@ impl Peer {
     }
 }
 
+/// What metrics and logs call one workload, shared by its connections.
+#[derive(Debug)]
+struct WorkloadLabels {
+    /// With its configured identity as principal.
+    peer: Arc<Peer>,
+    /// With principal "unknown": nothing was proved (plaintext, passthrough).
+    unproved: Arc<Peer>,
+    /// The first service selecting it (metrics' `destination_service`), or "unknown".
+    service: Arc<str>,
+}
+
+/// "unknown", shared.
+fn unknown() -> Arc<str> {
+    static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("unknown"));
+    UNKNOWN.clone()
+}
+
 /// An immutable, indexed snapshot.
 #[derive(Debug, Default)]
 pub struct State {
     snapshot: Snapshot,
     by_ip: HashMap<IpAddr, usize>,
-    /// Workload index -> its peer, for labels and logs.
-    peers: Vec<Arc<Peer>>,
-    /// Workload index -> the first service selecting it (metrics' `destination_service`).
-    service_names: Vec<Arc<str>>,
+    /// Per workload index, built on first use (a snapshot may hold many workloads this node
+    /// never talks to): the workload's labels, as metrics and logs name it.
+    labels: Vec<OnceLock<WorkloadLabels>>,
     by_vip: HashMap<(IpAddr, u16), usize>,
     /// Every service VIP, whatever the port.
     vips: HashSet<IpAddr>,
@@ -90,16 +106,8 @@ impl State {
                 .push(snapshot.workloads.iter().enumerate().filter(|(_, w)| s.selects(w)).map(|(j, _)| j).collect());
         }
         let vips = snapshot.services.iter().flat_map(|s| s.vips.iter().copied()).collect();
-        let peers = snapshot.workloads.iter().map(|w| Arc::new(Peer::of(w, &snapshot.trust_domain))).collect();
-        let unknown: Arc<str> = Arc::from("unknown");
-        let service_names = snapshot
-            .workloads
-            .iter()
-            .map(|w| {
-                snapshot.services.iter().find(|s| s.selects(w)).map_or(unknown.clone(), |s| Arc::from(&*s.hostname))
-            })
-            .collect();
-        State { snapshot, by_ip, peers, service_names, by_vip, vips, endpoints }
+        let labels = snapshot.workloads.iter().map(|_| OnceLock::new()).collect();
+        State { snapshot, by_ip, labels, by_vip, vips, endpoints }
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -118,16 +126,31 @@ impl State {
         &self.snapshot.workloads[index]
     }
 
-    /// The peer at `ip` (its configured identity as principal), or unknown.
+    fn labels(&self, index: usize) -> &WorkloadLabels {
+        self.labels[index].get_or_init(|| {
+            let workload = &self.snapshot.workloads[index];
+            let peer = Peer::of(workload, &self.snapshot.trust_domain);
+            let unproved = Arc::new(Peer { principal: "unknown".into(), ..peer.clone() });
+            let service = self.services_of(workload).next().map_or_else(unknown, |s| Arc::from(&*s.hostname));
+            WorkloadLabels { peer: Arc::new(peer), unproved, service }
+        })
+    }
+
+    /// The peer at `ip` with its configured identity as principal, or unknown.
     pub fn peer_by_ip(&self, ip: IpAddr) -> Arc<Peer> {
-        self.by_ip.get(&ip).map_or_else(Peer::unknown, |i| self.peers[*i].clone())
+        self.by_ip.get(&ip).map_or_else(Peer::unknown, |i| self.labels(*i).peer.clone())
+    }
+
+    /// The peer at `ip` with principal "unknown" (nothing was proved), or unknown.
+    pub fn unproved_peer_by_ip(&self, ip: IpAddr) -> Arc<Peer> {
+        self.by_ip.get(&ip).map_or_else(Peer::unknown, |i| self.labels(*i).unproved.clone())
     }
 
     /// The peer at `ip` whose identity `identity` was proved: the workload there, or, when no
     /// known workload is, what the identity says (its namespace).
     pub fn proved_peer(&self, ip: Option<IpAddr>, identity: &SpiffeId) -> Arc<Peer> {
         match ip.and_then(|ip| self.by_ip.get(&ip)) {
-            Some(i) => self.peers[*i].with_principal(identity.as_str()),
+            Some(i) => self.labels(*i).peer.with_principal(identity.as_str()),
             None => Arc::new(Peer {
                 workload: "unknown".into(),
                 namespace: identity.namespace().to_owned(),
@@ -139,7 +162,7 @@ impl State {
     /// The service name for metrics of the workload at `ip`: the first service selecting
     /// it, or "unknown".
     pub fn service_name_by_ip(&self, ip: IpAddr) -> Arc<str> {
-        self.by_ip.get(&ip).map_or_else(|| Arc::from("unknown"), |i| self.service_names[*i].clone())
+        self.by_ip.get(&ip).map_or_else(unknown, |i| self.labels(*i).service.clone())
     }
 
     /// Workloads scheduled on `node`.
@@ -230,5 +253,26 @@ services:
         assert_eq!(state.local_workloads("n1").count(), 2);
         assert!(state.is_vip("10.96.0.11".parse().unwrap()));
         assert!(!state.is_vip("10.244.1.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn labels_are_built_once_and_shared() {
+        let state = State::new(Snapshot::from_yaml(DOC).unwrap());
+        let a: IpAddr = "10.244.1.2".parse().unwrap();
+        let peer = state.peer_by_ip(a);
+        assert_eq!((peer.workload.as_str(), peer.namespace.as_str()), ("a", "ns"));
+        assert_eq!(peer.principal, "spiffe://cluster.local/ns/ns/sa/default");
+        assert!(Arc::ptr_eq(&peer, &state.peer_by_ip(a)), "one Peer per workload, shared");
+        assert_eq!(state.unproved_peer_by_ip(a).principal, "unknown");
+        assert_eq!(&*state.service_name_by_ip(a), state.snapshot().services[0].hostname.as_str());
+        let c: IpAddr = "10.244.1.3".parse().unwrap();
+        assert_eq!(&*state.service_name_by_ip(c), "unknown", "selected by no service of its namespace");
+        let nowhere: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(state.peer_by_ip(nowhere).workload, "unknown");
+        let proved = state.proved_peer(Some(a), &"spiffe://cluster.local/ns/ns/sa/other".parse().unwrap());
+        assert_eq!(
+            (proved.workload.as_str(), proved.principal.as_str()),
+            ("a", "spiffe://cluster.local/ns/ns/sa/other")
+        );
     }
 }

@@ -109,3 +109,14 @@ impl Handler for Inbound {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Held by every inbound tunnel's task, whose size `hbone`'s `stream_task_stays_small`
+    /// budgets with a session of at most 60 bytes.
+    #[test]
+    fn session_stays_small() {
+        let size = std::mem::size_of::<super::Session>();
+        assert!(size <= 60, "inbound session grew to {size} bytes");
+    }
+}

@@ -152,7 +152,7 @@ async fn open(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) -> Optio
         let dst = match security {
             SecurityPolicy::mutual_tls => state.peer_by_ip(dst_addr.ip()),
             // Nothing was proved about a passthrough destination.
-            SecurityPolicy::none => state.peer_by_ip(dst_addr.ip()).with_principal("unknown"),
+            SecurityPolicy::none => state.unproved_peer_by_ip(dst_addr.ip()),
         };
         let service = service.clone().unwrap_or_else(|| state.service_name_by_ip(dst_addr.ip()));
         drop(state);

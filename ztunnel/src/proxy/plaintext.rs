@@ -47,7 +47,7 @@ pub async fn handle(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
         return refuse("policy", reason);
     }
     // Plaintext proves nothing about the source: its principal is unknown.
-    let src = state.peer_by_ip(peer.ip()).with_principal("unknown");
+    let src = state.unproved_peer_by_ip(peer.ip());
     let dst = state.peer_by_ip(orig.ip());
     let labels = labels(Reporter::destination, &src, &dst, &state.service_name_by_ip(orig.ip()), SecurityPolicy::none);
     drop(state);
