@@ -146,14 +146,40 @@ fn enrolled_to_not_enrolled_is_passthrough() {
             .any(|p| p.dst.port() == APP_PORT && contains(&p.payload, marker.as_bytes())),
         "passthrough goes straight to the app port, in plaintext"
     );
+    // Nothing was proved about the destination: its principal is unknown.
     let passthrough = mesh
         .metric(
             0,
             "istio_tcp_connections_opened_total",
-            &[("reporter", "source"), ("connection_security_policy", "none")],
+            &[
+                ("reporter", "source"),
+                ("connection_security_policy", "none"),
+                ("destination_workload", "old"),
+                ("destination_principal", "unknown"),
+            ],
         )
         .unwrap();
     assert_eq!(passthrough, 1.0);
+
+    // The other way, a client outside the mesh reaches the enrolled (PERMISSIVE) pod in
+    // plaintext through its ztunnel's :15006; it proved nothing, so its principal is unknown.
+    let _web_app = mesh.start_echo("web", APP_PORT, None).unwrap();
+    let mut conn = mesh.connect("old", addr(mesh.pod("web"), APP_PORT)).unwrap();
+    assert_eq!(echo(&mut conn, marker.as_bytes()), marker.as_bytes());
+    drop(conn);
+    let labels = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+        ("source_workload", "old"),
+        ("source_principal", "unknown"),
+        ("destination_workload", "web"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mesh.metric(0, "istio_tcp_connections_closed_total", &labels).unwrap() < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(mesh.metric(0, "istio_tcp_connections_opened_total", &labels).unwrap(), 1.0);
+    assert_eq!(mesh.metric(0, "istio_tcp_connections_closed_total", &labels).unwrap(), 1.0);
 }
 
 fn nft_table_exists(mesh: &MeshLab, pod: &str) -> bool {
