@@ -141,6 +141,15 @@ struct Figures {
     one_thread_cpu: Vec<f64>,
 }
 
+impl Rate {
+    /// `received` bytes since `began`, with the process's CPU time since `cpu_before`.
+    fn since(received: u64, began: Instant, cpu_before: f64) -> Rate {
+        let elapsed = began.elapsed().as_secs_f64();
+        let cpu = process_cpu_secs() - cpu_before;
+        Rate { gbits: received as f64 * 8.0 / elapsed / 1e9, cpu_per_gb: cpu / (received as f64 / 1e9) }
+    }
+}
+
 impl Figures {
     fn push_single(&mut self, r: Rate) {
         self.single_gbits.push(r.gbits);
@@ -311,11 +320,9 @@ fn throughput(path: &Path, streams: usize, secs: f64) -> Rate {
         assert_eq!(sent, got, "{}: the sink received {got} bytes of the {sent} written", path.name);
         received += got;
     }
-    let elapsed = began.elapsed().as_secs_f64();
-    let cpu = process_cpu_secs() - cpu_before;
-    let rate = Rate { gbits: received as f64 * 8.0 / elapsed / 1e9, cpu_per_gb: cpu / (received as f64 / 1e9) };
+    let rate = Rate::since(received, began, cpu_before);
     eprintln!(
-        "  {:<9} {streams} stream(s): {:6.2} Gbit/s, {:.2} core-s/GB ({received} bytes in {elapsed:.2} s)",
+        "  {:<9} {streams} stream(s): {:6.2} Gbit/s, {:.2} core-s/GB ({received} bytes)",
         path.name, rate.gbits, rate.cpu_per_gb
     );
     rate
@@ -527,9 +534,7 @@ fn library_throughput(
             assert_eq!(sent, got, "{name}: the sink received {got} bytes of the {sent} written");
             received += got;
         }
-        let elapsed = began.elapsed().as_secs_f64();
-        let cpu = process_cpu_secs() - cpu_before;
-        let rate = Rate { gbits: received as f64 * 8.0 / elapsed / 1e9, cpu_per_gb: cpu / (received as f64 / 1e9) };
+        let rate = Rate::since(received, began, cpu_before);
         eprintln!(
             "  {name:<9} async app, {streams} stream(s): {:6.2} Gbit/s, {:.2} core-s/GB",
             rate.gbits, rate.cpu_per_gb
