@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{verify_pattern, write_pattern};
+use common::{Pair, verify_pattern, write_pattern};
 use hbone::server::Rejection;
 use hbone::testing::{AllowAll, Pki, PolicyHandler, RunningServer, client_proxy, echo_server, request};
 use hbone::{Client, Config, drain};
@@ -132,11 +132,7 @@ async fn speak_then_listen_server(report: tokio::sync::mpsc::Sender<Vec<u8>>) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_in_both_directions() {
-    let pki = Pki::new();
-    let server_cert = pki.workload("ns-b", "server");
-    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let source = pki.workload("ns-a", "client");
+    let Pair { server_cert, server, client, source, .. } = Pair::start().await;
 
     // Client closes first: the target sees EOF and can still answer.
     let target = count_then_reply_server().await;
@@ -176,12 +172,8 @@ async fn half_close_in_both_directions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integrity_256_mib_one_stream() {
-    let pki = Pki::new();
-    let server_cert = pki.workload("ns-b", "server");
-    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let Pair { server_cert, server, client, source, .. } = Pair::start().await;
     let echo = echo_server().await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let source = pki.workload("ns-a", "client");
     let t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
     let (mut r, mut w) = tokio::io::split(t);
     let writer = tokio::spawn(async move { write_pattern(&mut w, 42, 256 * MIB).await });
@@ -193,12 +185,8 @@ async fn integrity_256_mib_one_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integrity_256_mib_over_eight_parallel_proxied_streams() {
     const STREAMS: usize = 8;
-    let pki = Pki::new();
-    let server_cert = pki.workload("ns-b", "server");
-    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let Pair { server_cert, server, client, source, .. } = Pair::start().await;
     let echo = echo_server().await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let source = pki.workload("ns-a", "client");
     // Through the proxy path: app TCP -> copy -> HBONE -> copy -> echo, and back.
     let (proxy, _task) = client_proxy(
         client,
@@ -292,11 +280,7 @@ async fn reporting_server(report: tokio::sync::mpsc::Sender<std::io::Result<usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_propagate_in_both_directions() {
-    let pki = Pki::new();
-    let server_cert = pki.workload("ns-b", "server");
-    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let source = pki.workload("ns-a", "client");
+    let Pair { server_cert, server, client, source, .. } = Pair::start().await;
     let buffer = Config::default().copy_buffer;
 
     // The target resets: the app behind the client proxy sees a reset, not a clean EOF.
@@ -343,11 +327,7 @@ async fn stalled_readers_do_not_block_other_streams_on_the_connection() {
     // The documented bound (config.rs): up to three streams whose readers stopped cannot
     // stall the others on their connection.
     const STALLED: usize = 3;
-    let pki = Pki::new();
-    let server_cert = pki.workload("ns-b", "server");
-    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let source = pki.workload("ns-a", "client");
+    let Pair { server_cert, server, client, source, .. } = Pair::start().await;
 
     // Streams that push into a target that never reads, until everything on their path is full.
     let black_hole = black_hole_server().await;
@@ -424,12 +404,8 @@ async fn idle_pooled_connection_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_lets_active_tunnels_finish_and_refuses_new_ones() {
-    let pki = Pki::new();
-    let server_cert = pki.workload("ns-b", "server");
-    let mut server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let Pair { pki, server_cert, mut server, client, source } = Pair::start().await;
     let echo = echo_server().await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let source = pki.workload("ns-a", "client");
     let mut t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
     t.write_all(b"before").await.unwrap();
 
@@ -455,12 +431,8 @@ async fn drain_lets_active_tunnels_finish_and_refuses_new_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_deadline_cuts_tunnels_that_do_not_finish() {
-    let pki = Pki::new();
-    let server_cert = pki.workload("ns-b", "server");
-    let mut server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let Pair { server_cert, mut server, client, source, .. } = Pair::start().await;
     let echo = echo_server().await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let source = pki.workload("ns-a", "client");
     let mut t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
     t.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];

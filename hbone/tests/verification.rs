@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use common::raw_client_config;
+use common::{Pair, raw_client_config};
 use hbone::ca::{Ca, LeafSpec};
 use hbone::server::{HandshakeError, accept_tls};
 use hbone::testing::{AllowAll, Pki, RunningServer, echo_server, id, request};
@@ -234,12 +234,8 @@ async fn trust_bundle_rotation_keeps_established_tunnels() {
 
 #[tokio::test]
 async fn certificate_rotation_keeps_identity_and_tunnels() {
-    let pki = Pki::new();
-    let server_cert = pki.workload("ns-b", "server");
-    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let Pair { pki, server_cert, server, client, source } = Pair::start().await;
     let echo = echo_server().await;
-    let client = Client::new(Config::default(), pki.trust.clone());
-    let source = pki.workload("ns-a", "client");
     let mut t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
     let before = server_cert.current().not_after();
 

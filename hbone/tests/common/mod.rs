@@ -5,11 +5,34 @@
 
 use std::sync::Arc;
 
-use hbone::tls;
+use hbone::testing::{AllowAll, Pki, RunningServer};
+use hbone::tls::{self, WorkloadCert};
+use hbone::{Client, Config};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The setup most tunnel tests share: an `AllowAll` server presenting `ns-b/server`, a
+/// client, and the source identity `ns-a/client`, all from one test PKI.
+pub struct Pair {
+    pub pki: Pki,
+    pub server_cert: WorkloadCert,
+    pub server: RunningServer<AllowAll>,
+    pub client: Client,
+    pub source: WorkloadCert,
+}
+
+impl Pair {
+    pub async fn start() -> Pair {
+        let pki = Pki::new();
+        let server_cert = pki.workload("ns-b", "server");
+        let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+        let client = Client::new(Config::default(), pki.trust.clone());
+        let source = pki.workload("ns-a", "client");
+        Pair { pki, server_cert, server, client, source }
+    }
+}
 
 /// A reproducible byte stream (xorshift64*), so the receiver can check every byte.
 pub struct Pattern(u64);
