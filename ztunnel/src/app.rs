@@ -233,11 +233,12 @@ async fn config_dump(proxy: &Proxy, manager: &Manager) -> String {
     let services: Vec<_> = snap
         .services
         .iter()
-        .map(|s| {
+        .enumerate()
+        .map(|(i, s)| {
             json!({
                 "name": s.name, "namespace": s.namespace, "hostname": s.hostname, "vips": s.vips,
                 "ports": s.ports.iter().map(|p| json!({"port": p.port, "targetPort": p.target_port})).collect::<Vec<_>>(),
-                "endpoints": snap.workloads.iter().filter(|w| s.selects(w)).map(|w| w.uid.clone()).collect::<Vec<_>>(),
+                "endpoints": state.endpoints(i).iter().map(|w| &snap.workloads[*w].uid).collect::<Vec<_>>(),
             })
         })
         .collect();

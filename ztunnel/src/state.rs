@@ -186,6 +186,11 @@ impl State {
         }
     }
 
+    /// The workloads (indexes) that the service at `service` (its index in the snapshot) selects.
+    pub fn endpoints(&self, service: usize) -> &[usize] {
+        &self.endpoints[service]
+    }
+
     /// Whether `ip` is a service VIP (on any port).
     pub fn is_vip(&self, ip: IpAddr) -> bool {
         self.vips.contains(&ip)
