@@ -216,15 +216,7 @@ impl RawWorkload {
         name(&service_account, &format!("{path}.serviceAccount"))?;
         SpiffeId::new(trust_domain, &self.namespace, &service_account)
             .map_err(|e| ModelError::field(format!("{path}.serviceAccount"), e.to_string()))?;
-        if self.addresses.is_empty() {
-            return Err(ModelError::field(format!("{path}.addresses"), "a workload needs at least one address"));
-        }
-        let addresses = self
-            .addresses
-            .iter()
-            .enumerate()
-            .map(|(j, a)| ip(a, &format!("{path}.addresses[{j}]")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let addresses = ips(&self.addresses, &format!("{path}.addresses"), "a workload needs at least one address")?;
         let mtls = match self.mtls.as_deref() {
             None | Some("PERMISSIVE") => MtlsMode::Permissive,
             Some("STRICT") => MtlsMode::Strict,
@@ -254,15 +246,7 @@ impl RawService {
     fn validate(self, path: &str) -> Result<Service, ModelError> {
         name(&self.name, &format!("{path}.name"))?;
         name(&self.namespace, &format!("{path}.namespace"))?;
-        if self.vips.is_empty() {
-            return Err(ModelError::field(format!("{path}.vips"), "a service needs at least one virtual IP"));
-        }
-        let vips = self
-            .vips
-            .iter()
-            .enumerate()
-            .map(|(j, a)| ip(a, &format!("{path}.vips[{j}]")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let vips = ips(&self.vips, &format!("{path}.vips"), "a service needs at least one virtual IP")?;
         if self.ports.is_empty() {
             return Err(ModelError::field(format!("{path}.ports"), "a service needs at least one port"));
         }
@@ -370,6 +354,14 @@ fn name(value: &str, path: &str) -> Result<(), ModelError> {
 
 fn ip(value: &str, path: &str) -> Result<IpAddr, ModelError> {
     value.parse().map_err(|_| ModelError::field(path, format!("{value:?} is not an IP address")))
+}
+
+/// A non-empty list of IP addresses at `path`; `if_empty` says why one is needed.
+fn ips(values: &[String], path: &str, if_empty: &str) -> Result<Vec<IpAddr>, ModelError> {
+    if values.is_empty() {
+        return Err(ModelError::field(path, if_empty));
+    }
+    values.iter().enumerate().map(|(j, a)| ip(a, &format!("{path}[{j}]"))).collect()
 }
 
 fn ip_block(value: &str) -> Result<IpNet, String> {
