@@ -8,6 +8,7 @@ use std::sync::{Arc, LazyLock, OnceLock};
 
 use arc_swap::ArcSwap;
 use hbone::SpiffeId;
+use hbone::identity::IdentityError;
 use meshapi::{Authorization, Service, ServicePort, Snapshot, Workload};
 
 /// A connection's peer as metrics and access logs name it. Built once per workload and
@@ -29,8 +30,8 @@ impl Peer {
         UNKNOWN.clone()
     }
 
-    fn of(workload: &Workload, trust_domain: &str) -> Peer {
-        let principal = workload.identity(trust_domain).map_or_else(|_| "unknown".into(), |id| id.to_string());
+    fn of(workload: &Workload, identity: &Result<SpiffeId, IdentityError>) -> Peer {
+        let principal = identity.as_ref().map_or_else(|_| "unknown".into(), |id| id.to_string());
         Peer { workload: workload.name.clone(), namespace: workload.namespace.clone(), principal }
     }
 
@@ -43,9 +44,11 @@ impl Peer {
     }
 }
 
-/// What metrics and logs call one workload, shared by its connections.
+/// What connections need of one workload beyond the model: its identity, parsed once, and
+/// what metrics and logs call it, shared by its connections.
 #[derive(Debug)]
 struct WorkloadLabels {
+    identity: Result<SpiffeId, IdentityError>,
     /// With its configured identity as principal.
     peer: Arc<Peer>,
     /// With principal "unknown": nothing was proved (plaintext, passthrough).
@@ -80,8 +83,8 @@ pub struct State {
 pub enum Resolved<'a> {
     /// To a service VIP: load balanced over `endpoints` (never empty).
     Service { service: &'a Service, port: &'a ServicePort, endpoints: &'a [usize] },
-    /// To a workload's own address.
-    Workload { workload: &'a Workload },
+    /// To a workload's own address (`index` in the snapshot).
+    Workload { index: usize, workload: &'a Workload },
     /// To something the mesh does not know: passed through as is.
     Unknown,
 }
@@ -129,11 +132,22 @@ impl State {
     fn labels(&self, index: usize) -> &WorkloadLabels {
         self.labels[index].get_or_init(|| {
             let workload = &self.snapshot.workloads[index];
-            let peer = Peer::of(workload, &self.snapshot.trust_domain);
+            let identity = workload.identity(&self.snapshot.trust_domain);
+            let peer = Peer::of(workload, &identity);
             let unproved = Arc::new(Peer { principal: "unknown".into(), ..peer.clone() });
             let service = self.services_of(workload).next().map_or_else(unknown, |s| Arc::from(&*s.hostname));
-            WorkloadLabels { peer: Arc::new(peer), unproved, service }
+            WorkloadLabels { identity, peer: Arc::new(peer), unproved, service }
         })
+    }
+
+    /// The identity of the workload at `index` (cheap to clone).
+    pub fn identity(&self, index: usize) -> Result<SpiffeId, IdentityError> {
+        self.labels(index).identity.clone()
+    }
+
+    /// The identity of the workload at `ip`, if one is there.
+    pub fn identity_by_ip(&self, ip: IpAddr) -> Option<Result<SpiffeId, IdentityError>> {
+        self.by_ip.get(&ip).map(|i| self.identity(*i))
     }
 
     /// The peer at `ip` with its configured identity as principal, or unknown.
@@ -180,8 +194,8 @@ impl State {
             }
             return Resolved::Unknown;
         }
-        match self.workload_by_ip(dst.ip()) {
-            Some(workload) => Resolved::Workload { workload },
+        match self.by_ip.get(&dst.ip()) {
+            Some(&index) => Resolved::Workload { index, workload: &self.snapshot.workloads[index] },
             None => Resolved::Unknown,
         }
     }
@@ -252,7 +266,7 @@ services:
         assert!(matches!(state.resolve("10.96.0.10:81".parse().unwrap()), Resolved::Unknown), "unknown port");
         assert!(matches!(state.resolve("10.96.0.11:80".parse().unwrap()), Resolved::Unknown), "no endpoints");
         assert!(
-            matches!(state.resolve("10.244.2.2:9".parse().unwrap()), Resolved::Workload { workload } if workload.name == "b")
+            matches!(state.resolve("10.244.2.2:9".parse().unwrap()), Resolved::Workload { workload, .. } if workload.name == "b")
         );
         assert!(matches!(state.resolve("192.0.2.1:80".parse().unwrap()), Resolved::Unknown));
         assert_eq!(state.local_workloads("n1").count(), 2);

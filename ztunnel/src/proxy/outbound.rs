@@ -114,13 +114,13 @@ async fn open(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) -> Optio
     let Accepted { tcp, peer, orig } = accepted;
     let started = Instant::now();
     let state = proxy.state.load();
-    let Some(source) = state.workload_by_ip(pod.primary_ip()) else {
-        warn!(pod = %pod.uid, dst = %orig, "source pod is no longer in the config; closing");
-        return None;
-    };
-    let source_id = match source.identity(state.trust_domain()) {
-        Ok(id) => id,
-        Err(e) => {
+    let source_id = match state.identity_by_ip(pod.primary_ip()) {
+        Some(Ok(id)) => id,
+        None => {
+            warn!(pod = %pod.uid, dst = %orig, "source pod is no longer in the config; closing");
+            return None;
+        }
+        Some(Err(e)) => {
             warn!(pod = %pod.uid, error = %e, "source workload has no valid identity; closing");
             return None;
         }
@@ -193,11 +193,12 @@ fn plan(
     proxy: &Proxy,
     orig: SocketAddr,
 ) -> Result<(Vec<(Route, SocketAddr)>, Option<Arc<str>>), String> {
-    let route_to = |w: &meshapi::Workload, port: u16| -> Option<(Route, SocketAddr)> {
+    let route_to = |index: usize, port: u16| -> Option<(Route, SocketAddr)> {
+        let w = state.workload(index);
         let ip = *w.addresses.first()?;
         let target = SocketAddr::new(ip, port);
         if w.enrolled {
-            let identity = w.identity(state.trust_domain()).ok()?;
+            let identity = state.identity(index).ok()?;
             Some((Route::Hbone { endpoint: SocketAddr::new(ip, HBONE_PORT), target, identity }, target))
         } else {
             Some((Route::Direct { target }, target))
@@ -209,16 +210,15 @@ fn plan(
             let order = proxy.balancer.order(&key, endpoints.len(), |i| {
                 state.workload(endpoints[i]).addresses.first().copied().unwrap_or(orig.ip())
             });
-            let routes: Vec<_> =
-                order.into_iter().filter_map(|i| route_to(state.workload(endpoints[i]), port.target_port)).collect();
+            let routes: Vec<_> = order.into_iter().filter_map(|i| route_to(endpoints[i], port.target_port)).collect();
             if routes.is_empty() {
                 return Err(format!("service {key} has no usable endpoint"));
             }
             Ok((routes, Some(Arc::from(&*service.hostname))))
         }
-        Resolved::Workload { workload } => {
+        Resolved::Workload { index, workload } => {
             let route =
-                route_to(workload, orig.port()).ok_or_else(|| format!("workload {} has no identity", workload.uid))?;
+                route_to(index, orig.port()).ok_or_else(|| format!("workload {} has no identity", workload.uid))?;
             Ok((vec![route], None))
         }
         Resolved::Unknown if state.is_vip(orig.ip()) => {
