@@ -112,6 +112,7 @@ fn story(mesh: &MeshLab) -> anyhow::Result<()> {
     println!("   ztunnel carries it as HBONE. A capture on the fabric shows what crosses between nodes:");
     let capture = mesh.lab.capture()?;
     let marker = "hello-from-web";
+    let marks = [log_mark(mesh, 0)?, log_mark(mesh, 1)?];
     let reply = exchange(mesh, "web", api1, marker)?;
     std::thread::sleep(Duration::from_millis(200));
     let packets = capture.stop()?;
@@ -134,8 +135,9 @@ fn story(mesh: &MeshLab) -> anyhow::Result<()> {
         marker,
         plaintext
     );
-    print_access(mesh, 0, "outbound", 1)?;
-    print_access(mesh, 1, "inbound", 1)?;
+    let to_api1 = format!("dst.addr={api1}");
+    print_access(mesh, 0, &["outbound", &to_api1], marks[0])?;
+    print_access(mesh, 1, &["inbound", &to_api1], marks[1])?;
 
     let vip = SocketAddr::from((lab::addresses::service_vip(10), 80));
     println!("\n4. front/web connects to the service VIP {vip} six times; ztunnel balances over the endpoints:");
@@ -147,15 +149,17 @@ fn story(mesh: &MeshLab) -> anyhow::Result<()> {
 
     let old = SocketAddr::from((mesh.pod("old").ip(), APP_PORT));
     println!("\n5. front/web connects to legacy/old {old}, which is not in the mesh: plain passthrough.");
+    let mark = log_mark(mesh, 0)?;
     let reply = exchange(mesh, "web", old, "hi")?;
     println!("     answered by {:?}", reply.lines().next().unwrap_or(""));
-    print_access(mesh, 0, "outbound", 1)?;
+    print_access(mesh, 0, &["outbound", &format!("dst.addr={old}")], mark)?;
 
     println!("\n6. An L4 policy: back/api accepts only spiffe://cluster.local/ns/front/sa/web.");
     let mut mesh_policy = mesh.config_yaml();
     mesh_policy.push_str("  - {name: only-web, namespace: back, selector: {app: api}, action: ALLOW, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/front/sa/web\"]}]}]}\n");
     mesh.write_raw_config(&mesh_policy)?;
     std::thread::sleep(Duration::from_millis(800));
+    let mark = log_mark(mesh, 1)?;
     for client in ["web", "batch"] {
         let outcome = match exchange(mesh, client, api1, "ping") {
             Ok(_) => "allowed".to_owned(),
@@ -164,7 +168,7 @@ fn story(mesh: &MeshLab) -> anyhow::Result<()> {
         println!("     front/{client} -> api-1: {outcome}");
     }
     mesh.write_config()?;
-    print_access(mesh, 1, "denied", 1)?;
+    print_access(mesh, 1, &["denied"], mark)?;
 
     println!("\n7. Metrics (node-1's ztunnel, :15020/metrics), as Istio dashboards read them:");
     let metrics = mesh.node_http(1, 15020, "/metrics")?;
@@ -198,19 +202,33 @@ fn exchange(mesh: &MeshLab, pod: &str, to: SocketAddr, msg: &str) -> anyhow::Res
     Ok(format!("{banner}{}", String::from_utf8_lossy(&back)))
 }
 
-/// Prints the last `n` access-log lines of node `node`'s ztunnel that mention `what`.
-fn print_access(mesh: &MeshLab, node: usize, what: &str, n: usize) -> anyhow::Result<()> {
-    std::thread::sleep(Duration::from_millis(100));
-    let logs = mesh.ztunnel(node).logs()?;
-    let lines: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains(" access ") || l.ends_with(" access"))
-        .filter(|l| l.contains(what))
-        .collect();
-    for line in lines.iter().rev().take(n).rev() {
-        println!("     node-{node} ztunnel: {}", shorten(line.split_once(": ").map(|x| x.1).unwrap_or(line)));
+/// Where node `node`'s ztunnel log ends now: [`print_access`] looks only past it.
+fn log_mark(mesh: &MeshLab, node: usize) -> anyhow::Result<usize> {
+    Ok(mesh.ztunnel(node).logs()?.len())
+}
+
+/// Prints the first access-log line of node `node`'s ztunnel after `mark` that mentions all
+/// of `what`, waiting for it (ztunnel writes it when the connection has ended on its side, a
+/// moment after the client saw it end), up to a few seconds.
+fn print_access(mesh: &MeshLab, node: usize, what: &[&str], mark: usize) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let logs = mesh.ztunnel(node).logs()?;
+        let line = logs
+            .get(mark..)
+            .unwrap_or("")
+            .lines()
+            .find(|l| (l.contains(" access ") || l.ends_with(" access")) && what.iter().all(|w| l.contains(w)));
+        if let Some(line) = line {
+            println!("     node-{node} ztunnel: {}", shorten(line.split_once(": ").map(|x| x.1).unwrap_or(line)));
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            println!("     node-{node} ztunnel: (no access line with {what:?} yet)");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 fn shorten(line: &str) -> String {
