@@ -141,6 +141,17 @@ struct Figures {
     one_thread_cpu: Vec<f64>,
 }
 
+impl Latency {
+    /// The figures of round-trip `samples` (µs, sorted here) that cost `cpu` seconds in all.
+    fn of(samples: &mut [f64], cpu: f64, what: &str) -> Latency {
+        assert!(!samples.is_empty(), "no {what} completed");
+        samples.sort_by(f64::total_cmp);
+        let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+        let cpu_us = cpu * 1e6 / samples.len() as f64;
+        Latency { p50: percentile(samples, 0.50), p99: percentile(samples, 0.99), mean, cpu_us }
+    }
+}
+
 impl Rate {
     /// `received` bytes since `began`, with the process's CPU time since `cpu_before`.
     fn since(received: u64, began: Instant, cpu_before: f64) -> Rate {
@@ -372,14 +383,7 @@ fn latency(paths: [&Path; 2], warmup: usize, count: usize) -> [Latency; 2] {
             cpu[i] += process_cpu_secs() - cpu_before;
         }
     }
-    let runs = [0, 1].map(|i| {
-        let s = &mut samples[i];
-        assert!(!s.is_empty(), "no round trip completed");
-        let cpu_us = cpu[i] * 1e6 / s.len() as f64;
-        s.sort_by(f64::total_cmp);
-        let mean = s.iter().sum::<f64>() / s.len() as f64;
-        Latency { p50: percentile(s, 0.50), p99: percentile(s, 0.99), mean, cpu_us }
-    });
+    let runs = [0, 1].map(|i| Latency::of(&mut samples[i], cpu[i], "round trip"));
     for (path, l) in paths.iter().zip(&runs) {
         eprintln!(
             "  {:<9} latency: p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, CPU {:.1} µs per round trip",
@@ -445,12 +449,7 @@ async fn round_trips(mut conns: [Box<dyn AppIo>; 2], warmup: usize, count: usize
     }
     let names = ["plain TCP", "HBONE"];
     [0, 1].map(|i| {
-        let s = &mut samples[i];
-        assert!(!s.is_empty(), "no {label} round trip completed");
-        let cpu_us = cpu[i] * 1e6 / s.len() as f64;
-        s.sort_by(f64::total_cmp);
-        let mean = s.iter().sum::<f64>() / s.len() as f64;
-        let l = Latency { p50: percentile(s, 0.50), p99: percentile(s, 0.99), mean, cpu_us };
+        let l = Latency::of(&mut samples[i], cpu[i], label);
         eprintln!("  {:<9} {label} latency: p50 {:.1} µs, CPU {:.1} µs per round trip", names[i], l.p50, l.cpu_us);
         l
     })
