@@ -166,28 +166,30 @@ fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Runs `direct` and `meshed` alternately `reps` times; medians of each component.
-fn alternate_pair(
-    reps: usize,
-    mut direct: impl FnMut() -> (f64, f64),
-    mut meshed: impl FnMut() -> (f64, f64),
-) -> ((f64, f64), (f64, f64)) {
+/// Runs `direct` and `meshed` alternately `reps` times; each one's results.
+fn runs<T>(reps: usize, mut direct: impl FnMut() -> T, mut meshed: impl FnMut() -> T) -> (Vec<T>, Vec<T>) {
     let (mut d, mut m) = (Vec::new(), Vec::new());
     for _ in 0..reps {
         d.push(direct());
         m.push(meshed());
     }
+    (d, m)
+}
+
+/// Runs `direct` and `meshed` alternately `reps` times; medians of each component.
+fn alternate_pair(
+    reps: usize,
+    direct: impl FnMut() -> (f64, f64),
+    meshed: impl FnMut() -> (f64, f64),
+) -> ((f64, f64), (f64, f64)) {
+    let (d, m) = runs(reps, direct, meshed);
     let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
     ((med(&d, |x| x.0), med(&d, |x| x.1)), (med(&m, |x| x.0), med(&m, |x| x.1)))
 }
 
 /// Runs `direct` and `meshed` alternately `reps` times; medians.
-fn alternate(reps: usize, mut direct: impl FnMut() -> f64, mut meshed: impl FnMut() -> f64) -> (f64, f64) {
-    let (mut d, mut m) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
-        d.push(direct());
-        m.push(meshed());
-    }
+fn alternate(reps: usize, direct: impl FnMut() -> f64, meshed: impl FnMut() -> f64) -> (f64, f64) {
+    let (mut d, mut m) = runs(reps, direct, meshed);
     (median(&mut d), median(&mut m))
 }
 
@@ -321,22 +323,17 @@ fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
     let to = target(mesh, &MESHED, ECHO);
     // One connection first, closed: one-time costs (the first HBONE handshake, lazily built
     // state) are not per connection.
-    {
+    let tunneled = || {
         let mut c = mesh.connect(MESHED.client, to).expect("connect");
         let mut b = [0u8; 1];
         c.write_all(b"x").unwrap();
         c.read_exact(&mut b).unwrap();
-    }
+        c
+    };
+    drop(tunneled());
     std::thread::sleep(Duration::from_millis(500));
     let before: Vec<u64> = (0..2).map(|i| rss_kib(mesh.ztunnel(i).pid())).collect();
-    let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut c = mesh.connect(MESHED.client, to).expect("connect");
-        let mut b = [0u8; 1];
-        c.write_all(b"x").unwrap();
-        c.read_exact(&mut b).unwrap();
-        conns.push(c);
-    }
+    let conns: Vec<TcpStream> = (0..n).map(|_| tunneled()).collect();
     std::thread::sleep(Duration::from_secs(2));
     let after: Vec<u64> = (0..2).map(|i| rss_kib(mesh.ztunnel(i).pid())).collect();
     drop(conns);
