@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use hbone::SpiffeId;
+use spiffe::SpiffeId;
 use ipnet::IpNet;
 
 /// The namespace whose authorization policies apply to every workload in the mesh.
@@ -41,7 +41,7 @@ pub struct Workload {
 
 impl Workload {
     /// The SPIFFE identity of this workload in `trust_domain`.
-    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, hbone::identity::IdentityError> {
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, spiffe::IdentityError> {
         SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
     }
 }

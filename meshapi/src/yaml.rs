@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use hbone::SpiffeId;
-use hbone::identity::DEFAULT_TRUST_DOMAIN;
+use spiffe::SpiffeId;
+use spiffe::DEFAULT_TRUST_DOMAIN;
 use ipnet::IpNet;
 use serde::Deserialize;
 

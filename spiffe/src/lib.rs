@@ -4,6 +4,8 @@
 //! file, the controller's API), into a [`SpiffeId`]; everything past that edge passes the typed
 //! value around and never re-parses strings.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
