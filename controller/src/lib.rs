@@ -1,0 +1,11 @@
+//! The controller: one source of truth for the mesh. It watches the cluster (a directory of
+//! Kubernetes-style YAML objects, or the Kubernetes API), translates it into the `meshapi`
+//! model, pushes every change to the subscribed proxies as a small versioned delta, and acts
+//! as the certificate authority that signs workload certificates for the nodes entitled to
+//! them.
+//!
+//! Modules in the order a change travels: `source` (cluster objects) → `translate` (model
+//! resources) → `store` (versions and history) → `server` (watch and certificate APIs); beside
+//! them `ca` (signing) and `auth` (which node is calling).
+
+#![forbid(unsafe_code)]
