@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use spiffe::SpiffeId;
 use ipnet::IpNet;
+use spiffe::SpiffeId;
 
 /// The namespace whose authorization policies apply to every workload in the mesh.
 pub const ROOT_NAMESPACE: &str = "weft-system";
@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub authorizations: Vec<Authorization>,
+    pub waypoints: Vec<Waypoint>,
+    pub http_routes: Vec<HttpRoute>,
 }
 
 /// A pod (or VM): where it runs, its addresses, who it is, and whether the mesh captures it.
@@ -35,7 +37,8 @@ pub struct Workload {
     pub enrolled: bool,
     /// Whether plaintext (non-HBONE) inbound connections are accepted.
     pub mtls: MtlsMode,
-    /// A waypoint all traffic to this workload goes through (ARCHITECTURE §4); later issues.
+    /// The waypoint (`<namespace>/<name>` of a [`Waypoint`]) all traffic to this workload
+    /// goes through.
     pub waypoint: Option<String>,
 }
 
@@ -67,6 +70,8 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
+    /// The waypoint (`<namespace>/<name>` of a [`Waypoint`]) traffic to this service goes
+    /// through.
     pub waypoint: Option<String>,
 }
 
@@ -170,4 +175,44 @@ impl Principal {
             Principal::Suffix(s) => id.as_str().ends_with(s.as_str()),
         }
     }
+}
+
+/// An L7 proxy serving the services that select it (a Gateway API `Gateway` of class
+/// `weft-waypoint`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waypoint {
+    pub name: String,
+    pub namespace: String,
+    /// Where the waypoint's HBONE port (15008) listens.
+    pub addresses: Vec<IpAddr>,
+    /// The waypoint's identity is this service account's in its namespace.
+    pub service_account: String,
+}
+
+impl Waypoint {
+    /// The SPIFFE identity of this waypoint in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, spiffe::IdentityError> {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+/// A Gateway API `HTTPRoute` attached to services (`parentRefs` of kind Service). Carried to
+/// waypoints as the source wrote it: the waypoint interprets `spec`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRoute {
+    pub name: String,
+    pub namespace: String,
+    /// The services it attaches to, as `<namespace>/<name>`.
+    pub parents: Vec<String>,
+    /// The route's `spec`, as JSON.
+    pub spec: serde_json::Value,
+}
+
+/// The roots that workload certificates of `trust_domain` must chain to. Several roots are
+/// valid at once while a root is rotated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    pub trust_domain: String,
+    /// One PEM certificate per root.
+    pub roots: Vec<String>,
 }

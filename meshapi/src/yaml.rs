@@ -1,18 +1,23 @@
-//! Reading a [`Snapshot`] from YAML: the local file of a ztunnel running without a
-//! controller, and test fixtures. Structure errors come from the YAML parser with a line and
-//! column; value errors name the field path (`workloads[2].addresses[0]`) and the value.
+//! The serialized form of the model, shared by every text the model travels as: the local
+//! file of a ztunnel running without a controller (YAML, [`Snapshot::from_yaml`]), test
+//! fixtures, and each resource's `spec` on the watch API (JSON, `crate::resource`). The
+//! `Raw*` types are that form; `validate` turns one into the typed model (parse, don't
+//! validate: nothing else reads the raw form), and `From<&Typed>` turns the model back.
+//!
+//! Structure errors come from the parser with a line and column; value errors name the field
+//! path (`workloads[2].addresses[0]`) and the value.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use spiffe::SpiffeId;
-use spiffe::DEFAULT_TRUST_DOMAIN;
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use spiffe::DEFAULT_TRUST_DOMAIN;
+use spiffe::SpiffeId;
 
 use crate::model::{
-    Action, Authorization, MtlsMode, PolicyScope, Principal, ROOT_NAMESPACE, Rule, Service, ServicePort, Snapshot,
-    Source, Workload,
+    Action, Authorization, HttpRoute, MtlsMode, PolicyScope, Principal, ROOT_NAMESPACE, Rule, Service, ServicePort,
+    Snapshot, Source, TrustBundle, Waypoint, Workload,
 };
 
 /// Why a snapshot was refused.
@@ -25,7 +30,7 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    fn field(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn field(path: impl Into<String>, message: impl Into<String>) -> Self {
         ModelError::Field { path: path.into(), message: message.into() }
     }
 
@@ -60,84 +65,120 @@ struct RawSnapshot {
     services: Vec<RawService>,
     #[serde(default, deserialize_with = "list")]
     authorizations: Vec<RawAuthorization>,
+    #[serde(default, deserialize_with = "list")]
+    waypoints: Vec<RawWaypoint>,
+    #[serde(default, deserialize_with = "list")]
+    http_routes: Vec<RawHttpRoute>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawWorkload {
-    #[serde(default)]
+pub(crate) struct RawWorkload {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     uid: Option<String>,
     name: String,
     namespace: String,
     node: String,
     addresses: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     service_account: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     labels: BTreeMap<String, String>,
     #[serde(default)]
     enrolled: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     mtls: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     waypoint: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawService {
+pub(crate) struct RawService {
     name: String,
     namespace: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     hostname: Option<String>,
     vips: Vec<String>,
     ports: Vec<RawPort>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     selector: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     waypoint: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawPort {
+pub(crate) struct RawPort {
     port: u16,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     target_port: Option<u16>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     app_protocol: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawAuthorization {
+pub(crate) struct RawAuthorization {
     name: String,
     namespace: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     selector: Option<BTreeMap<String, String>>,
     action: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     rules: Vec<RawRule>,
+    /// Set by a source that could not understand part of the policy: it then fails closed
+    /// (see `Authorization::broken`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    broken: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawRule {
-    #[serde(default)]
+pub(crate) struct RawRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     from: Vec<RawSource>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     ports: Vec<u16>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawSource {
-    #[serde(default)]
+pub(crate) struct RawSource {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     principals: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     namespaces: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     ip_blocks: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawWaypoint {
+    name: String,
+    namespace: String,
+    addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service_account: Option<String>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawHttpRoute {
+    name: String,
+    namespace: String,
+    /// `<namespace>/<name>` of each service the route attaches to.
+    parents: Vec<String>,
+    #[serde(default)]
+    spec: serde_json::Value,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawTrustBundle {
+    trust_domain: String,
+    roots: Vec<String>,
 }
 
 /// A list that may also be written as nothing at all (`services:` with no items).
@@ -203,12 +244,24 @@ impl RawSnapshot {
             .enumerate()
             .map(|(i, a)| a.validate(&format!("authorizations[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Snapshot { trust_domain, workloads, services, authorizations })
+        let waypoints = self
+            .waypoints
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| w.validate(&format!("waypoints[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let http_routes = self
+            .http_routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.validate(&format!("httpRoutes[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Snapshot { trust_domain, workloads, services, authorizations, waypoints, http_routes })
     }
 }
 
 impl RawWorkload {
-    fn validate(self, path: &str, trust_domain: &str) -> Result<Workload, ModelError> {
+    pub(crate) fn validate(self, path: &str, trust_domain: &str) -> Result<Workload, ModelError> {
         name(&self.name, &format!("{path}.name"))?;
         name(&self.namespace, &format!("{path}.namespace"))?;
         name(&self.node, &format!("{path}.node"))?;
@@ -243,7 +296,7 @@ impl RawWorkload {
 }
 
 impl RawService {
-    fn validate(self, path: &str) -> Result<Service, ModelError> {
+    pub(crate) fn validate(self, path: &str) -> Result<Service, ModelError> {
         name(&self.name, &format!("{path}.name"))?;
         name(&self.namespace, &format!("{path}.namespace"))?;
         let vips = ips(&self.vips, &format!("{path}.vips"), "a service needs at least one virtual IP")?;
@@ -281,7 +334,7 @@ impl RawService {
 }
 
 impl RawAuthorization {
-    fn validate(self, path: &str) -> Result<Authorization, ModelError> {
+    pub(crate) fn validate(self, path: &str) -> Result<Authorization, ModelError> {
         name(&self.name, &format!("{path}.name"))?;
         name(&self.namespace, &format!("{path}.namespace"))?;
         let action = match self.action.as_str() {
@@ -331,7 +384,166 @@ impl RawAuthorization {
             }
             rules.push(rule);
         }
+        if let Some(why) = self.broken {
+            broken.get_or_insert(why);
+        }
         Ok(Authorization { name: self.name, namespace: self.namespace, scope, action, rules, broken })
+    }
+}
+
+impl RawWaypoint {
+    pub(crate) fn validate(self, path: &str) -> Result<Waypoint, ModelError> {
+        name(&self.name, &format!("{path}.name"))?;
+        name(&self.namespace, &format!("{path}.namespace"))?;
+        let service_account = self.service_account.unwrap_or_else(|| self.name.clone());
+        name(&service_account, &format!("{path}.serviceAccount"))?;
+        let addresses = ips(&self.addresses, &format!("{path}.addresses"), "a waypoint needs at least one address")?;
+        Ok(Waypoint { name: self.name, namespace: self.namespace, addresses, service_account })
+    }
+}
+
+impl RawHttpRoute {
+    pub(crate) fn validate(self, path: &str) -> Result<HttpRoute, ModelError> {
+        name(&self.name, &format!("{path}.name"))?;
+        name(&self.namespace, &format!("{path}.namespace"))?;
+        for (i, parent) in self.parents.iter().enumerate() {
+            let ok = parent.split_once('/').is_some_and(|(ns, n)| name(ns, "").is_ok() && name(n, "").is_ok());
+            if !ok {
+                return Err(ModelError::field(
+                    format!("{path}.parents[{i}]"),
+                    format!("{parent:?} is not <namespace>/<service name>"),
+                ));
+            }
+        }
+        Ok(HttpRoute { name: self.name, namespace: self.namespace, parents: self.parents, spec: self.spec })
+    }
+}
+
+impl RawTrustBundle {
+    pub(crate) fn validate(self, path: &str) -> Result<TrustBundle, ModelError> {
+        SpiffeId::new(&self.trust_domain, "ns", "sa")
+            .map_err(|e| ModelError::field(format!("{path}.trustDomain"), e.to_string()))?;
+        if self.roots.is_empty() {
+            return Err(ModelError::field(format!("{path}.roots"), "a trust bundle needs at least one root"));
+        }
+        for (i, root) in self.roots.iter().enumerate() {
+            if !root.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(ModelError::field(format!("{path}.roots[{i}]"), "not a PEM certificate"));
+            }
+        }
+        Ok(TrustBundle { trust_domain: self.trust_domain, roots: self.roots })
+    }
+}
+
+// The model back to its serialized form (for the watch API and for tools).
+
+impl From<&Workload> for RawWorkload {
+    fn from(w: &Workload) -> Self {
+        RawWorkload {
+            uid: (w.uid != format!("{}/{}", w.namespace, w.name)).then(|| w.uid.clone()),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            node: w.node.clone(),
+            addresses: w.addresses.iter().map(ToString::to_string).collect(),
+            service_account: Some(w.service_account.clone()),
+            labels: w.labels.clone(),
+            enrolled: w.enrolled,
+            mtls: Some(match w.mtls {
+                MtlsMode::Permissive => "PERMISSIVE".to_owned(),
+                MtlsMode::Strict => "STRICT".to_owned(),
+            }),
+            waypoint: w.waypoint.clone(),
+        }
+    }
+}
+
+impl From<&Service> for RawService {
+    fn from(s: &Service) -> Self {
+        RawService {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: Some(s.hostname.clone()),
+            vips: s.vips.iter().map(ToString::to_string).collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| RawPort {
+                    port: p.port,
+                    target_port: Some(p.target_port),
+                    app_protocol: p.app_protocol.clone(),
+                })
+                .collect(),
+            selector: s.selector.clone(),
+            waypoint: s.waypoint.clone(),
+        }
+    }
+}
+
+impl From<&Authorization> for RawAuthorization {
+    fn from(a: &Authorization) -> Self {
+        let principal = |p: &Principal| match p {
+            Principal::Exact(id) => id.to_string(),
+            Principal::Any => "*".to_owned(),
+            Principal::Prefix(p) => format!("{p}*"),
+            Principal::Suffix(s) => format!("*{s}"),
+        };
+        RawAuthorization {
+            name: a.name.clone(),
+            namespace: a.namespace.clone(),
+            selector: match &a.scope {
+                PolicyScope::Selector(sel) => Some(sel.clone()),
+                PolicyScope::Mesh | PolicyScope::Namespace => None,
+            },
+            action: match a.action {
+                Action::Allow => "ALLOW".to_owned(),
+                Action::Deny => "DENY".to_owned(),
+            },
+            rules: a
+                .rules
+                .iter()
+                .map(|r| RawRule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|f| RawSource {
+                            principals: f.principals.iter().map(principal).collect(),
+                            namespaces: f.namespaces.clone(),
+                            ip_blocks: f.ip_blocks.iter().map(ToString::to_string).collect(),
+                        })
+                        .collect(),
+                    ports: r.ports.clone(),
+                })
+                .collect(),
+            broken: a.broken.clone(),
+        }
+    }
+}
+
+impl From<&Waypoint> for RawWaypoint {
+    fn from(w: &Waypoint) -> Self {
+        RawWaypoint {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            addresses: w.addresses.iter().map(ToString::to_string).collect(),
+            service_account: Some(w.service_account.clone()),
+        }
+    }
+}
+
+impl From<&HttpRoute> for RawHttpRoute {
+    fn from(r: &HttpRoute) -> Self {
+        RawHttpRoute {
+            name: r.name.clone(),
+            namespace: r.namespace.clone(),
+            parents: r.parents.clone(),
+            spec: r.spec.clone(),
+        }
+    }
+}
+
+impl From<&TrustBundle> for RawTrustBundle {
+    fn from(b: &TrustBundle) -> Self {
+        RawTrustBundle { trust_domain: b.trust_domain.clone(), roots: b.roots.clone() }
     }
 }
 
