@@ -4,10 +4,14 @@
 //! - [`WorkloadCert`]: a swappable slot holding a workload's current credentials; rotating it
 //!   affects new handshakes only, established connections keep their session.
 //! - [`TrustStore`]: the swappable trust bundle (one or more roots, so a root can be rotated
-//!   without an outage). Verification reads the bundle at handshake time.
-//! - The verifiers: a server is accepted only if its chain verifies to the bundle and its URI
-//!   SAN is one of the identities expected for the destination; a client only if its chain
-//!   verifies and it carries a SPIFFE URI SAN, which becomes its identity for policy.
+//!   without an outage, and the trust domain they sign for). Verification reads the bundle at
+//!   handshake time.
+//! - The verifiers: a peer's chain must verify to the bundle and its single URI SAN must be a
+//!   SPIFFE identity in the bundle's trust domain (or one of its aliases): a root vouches for
+//!   the identities of its own trust domain only, so a certificate for
+//!   `spiffe://other.domain/...` that the mesh's root happens to have signed is refused. A
+//!   server must also prove one of the identities expected for the destination; a client's
+//!   identity is then read for policy.
 //!
 //! Session resumption is disabled on both sides: a resumed session skips certificate
 //! verification, and every HBONE connection must prove the peer's identity against the current
@@ -28,7 +32,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::identity::{IdentityError, SpiffeId};
+use crate::identity::{DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId};
 
 /// The ALPN protocol HBONE speaks.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -57,6 +61,8 @@ pub enum TlsError {
     Pem(String),
     #[error("rotation for {current} got credentials for a different identity, {new}")]
     IdentityChanged { current: SpiffeId, new: SpiffeId },
+    #[error("trust domain {domain:?} is not a valid SPIFFE trust domain: {why}")]
+    BadTrustDomain { domain: String, why: &'static str },
 }
 
 /// Why a peer's certificate was refused. Carried inside rustls' error so that the side which
@@ -77,6 +83,14 @@ pub enum VerifyError {
     WrongUsage { usage: &'static str },
     #[error("peer certificate chain is invalid: {0}")]
     BadChain(String),
+    #[error(
+        "peer identity {identity} is in trust domain {:?}, but the bundle that verified it trusts {trust_domain:?}{}; \
+         if {:?} is this mesh under another name, configure it as a trust domain alias",
+        identity.trust_domain(),
+        aliases_note(aliases),
+        identity.trust_domain()
+    )]
+    ForeignTrustDomain { identity: SpiffeId, trust_domain: String, aliases: Vec<String> },
 }
 
 /// One workload's certificate chain (leaf first) and private key, checked to belong together.
@@ -194,13 +208,23 @@ impl ResolvesServerCert for WorkloadCert {
     }
 }
 
-/// A set of trusted roots, parsed. Several roots may be valid at once (rotation).
+/// A set of trusted roots, parsed, and the trust domain they sign for. Several roots may be
+/// valid at once (rotation).
+///
+/// A root vouches only for identities of its bundle's trust domain: a peer whose chain
+/// verifies but whose identity is in another domain is refused
+/// ([`VerifyError::ForeignTrustDomain`]) unless that domain is one of the bundle's aliases
+/// (another name of the same mesh, e.g. during a trust domain migration).
 pub struct TrustBundle {
     roots: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
+    trust_domain: String,
+    /// Other trust domains accepted as equivalent to `trust_domain`.
+    aliases: Vec<String>,
 }
 
 impl TrustBundle {
+    /// A bundle of `roots` for the default trust domain (`cluster.local`), without aliases.
     pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Self, TlsError> {
         if roots.is_empty() {
             return Err(TlsError::EmptyBundle);
@@ -213,10 +237,10 @@ impl TrustBundle {
                     .map_err(|e| TlsError::BadCertificate(format!("trust bundle root: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(TrustBundle { roots, anchors })
+        Ok(TrustBundle { roots, anchors, trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(), aliases: Vec::new() })
     }
 
-    /// Parses a PEM file holding one or more root certificates.
+    /// Parses a PEM file holding one or more root certificates (default trust domain).
     pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
         use rustls::pki_types::pem::PemObject;
         let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -225,9 +249,84 @@ impl TrustBundle {
         TrustBundle::new(roots)
     }
 
+    /// The same roots for `trust_domain`: peers must prove identities of that domain.
+    pub fn with_trust_domain(mut self, trust_domain: &str) -> Result<Self, TlsError> {
+        check_trust_domain(trust_domain)?;
+        self.trust_domain = trust_domain.to_owned();
+        Ok(self)
+    }
+
+    /// The same roots, also accepting identities of `aliases` (replacing any set before).
+    pub fn with_aliases<I, S>(mut self, aliases: I) -> Result<Self, TlsError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut list = Vec::new();
+        for alias in aliases {
+            let alias = alias.as_ref();
+            check_trust_domain(alias)?;
+            if alias != self.trust_domain && !list.iter().any(|a: &String| a == alias) {
+                list.push(alias.to_owned());
+            }
+        }
+        self.aliases = list;
+        Ok(self)
+    }
+
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }
+
+    /// The trust domain whose identities these roots vouch for.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Other trust domains accepted as equivalent.
+    pub fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+
+    /// Whether identities of trust domain `domain` are accepted from peers.
+    pub fn accepts_domain(&self, domain: &str) -> bool {
+        domain == self.trust_domain || self.aliases.iter().any(|a| a == domain)
+    }
+
+    /// Refuses `identity` unless its trust domain is this bundle's or an alias.
+    fn admit(&self, identity: &SpiffeId) -> Result<(), VerifyError> {
+        if self.accepts_domain(identity.trust_domain()) {
+            return Ok(());
+        }
+        Err(VerifyError::ForeignTrustDomain {
+            identity: identity.clone(),
+            trust_domain: self.trust_domain.clone(),
+            aliases: self.aliases.clone(),
+        })
+    }
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustBundle")
+            .field("roots", &self.roots.len())
+            .field("trust_domain", &self.trust_domain)
+            .field("aliases", &self.aliases)
+            .finish()
+    }
+}
+
+/// A trust domain is checked with the identity parser's own rules, so that a configured
+/// domain is one identities can have.
+fn check_trust_domain(domain: &str) -> Result<(), TlsError> {
+    SpiffeId::new(domain, "ns", "sa").map(|_| ()).map_err(|e| TlsError::BadTrustDomain {
+        domain: domain.to_owned(),
+        why: match e {
+            IdentityError::TrustDomain { why, .. } => why,
+            IdentityError::TooLong(_) => "it is too long for a SPIFFE identity",
+            _ => "only lowercase letters, digits, '.', '-' and '_' are allowed",
+        },
+    })
 }
 
 /// The trust bundle in force, shared by every verifier and swappable at run time.
@@ -265,26 +364,37 @@ impl TrustStore {
         self.inner.generation.load(Ordering::Acquire)
     }
 
-    /// Verifies a chain to the current bundle for the given key usage.
-    fn verify_chain(
+    /// Verifies a peer against the current bundle: its chain for the given key usage, then
+    /// its SPIFFE identity, which must be in the trust domain of that same bundle (read once,
+    /// so a concurrent replacement cannot pair one bundle's roots with another's domain).
+    fn verify_peer(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: webpki::KeyUsage,
         usage_name: &'static str,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<SpiffeId, VerifyError> {
         let bundle = self.inner.bundle.load();
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| VerifyError::BadChain(e.to_string()))?;
         cert.verify_for_usage(algorithms().all, &bundle.anchors, intermediates, now, usage, None, None)
-            .map(|_| ())
-            .map_err(|e| classify_webpki(e, usage_name))
+            .map_err(|e| classify_webpki(e, usage_name))?;
+        let identity = peer_identity(Some(std::slice::from_ref(end_entity)))?;
+        bundle.admit(&identity)?;
+        Ok(identity)
     }
 }
 
 impl fmt::Debug for TrustStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TrustStore({} roots, generation {})", self.bundle().roots.len(), self.generation())
+        let bundle = self.bundle();
+        write!(
+            f,
+            "TrustStore({} roots for {}, generation {})",
+            bundle.roots.len(),
+            bundle.trust_domain,
+            self.generation()
+        )
     }
 }
 
@@ -383,7 +493,8 @@ fn algorithms() -> &'static WebPkiSupportedAlgorithms {
     ALGS.get_or_init(|| provider().signature_verification_algorithms)
 }
 
-/// Verifies HBONE servers: chain to the trust bundle, identity in the expected set.
+/// Verifies HBONE servers: chain to the trust bundle, identity in its trust domain and in the
+/// expected set.
 #[derive(Debug)]
 struct ServerVerifier {
     trust: TrustStore,
@@ -399,10 +510,10 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.trust
-            .verify_chain(end_entity, intermediates, now, webpki::KeyUsage::server_auth(), "server authentication")
+        let got = self
+            .trust
+            .verify_peer(end_entity, intermediates, now, webpki::KeyUsage::server_auth(), "server authentication")
             .map_err(to_rustls)?;
-        let got = peer_identity(Some(std::slice::from_ref(end_entity))).map_err(to_rustls)?;
         if !self.expected.contains(&got) {
             return Err(to_rustls(VerifyError::IdentityMismatch { got, expected: self.expected.to_vec() }));
         }
@@ -434,7 +545,8 @@ impl ServerCertVerifier for ServerVerifier {
 }
 
 /// Verifies HBONE clients: a certificate is mandatory, it must chain to the trust bundle and
-/// carry a SPIFFE identity (read again after the handshake with [`peer_identity`]).
+/// carry a SPIFFE identity of the bundle's trust domain (read again after the handshake with
+/// [`peer_identity`]).
 #[derive(Debug)]
 struct ClientVerifier {
     trust: TrustStore,
@@ -452,9 +564,8 @@ impl ClientCertVerifier for ClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.trust
-            .verify_chain(end_entity, intermediates, now, webpki::KeyUsage::client_auth(), "client authentication")
+            .verify_peer(end_entity, intermediates, now, webpki::KeyUsage::client_auth(), "client authentication")
             .map_err(to_rustls)?;
-        peer_identity(Some(std::slice::from_ref(end_entity))).map_err(to_rustls)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -482,7 +593,11 @@ impl ClientCertVerifier for ClientVerifier {
 }
 
 /// Sends a refusal with the TLS alert that names it (so the peer's logs say "unknown CA" or
-/// "certificate expired"); reasons TLS has no alert for travel typed in `Other`.
+/// "certificate expired"); reasons TLS has no alert for travel typed in `Other`, which rustls
+/// sends as `certificate_unknown` and hands back to the refusing side intact. A foreign trust
+/// domain is one of those: `unknown_ca` would be false (the chain did verify to our root) and
+/// `access_denied` (`ApplicationVerificationFailure`) carries no detail, so the refusing side
+/// could no longer say which identity and which domains.
 fn to_rustls(e: VerifyError) -> rustls::Error {
     use rustls::CertificateError as C;
     let system_to_unix = |t: SystemTime| UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default());
@@ -516,6 +631,11 @@ fn classify_webpki(e: webpki::Error, usage: &'static str) -> VerifyError {
         }
         other => VerifyError::BadChain(format!("{other:?}")),
     }
+}
+
+/// " (aliases: a, b)" for an error message, or nothing without aliases.
+fn aliases_note(aliases: &[String]) -> String {
+    if aliases.is_empty() { String::new() } else { format!(" (aliases: {})", aliases.join(", ")) }
 }
 
 fn join(ids: &[SpiffeId]) -> String {
@@ -557,5 +677,79 @@ impl LeafInfo {
             [one] => Ok(one.parse()?),
             many => Err(TlsError::MultipleUris(many.len())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::Ca;
+
+    fn bundle() -> TrustBundle {
+        let root = Ca::new_root("trust domain test root").expect("minting a root");
+        TrustBundle::new(vec![root.cert().clone()]).expect("one root")
+    }
+
+    fn id(uri: &str) -> SpiffeId {
+        uri.parse().expect("valid test identity")
+    }
+
+    #[test]
+    fn bundle_trusts_its_own_trust_domain_only() {
+        let b = bundle();
+        assert_eq!(b.trust_domain(), "cluster.local", "existing constructors keep the default");
+        assert!(b.admit(&id("spiffe://cluster.local/ns/a/sa/b")).is_ok());
+        let err = b.admit(&id("spiffe://other.domain/ns/a/sa/b")).unwrap_err();
+        assert_eq!(
+            err,
+            VerifyError::ForeignTrustDomain {
+                identity: id("spiffe://other.domain/ns/a/sa/b"),
+                trust_domain: "cluster.local".into(),
+                aliases: vec![],
+            }
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("in trust domain \"other.domain\""), "{msg}");
+        assert!(msg.contains("trusts \"cluster.local\";"), "{msg}");
+        assert!(msg.contains("configure it as a trust domain alias"), "{msg}");
+    }
+
+    #[test]
+    fn trust_domain_and_aliases_are_configurable_and_checked() {
+        let b = bundle().with_trust_domain("example.org").unwrap().with_aliases(["old.example.org"]).unwrap();
+        assert!(b.admit(&id("spiffe://example.org/ns/a/sa/b")).is_ok());
+        assert!(b.admit(&id("spiffe://old.example.org/ns/a/sa/b")).is_ok(), "an alias is accepted");
+        let err = b.admit(&id("spiffe://cluster.local/ns/a/sa/b")).unwrap_err();
+        assert!(err.to_string().contains("(aliases: old.example.org)"), "{err}");
+        // The domain itself and duplicates are not kept as aliases.
+        let b = b.with_aliases(["example.org", "a.b", "a.b"]).unwrap();
+        assert_eq!(b.aliases(), ["a.b"]);
+
+        for bad in ["", "Example.org", "a.b:8080", "a/b"] {
+            let err = bundle().with_trust_domain(bad).unwrap_err();
+            assert!(matches!(&err, TlsError::BadTrustDomain { domain, .. } if domain == bad), "{bad:?}: {err}");
+            assert!(bundle().with_aliases([bad]).is_err(), "alias {bad:?}");
+        }
+        let err = bundle().with_trust_domain("a.b:8080").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "trust domain \"a.b:8080\" is not a valid SPIFFE trust domain: a port is not allowed"
+        );
+    }
+
+    #[test]
+    fn foreign_trust_domain_travels_typed_in_the_rustls_error() {
+        let err = VerifyError::ForeignTrustDomain {
+            identity: id("spiffe://other.domain/ns/a/sa/b"),
+            trust_domain: "cluster.local".into(),
+            aliases: vec![],
+        };
+        let wrapped = to_rustls(err.clone());
+        let alert: rustls::AlertDescription = match &wrapped {
+            rustls::Error::InvalidCertificate(c) => c.clone().into(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(alert, rustls::AlertDescription::CertificateUnknown);
+        assert_eq!(verify_error(&wrapped), Some(err), "the refusing side reads the reason back");
     }
 }

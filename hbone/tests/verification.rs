@@ -1,5 +1,6 @@
-//! In-process tests of the mutual-TLS checks: who each side refuses, and why; and trust
-//! bundle and certificate rotation without dropping established tunnels.
+//! In-process tests of the mutual-TLS checks: who each side refuses, and why (including peers
+//! of another trust domain); and trust bundle and certificate rotation without dropping
+//! established tunnels.
 
 mod common;
 
@@ -10,9 +11,9 @@ use std::time::{Duration, SystemTime};
 use common::{Pair, raw_client_config};
 use hbone::ca::{Ca, LeafSpec};
 use hbone::server::{HandshakeError, accept_tls};
-use hbone::testing::{AllowAll, Pki, RunningServer, echo_server, id, request};
+use hbone::testing::{AllowAll, Pki, PolicyHandler, RunningServer, echo_server, id, request};
 use hbone::tls::{self, VerifyError};
-use hbone::{Client, Config, Credentials, TrustBundle, TrustStore, WorkloadCert};
+use hbone::{Client, Config, Credentials, SpiffeId, TrustBundle, TrustStore, WorkloadCert};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -91,13 +92,21 @@ async fn intermediate_chains_verify() {
     echo_roundtrip(&mut t, b"via intermediate").await;
 }
 
+type RawCert = (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>);
+
 /// Runs one raw TLS client against `accept_tls` and returns the server's verdict.
-async fn server_verdict(
+async fn server_verdict(pki: &Pki, client: Option<RawCert>) -> Result<hbone::SpiffeId, HandshakeError> {
+    server_verdict_with(pki, &pki.trust, client).await
+}
+
+/// [`server_verdict`] with a server that trusts `trust` (its own certificate from `pki`).
+async fn server_verdict_with(
     pki: &Pki,
-    client: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+    trust: &TrustStore,
+    client: Option<RawCert>,
 ) -> Result<hbone::SpiffeId, HandshakeError> {
     let server_cert = pki.workload("ns-b", "server");
-    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(Arc::new(server_cert), &pki.trust)));
+    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(Arc::new(server_cert), trust)));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connector = TlsConnector::from(raw_client_config(client));
@@ -161,6 +170,109 @@ async fn server_accepts_valid_client_and_reads_its_identity() {
     let pki = Pki::new();
     let (chain, key) = pki.root.issue_raw(&LeafSpec::for_identity(&id("ns-a", "client"), HOUR)).unwrap();
     assert_eq!(server_verdict(&pki, Some((chain, key))).await.unwrap(), id("ns-a", "client"));
+}
+
+/// `spiffe://other.domain/ns/<ns>/sa/<sa>`.
+fn foreign(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new("other.domain", ns, sa).unwrap()
+}
+
+/// A certificate for `identity` signed by the mesh's own root: only the trust domain is wrong.
+fn signed_by_our_root(pki: &Pki, identity: &SpiffeId) -> WorkloadCert {
+    let (chain, key) = pki.root.issue_raw(&LeafSpec::for_identity(identity, HOUR)).unwrap();
+    WorkloadCert::new(Credentials::new(chain, key).unwrap())
+}
+
+/// The test PKI's root, trusting `other.domain` as an alias of `cluster.local`.
+fn aliased(pki: &Pki) -> TrustStore {
+    let bundle = TrustBundle::new(vec![pki.root.cert().clone()]).unwrap().with_aliases(["other.domain"]).unwrap();
+    TrustStore::new(bundle)
+}
+
+#[tokio::test]
+async fn client_refuses_server_from_another_trust_domain() {
+    let pki = Pki::new();
+    let server_id = foreign("ns-b", "server");
+    let server_cert = signed_by_our_root(&pki, &server_id);
+    let server = RunningServer::start(Config::default(), server_cert, &aliased(&pki), AllowAll).await;
+    let client = Client::new(Config::default(), pki.trust.clone());
+    let source = pki.workload("ns-a", "client");
+    // Even asked for by name: the root vouches for cluster.local only.
+    let err = client.connect(request(&source, server.addr, &server_id, echo_server().await)).await.unwrap_err();
+    assert_eq!(
+        err.verify_error(),
+        Some(VerifyError::ForeignTrustDomain {
+            identity: server_id.clone(),
+            trust_domain: "cluster.local".into(),
+            aliases: vec![],
+        }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("peer identity spiffe://other.domain/ns/ns-b/sa/server is in trust domain \"other.domain\""),
+        "{msg}"
+    );
+    assert!(msg.contains("trusts \"cluster.local\""), "{msg}");
+}
+
+#[tokio::test]
+async fn server_refuses_client_from_another_trust_domain() {
+    let pki = Pki::new();
+    let client_id = foreign("ns-a", "client");
+    let (chain, key) = pki.root.issue_raw(&LeafSpec::for_identity(&client_id, HOUR)).unwrap();
+    let err = server_verdict(&pki, Some((chain, key))).await.unwrap_err();
+    match &err {
+        HandshakeError::Refused { reason: VerifyError::ForeignTrustDomain { identity, trust_domain, .. }, .. } => {
+            assert_eq!((identity, trust_domain.as_str()), (&client_id, "cluster.local"));
+        }
+        other => panic!("want Refused(ForeignTrustDomain), got {other}"),
+    }
+    assert!(err.to_string().contains("is in trust domain \"other.domain\""), "{err}");
+
+    // Through the real client: it reads the alert, and the server counts the refusal.
+    let server_cert = pki.workload("ns-b", "server");
+    let server = RunningServer::start(Config::default(), server_cert.clone(), &pki.trust, AllowAll).await;
+    let client = Client::new(Config::default(), aliased(&pki));
+    let stranger = signed_by_our_root(&pki, &client_id);
+    let err = client.connect(request(&stranger, server.addr, server_cert.identity(), echo_server().await)).await;
+    let err = err.unwrap_err();
+    assert_eq!(err.peer_alert(), Some(rustls::AlertDescription::CertificateUnknown), "{err:?}");
+    assert_eq!(server.server.stats().handshake_failures.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn aliased_trust_domain_is_accepted_both_ways() {
+    let pki = Pki::new();
+    let trust = aliased(&pki);
+    // The client's identity reaches the server's policy as proved.
+    let (chain, key) = pki.root.issue_raw(&LeafSpec::for_identity(&foreign("ns-a", "client"), HOUR)).unwrap();
+    assert_eq!(server_verdict_with(&pki, &trust, Some((chain, key))).await.unwrap(), foreign("ns-a", "client"));
+
+    // A whole tunnel between two peers of the alias domain, each side trusting the alias.
+    let server_id = foreign("ns-b", "server");
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let record = seen.clone();
+    let policy = PolicyHandler(move |r: &hbone::InboundRequest| {
+        *record.lock().unwrap() = Some(r.peer_identity.clone());
+        Ok(())
+    });
+    let server = RunningServer::start(Config::default(), signed_by_our_root(&pki, &server_id), &trust, policy).await;
+    let client = Client::new(Config::default(), trust.clone());
+    let source = signed_by_our_root(&pki, &foreign("ns-a", "client"));
+    let mut t = client.connect(request(&source, server.addr, &server_id, echo_server().await)).await.unwrap();
+    echo_roundtrip(&mut t, b"aliased").await;
+    assert_eq!(t.peer_identity(), &server_id);
+    assert_eq!(seen.lock().unwrap().clone(), Some(foreign("ns-a", "client")));
+
+    // The alias does not open the door to every domain.
+    let third = SpiffeId::new("third.domain", "ns-a", "client").unwrap();
+    let (chain, key) = pki.root.issue_raw(&LeafSpec::for_identity(&third, HOUR)).unwrap();
+    let err = server_verdict_with(&pki, &trust, Some((chain, key))).await.unwrap_err();
+    assert!(
+        matches!(&err, HandshakeError::Refused { reason: VerifyError::ForeignTrustDomain { aliases, .. }, .. } if aliases == &["other.domain"]),
+        "{err}"
+    );
 }
 
 #[tokio::test]
