@@ -3,11 +3,17 @@
 //!
 //! ```text
 //!  accept ─► TLS 1.3 (client cert required, SPIFFE id read) ─► HTTP/2 ─► per stream:
-//!            └ within handshake_timeout ┘                       CONNECT? authority ip:port?  ─ no ─► 400
+//!            └ within handshake_timeout ┘                       CONNECT? authority ip:port?
+//!                                                               forwarded well-formed?      ─ no ─► 400
 //!                                                               handler.authorize(request)  ─ no ─► 403
 //!                                                               handler.dial(request)       ─ err ─► 503
 //!                                                               200, then copy until both sides end
 //! ```
+//!
+//! 400 means the request cannot be read as the wire contract says (including a `forwarded`
+//! header we cannot read exactly); 403 means it was read and the handler refuses it. The
+//! `forwarded: for=` address is only a claim: the server parses it and hands it to the
+//! handler, which decides whether the peer may make it.
 //!
 //! Limits: concurrent streams per connection, header block size, handshake timeout, and an
 //! idle timeout for connections without streams. Listeners stop on drain; connections send
@@ -15,7 +21,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +54,9 @@ pub struct InboundRequest {
     /// The local address the HBONE connection arrived on.
     pub local_addr: SocketAddr,
     pub target: SocketAddr,
-    /// The original client address from `forwarded: for=`, if present and well-formed.
+    /// The client address the request claims, from `forwarded: for=` (a malformed header is
+    /// refused with 400, so `None` means none was claimed). Claimed, not proved: the
+    /// handler decides whether to believe it.
     pub forwarded_for: Option<IpAddr>,
     pub baggage: Option<HeaderValue>,
     pub traceparent: Option<HeaderValue>,
@@ -448,28 +456,74 @@ fn parse_request(request: &Request<RecvStream>, ctx: &ConnContext) -> Result<Inb
         peer_addr: ctx.peer,
         local_addr: ctx.local,
         target,
-        forwarded_for: headers.get(http::header::FORWARDED).and_then(parse_forwarded_for),
+        forwarded_for: headers.get(http::header::FORWARDED).map(parse_forwarded_for).transpose()?.flatten(),
         baggage: headers.get("baggage").cloned(),
         traceparent: headers.get("traceparent").cloned(),
         received_at: Instant::now(),
     })
 }
 
-/// Reads the first `for=` of a `forwarded` header (RFC 7239): `for=1.2.3.4`,
-/// `for="[2001:db8::1]"`, optionally with a port. Anything else yields `None`.
-fn parse_forwarded_for(value: &HeaderValue) -> Option<IpAddr> {
-    let value = value.to_str().ok()?;
-    let first = value.split(',').next()?;
-    let pair = first.split(';').map(str::trim).find(|p| p.len() > 4 && p[..4].eq_ignore_ascii_case("for="))?;
-    let node = pair[4..].trim_matches('"');
-    if let Some(rest) = node.strip_prefix('[') {
-        return rest.split(']').next()?.parse().ok();
+/// Reads the client address of a `forwarded` header (RFC 7239): the `for=` of its first
+/// element, as `for=1.2.3.4`, `for="1.2.3.4:80"` or `for="[2001:db8::1]"` (a port is
+/// allowed and ignored). `Ok(None)` when the first element has no `for=` or names no address
+/// (`unknown`, an obfuscated `_name`). Anything else is malformed, and the request with it
+/// (answered 400): a value we cannot read exactly must not be half-read into an address.
+fn parse_forwarded_for(value: &HeaderValue) -> Result<Option<IpAddr>, &'static str> {
+    let value = value.to_str().map_err(|_| "forwarded header is not visible ASCII")?;
+    let first = value.split(',').next().unwrap_or_default();
+    let Some(pair) =
+        first.split(';').map(str::trim).find(|p| p.get(..4).is_some_and(|k| k.eq_ignore_ascii_case("for=")))
+    else {
+        return Ok(None);
+    };
+    // `get(..4)` matched, so 4 is a character boundary.
+    let raw = &pair[4..];
+    let node = match raw.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"').ok_or("forwarded for= has an unclosed quote")?,
+        None => raw,
+    };
+    if node.contains(['"', '\\']) {
+        return Err("forwarded for= has a stray quote or an escape");
     }
+    if let Some(bracketed) = node.strip_prefix('[') {
+        let (ip, rest) = bracketed.split_once(']').ok_or("forwarded for= has an unclosed '['")?;
+        let ip: Ipv6Addr = ip.parse().map_err(|_| "forwarded for= brackets hold no IPv6 address")?;
+        return match rest {
+            "" => Ok(Some(ip.into())),
+            _ => rest
+                .strip_prefix(':')
+                .map_or(Err("forwarded for= has text after ']'"), node_port)
+                .map(|()| Some(ip.into())),
+        };
+    }
+    // An IP, IPv6 included if sent without brackets (lenient: it cannot be misread).
     if let Ok(ip) = node.parse() {
-        return Some(ip);
+        return Ok(Some(ip));
     }
-    // IPv4 with a port.
-    node.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok())
+    let (name, port) = match node.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (node, None),
+    };
+    port.map_or(Ok(()), node_port)?;
+    if name.eq_ignore_ascii_case("unknown") || is_obfuscated(name) {
+        return Ok(None);
+    }
+    name.parse::<Ipv4Addr>().map(|ip| Some(ip.into())).map_err(|_| "forwarded for= is not an address")
+}
+
+/// RFC 7239 `node-port`: a port number or an obfuscated port.
+fn node_port(port: &str) -> Result<(), &'static str> {
+    if port.parse::<u16>().is_ok() || is_obfuscated(port) {
+        return Ok(());
+    }
+    Err("forwarded for= has an invalid port")
+}
+
+/// RFC 7239 `obfnode`/`obfport`: `_` then letters, digits, `.`, `_`, `-`.
+fn is_obfuscated(s: &str) -> bool {
+    s.strip_prefix('_').is_some_and(|rest| {
+        !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    })
 }
 
 #[cfg(test)]
@@ -509,11 +563,39 @@ mod tests {
     #[test]
     fn forwarded_for_forms() {
         let p = |s: &str| parse_forwarded_for(&HeaderValue::from_str(s).unwrap());
-        assert_eq!(p("for=10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(p("For=10.0.0.1:443;proto=https"), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(p("for=\"[2001:db8::1]\""), Some("2001:db8::1".parse().unwrap()));
-        assert_eq!(p("for=\"[2001:db8::1]:80\", for=1.1.1.1"), Some("2001:db8::1".parse().unwrap()));
-        assert_eq!(p("for=unknown"), None);
-        assert_eq!(p("by=10.0.0.1"), None);
+        let ip = |s: &str| Ok(Some(s.parse::<IpAddr>().unwrap()));
+        assert_eq!(p("for=10.0.0.1"), ip("10.0.0.1"));
+        assert_eq!(p("For=10.0.0.1:443;proto=https"), ip("10.0.0.1"));
+        assert_eq!(p("for=\"10.0.0.1:443\""), ip("10.0.0.1"));
+        assert_eq!(p("for=\"[2001:db8::1]\""), ip("2001:db8::1"));
+        assert_eq!(p("for=\"[2001:db8::1]:80\", for=1.1.1.1"), ip("2001:db8::1"));
+        assert_eq!(p("proto=https;for=10.0.0.2"), ip("10.0.0.2"));
+        assert_eq!(p("for=unknown"), Ok(None));
+        assert_eq!(p("for=_hidden:_port"), Ok(None));
+        assert_eq!(p("by=10.0.0.1"), Ok(None));
+    }
+
+    /// A malformed claim is refused whole, never read as the address it half resembles.
+    #[test]
+    fn malformed_forwarded_for_is_refused() {
+        let p = |s: &str| parse_forwarded_for(&HeaderValue::from_str(s).unwrap());
+        assert_eq!(p("for=\"[2001:db8::1\""), Err("forwarded for= has an unclosed '['"));
+        for bad in [
+            "for=[2001:db8::1",
+            "for=\"[2001:db8::1]",
+            "for=\"10.0.0.1",
+            "for=10.0.0.1\"",
+            "for=\"[10.0.0.1]\"",
+            "for=\"[2001:db8::1]x\"",
+            "for=\"[2001:db8::1]:http\"",
+            "for=10.0.0.1:99999",
+            "for=",
+            "for=example.com",
+            "for=999.0.0.1",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} was accepted as {:?}", p(bad));
+        }
+        let not_ascii = HeaderValue::from_bytes(b"for=10.0.0.1\xff").unwrap();
+        assert!(parse_forwarded_for(&not_ascii).is_err());
     }
 }

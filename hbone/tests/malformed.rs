@@ -81,6 +81,32 @@ async fn connect_to_hostname_or_garbage_authority_is_400() {
     assert_eq!(server.server.stats().streams_rejected.load(Ordering::Relaxed), sent);
 }
 
+/// A `forwarded` header the server cannot read exactly is refused, not half-read into an
+/// address (`for="[2001:db8::1"` used to be taken as 2001:db8::1); well-formed ones pass.
+#[tokio::test]
+async fn malformed_forwarded_header_is_400() {
+    let pki = Pki::new();
+    let server = RunningServer::start(Config::default(), pki.workload("ns-b", "server"), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let mut h2 = raw_h2(&pki, &server).await;
+    let connect = |forwarded: &str| {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri(echo.to_string())
+            .header("forwarded", forwarded)
+            .body(())
+            .unwrap()
+    };
+    for bad in ["for=\"[2001:db8::1\"", "for=\"10.0.0.1", "for=\"[2001:db8::1]junk\"", "for=not-an-address"] {
+        assert_eq!(status_of(&mut h2, connect(bad)).await.unwrap(), StatusCode::BAD_REQUEST, "forwarded: {bad}");
+    }
+    for good in ["for=\"[2001:db8::1]\"", "for=10.0.0.1", "for=unknown"] {
+        assert_eq!(status_of(&mut h2, connect(good)).await.unwrap(), StatusCode::OK, "forwarded: {good}");
+    }
+    assert_eq!(server.server.stats().streams_rejected.load(Ordering::Relaxed), 4);
+    assert_eq!(server.server.stats().streams_accepted.load(Ordering::Relaxed), 3);
+}
+
 #[tokio::test]
 async fn oversized_headers_are_refused() {
     let pki = Pki::new();
