@@ -97,6 +97,7 @@ pub enum VerifyError {
 #[derive(Clone)]
 pub struct Credentials {
     identity: SpiffeId,
+    not_before: SystemTime,
     not_after: SystemTime,
     key: Arc<CertifiedKey>,
 }
@@ -114,7 +115,7 @@ impl Credentials {
         }
         let key = CertifiedKey::new(chain, signing_key);
         key.keys_match().map_err(|e| TlsError::KeyMismatch(e.to_string()))?;
-        Ok(Credentials { identity, not_after: info.not_after, key: Arc::new(key) })
+        Ok(Credentials { identity, not_before: info.not_before, not_after: info.not_after, key: Arc::new(key) })
     }
 
     /// Parses PEM: a certificate chain (leaf first) and a PKCS#8 private key.
@@ -130,6 +131,11 @@ impl Credentials {
 
     pub fn identity(&self) -> &SpiffeId {
         &self.identity
+    }
+
+    /// When the leaf certificate became valid.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
     }
 
     /// When the leaf certificate expires.
@@ -649,6 +655,7 @@ fn unix_to_system(t: UnixTime) -> SystemTime {
 /// What we read from a leaf certificate: its URI SANs and expiry.
 struct LeafInfo {
     uris: Vec<String>,
+    not_before: SystemTime,
     not_after: SystemTime,
 }
 
@@ -665,8 +672,8 @@ impl LeafInfo {
                 }
             }
         }
-        let secs = cert.validity().not_after.timestamp().max(0) as u64;
-        Ok(LeafInfo { uris, not_after: UNIX_EPOCH + Duration::from_secs(secs) })
+        let at = |t: x509_parser::time::ASN1Time| UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
+        Ok(LeafInfo { uris, not_before: at(cert.validity().not_before), not_after: at(cert.validity().not_after) })
     }
 
     /// SPIFFE X.509-SVID: exactly one URI SAN, and it is the SPIFFE ID.
