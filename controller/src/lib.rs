@@ -9,3 +9,9 @@
 //! them `ca` (signing) and `auth` (which node is calling).
 
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod ca;
+pub mod config;
+pub mod metrics;
+pub mod store;

@@ -1,0 +1,107 @@
+//! The controller's configuration: one typed struct, built from flags or environment
+//! variables, with defaults that say why.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The watch and certificate APIs (ARCHITECTURE §3).
+pub const API_PORT: u16 = 15012;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// A directory of Kubernetes YAML objects (Namespaces, Pods, Services,
+    /// AuthorizationPolicies, Gateways, HTTPRoutes), read recursively and watched for changes:
+    /// the cluster, on machines without Kubernetes.
+    #[arg(long, env = "WEFT_SOURCE_DIR")]
+    pub source_dir: PathBuf,
+
+    /// Where the controller keeps its CA root (if it generated one) and the key of node
+    /// tokens. Back it up: a lost root means re-issuing every certificate.
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft/controller")]
+    pub state_dir: PathBuf,
+
+    /// A CA certificate (PEM) to sign with instead of a generated root: the operator's root
+    /// or intermediate. Needs `--ca-key`.
+    #[arg(long, env = "WEFT_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// The private key (PEM, PKCS#8) of `--ca-cert`.
+    #[arg(long, env = "WEFT_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// For an intermediate `--ca-cert`: the certificates above it (PEM), up to the root.
+    #[arg(long, env = "WEFT_CA_CHAIN")]
+    pub ca_chain: Option<PathBuf>,
+
+    /// More roots (PEM) proxies must trust besides the signing one: during a root rotation,
+    /// the incoming or the outgoing root. Re-read when it changes.
+    #[arg(long, env = "WEFT_EXTRA_ROOTS")]
+    pub extra_roots: Option<PathBuf>,
+
+    /// The SPIFFE trust domain of every identity this controller signs.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = spiffe::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime of workload certificates when a proxy does not ask for one. 24 h, as Istio:
+    /// a leaked key is useful for a day at most, and renewals stay negligible.
+    #[arg(long, env = "WEFT_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
+    pub cert_ttl: Duration,
+
+    /// Names (DNS names or IP addresses) the API's certificate carries, so that clients
+    /// verifying it by name (ztunnel, curl) accept it. Repeat or separate with commas.
+    #[arg(
+        long = "server-name",
+        env = "WEFT_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1"
+    )]
+    pub server_names: Vec<String>,
+
+    /// The watch and certificate APIs (TLS).
+    #[arg(long, env = "WEFT_API_ADDR", default_value = "0.0.0.0:15012")]
+    pub api_addr: SocketAddr,
+
+    /// Admin pages (`/status`, `/resources`), localhost only by default.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// How often the source directory is checked for changes. 1 s: edits reach proxies
+    /// quickly, and a stat per file per second costs nothing.
+    #[arg(long, env = "WEFT_POLL_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub poll_interval: Duration,
+
+    /// Heartbeat on idle watch streams: 15 s, so a proxy notices a silently dead stream
+    /// within three (45 s) and resubscribes.
+    #[arg(long, env = "WEFT_HEARTBEAT", value_parser = parse_duration, default_value = "15s")]
+    pub heartbeat: Duration,
+
+    /// Bytes of recent deltas kept so that a proxy that reconnects gets only what it missed.
+    /// 64 MiB holds hundreds of thousands of one-pod changes; older subscribers get a
+    /// snapshot.
+    #[arg(long, env = "WEFT_HISTORY_BYTES", default_value_t = 64 << 20)]
+    pub history_bytes: usize,
+}
+
+/// Parses `500ms`, `10s`, `5m`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 10s, 5m, 24h)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
+}

@@ -1,0 +1,249 @@
+//! The model as the controller serves it: the current resources and recent deltas
+//! ([`meshapi::watch::History`]), the subscribers they are pushed to, what each node last
+//! acknowledged, and the index node authorization needs (which identities run on which node).
+//!
+//! One writer commits changes (the source loop); each commit is encoded once and the same
+//! bytes are handed to every subscriber through a broadcast channel, so a one-pod change
+//! costs each subscriber a few hundred bytes and no encoding. A subscriber is registered
+//! under the same lock as commits, so it never misses or repeats a delta between its first
+//! message and the live stream.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use meshapi::watch::{Ack, Change, Committed, Cursor, History, Rejected, Start};
+use meshapi::{Key, Kind, Resource};
+use spiffe::SpiffeId;
+use tokio::sync::broadcast;
+
+use crate::metrics::Metrics;
+
+/// Deltas a subscriber may fall behind by before it is cut off (it then resubscribes and
+/// resumes from the history). 1,024 deltas: minutes of churn for a busy cluster, and each
+/// slot is a shared pointer.
+const SUBSCRIBER_BACKLOG: usize = 1024;
+
+/// The store shared by the source loop, the API server and the admin pages.
+pub struct Store {
+    inner: Mutex<Inner>,
+    live: broadcast::Sender<Arc<str>>,
+    metrics: Arc<Metrics>,
+}
+
+struct Inner {
+    history: History,
+    /// Workload uid → (node, identity), for node authorization.
+    workloads: HashMap<String, (String, SpiffeId)>,
+    trust_domain: String,
+    nodes: BTreeMap<String, NodeStatus>,
+}
+
+/// What the controller knows of one node's proxy.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// Open watch streams of this node (normally one).
+    pub subscribers: usize,
+    /// The last version the node reported applied, with its epoch.
+    pub acked: Option<Cursor>,
+    /// Resources the node rejected in its last report.
+    pub rejected: Vec<Rejected>,
+    /// When the node last reported (seconds since the Unix epoch).
+    pub last_ack_unix: Option<u64>,
+}
+
+/// A subscription: the lines to send first, then the live deltas.
+pub struct Subscription {
+    pub first: Start,
+    pub live: broadcast::Receiver<Arc<str>>,
+    pub epoch: String,
+}
+
+impl Store {
+    /// An empty store whose history is named `epoch` and keeps up to `history_bytes` of
+    /// deltas for resuming subscribers.
+    pub fn new(epoch: String, history_bytes: usize, trust_domain: String, metrics: Arc<Metrics>) -> Store {
+        let (live, _) = broadcast::channel(SUBSCRIBER_BACKLOG);
+        Store {
+            inner: Mutex::new(Inner {
+                history: History::new(epoch, history_bytes),
+                workloads: HashMap::new(),
+                trust_domain,
+                nodes: BTreeMap::new(),
+            }),
+            live,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the history consistent (each commit is
+        // applied by `History::commit` before anything else is touched): keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits `changes` as one version and pushes the delta to every subscriber. Returns
+    /// what was committed, or `None` if nothing changed.
+    pub fn commit(&self, changes: Vec<Change>) -> Option<Committed> {
+        let mut inner = self.lock();
+        for change in &changes {
+            match change {
+                Change::Upsert(Resource::Workload(w)) => match w.identity(&inner.trust_domain) {
+                    Ok(id) => {
+                        inner.workloads.insert(w.uid.clone(), (w.node.clone(), id));
+                    }
+                    Err(_) => {
+                        inner.workloads.remove(&w.uid);
+                    }
+                },
+                Change::Delete(Key { kind: Kind::Workload, name }) => {
+                    inner.workloads.remove(name);
+                }
+                _ => {}
+            }
+        }
+        let committed = inner.history.commit(changes)?;
+        self.metrics.version.set(committed.version as i64);
+        self.metrics.resources.set(inner.history.len() as i64);
+        // Sent under the lock, so that a subscriber registered by `subscribe` sees exactly
+        // the deltas after its start. No receiver is not an error.
+        let receivers = self.live.send(committed.line.clone()).unwrap_or(0);
+        self.metrics.pushes.inc_by(receivers as u64);
+        self.metrics.pushed_bytes.inc_by((receivers * committed.line.len()) as u64);
+        Some(committed)
+    }
+
+    /// Registers a subscriber of `node` that last applied `since`.
+    pub fn subscribe(&self, node: &str, since: Option<&Cursor>) -> Subscription {
+        let mut inner = self.lock();
+        let first = inner.history.start(since);
+        let live = self.live.subscribe();
+        inner.nodes.entry(node.to_owned()).or_default().subscribers += 1;
+        self.metrics.subscribers.inc();
+        match &first {
+            Start::Snapshot(_) => self.metrics.snapshots.inc(),
+            Start::Resume(_) => self.metrics.resumes.inc(),
+        };
+        Subscription { first, live, epoch: inner.history.epoch().to_owned() }
+    }
+
+    /// A subscriber of `node` went away.
+    pub fn unsubscribe(&self, node: &str) {
+        let mut inner = self.lock();
+        if let Some(n) = inner.nodes.get_mut(node) {
+            n.subscribers = n.subscribers.saturating_sub(1);
+        }
+        self.metrics.subscribers.dec();
+    }
+
+    /// Records a node's report of what it applied.
+    pub fn ack(&self, ack: Ack) {
+        let mut inner = self.lock();
+        if ack.rejected.is_empty() {
+            self.metrics.acks_applied.inc();
+        } else {
+            self.metrics.acks_rejected.inc();
+            self.metrics.rejected_resources.inc_by(ack.rejected.len() as u64);
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).ok();
+        let status = inner.nodes.entry(ack.node).or_default();
+        status.acked = Some(Cursor { epoch: ack.epoch, version: ack.version });
+        status.rejected = ack.rejected;
+        status.last_ack_unix = now;
+    }
+
+    /// Whether a workload with identity `id` is scheduled on `node`: node authorization for
+    /// certificates.
+    pub fn node_runs(&self, node: &str, id: &SpiffeId) -> bool {
+        self.lock().workloads.values().any(|(n, i)| n == node && i == id)
+    }
+
+    /// The identities of the workloads on `node`.
+    pub fn identities_on(&self, node: &str) -> HashSet<SpiffeId> {
+        self.lock().workloads.values().filter(|(n, _)| n == node).map(|(_, i)| i.clone()).collect()
+    }
+
+    pub fn epoch(&self) -> String {
+        self.lock().history.epoch().to_owned()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.lock().history.version()
+    }
+
+    /// Every node that subscribed or reported, with its status.
+    pub fn nodes(&self) -> BTreeMap<String, NodeStatus> {
+        self.lock().nodes.clone()
+    }
+
+    /// The current resources of `kind` (all kinds if `None`), encoded, in key order.
+    pub fn resources(&self, kind: Option<Kind>) -> Vec<String> {
+        let inner = self.lock();
+        inner
+            .history
+            .keys()
+            .filter(|k| kind.is_none_or(|want| k.kind == want))
+            .filter_map(|k| inner.history.get(k).map(str::to_owned))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Store {
+        Store::new("e".into(), 1 << 20, "cluster.local".into(), Arc::new(Metrics::new()))
+    }
+
+    fn workload(name: &str, node: &str) -> Resource {
+        let doc = format!(
+            "workloads: [{{name: {name}, namespace: ns, node: {node}, addresses: [10.244.0.{}], serviceAccount: {name}}}]",
+            name.len()
+        );
+        Resource::Workload(meshapi::Snapshot::from_yaml(&doc).unwrap().workloads.remove(0))
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_a_snapshot_then_each_delta_once() {
+        let s = store();
+        s.commit(vec![Change::Upsert(workload("a", "n1"))]).unwrap();
+        let mut sub = s.subscribe("n1", None);
+        assert!(matches!(sub.first, Start::Snapshot(ref l) if l.contains("\"name\":\"ns/a\"")));
+        let c = s.commit(vec![Change::Upsert(workload("bb", "n2"))]).unwrap();
+        assert_eq!(sub.live.recv().await.unwrap(), c.line);
+        assert!(s.commit(vec![Change::Upsert(workload("bb", "n2"))]).is_none(), "no change, no push");
+        assert!(sub.live.try_recv().is_err());
+        assert_eq!(s.nodes()["n1"].subscribers, 1);
+        s.unsubscribe("n1");
+        assert_eq!(s.nodes()["n1"].subscribers, 0);
+    }
+
+    #[test]
+    fn node_authorization_follows_scheduling() {
+        let s = store();
+        s.commit(vec![Change::Upsert(workload("a", "n1")), Change::Upsert(workload("bb", "n2"))]).unwrap();
+        let a: SpiffeId = "spiffe://cluster.local/ns/ns/sa/a".parse().unwrap();
+        assert!(s.node_runs("n1", &a));
+        assert!(!s.node_runs("n2", &a), "a runs on n1 only");
+        s.commit(vec![Change::Delete(Key::new(Kind::Workload, "ns/a"))]).unwrap();
+        assert!(!s.node_runs("n1", &a), "deleted");
+        assert_eq!(s.identities_on("n2").len(), 1);
+    }
+
+    #[test]
+    fn acks_are_recorded_per_node() {
+        let s = store();
+        s.ack(Ack { node: "n1".into(), epoch: "e".into(), version: 3, rejected: vec![] });
+        s.ack(Ack {
+            node: "n2".into(),
+            epoch: "e".into(),
+            version: 3,
+            rejected: vec![Rejected { kind: "Service".into(), name: "ns/s".into(), reason: "port 0".into() }],
+        });
+        let nodes = s.nodes();
+        assert_eq!(nodes["n1"].acked, Some(Cursor { epoch: "e".into(), version: 3 }));
+        assert_eq!(nodes["n2"].rejected.len(), 1);
+    }
+}
