@@ -1,9 +1,11 @@
 //! The small HTTP servers: admin (localhost :15000: `/config_dump`, `/logging`), metrics
 //! (:15020 `/metrics`) and readiness (:15021 `/healthz/ready`). One tiny HTTP/1.1 server
-//! function serves them all; each stops on drain.
+//! function serves them all; each stops on drain. The admin dump ([`config_dump`]) is
+//! written here too.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -15,6 +17,9 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use hbone::drain;
+
+use crate::manager::Manager;
+use crate::proxy::Proxy;
 
 /// What a route handler gets: method, path and query.
 pub struct Call<'a> {
@@ -89,4 +94,67 @@ async fn respond(routes: &Routes, req: Request<Incoming>) -> Response<Full<Bytes
         resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+/// `GET /config_dump`: what this ztunnel serves (workloads, services with their endpoints,
+/// policies), its certificates with their expiry and the pods it captured, as JSON.
+pub async fn config_dump(proxy: &Proxy, manager: &Manager) -> String {
+    use serde_json::json;
+    let state = proxy.state.load();
+    let snap = state.snapshot();
+    let now = SystemTime::now();
+    let workloads: Vec<_> = snap
+        .workloads
+        .iter()
+        .map(|w| {
+            json!({
+                "uid": w.uid, "name": w.name, "namespace": w.namespace, "node": w.node,
+                "addresses": w.addresses, "serviceAccount": w.service_account,
+                "identity": w.identity(&snap.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
+                "enrolled": w.enrolled, "mtls": format!("{:?}", w.mtls).to_uppercase(), "local": w.node == proxy.node,
+            })
+        })
+        .collect();
+    let services: Vec<_> = snap
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "name": s.name, "namespace": s.namespace, "hostname": s.hostname, "vips": s.vips,
+                "ports": s.ports.iter().map(|p| json!({"port": p.port, "targetPort": p.target_port})).collect::<Vec<_>>(),
+                "endpoints": state.endpoints(i).iter().map(|w| &snap.workloads[*w].uid).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let policies: Vec<_> = snap
+        .authorizations
+        .iter()
+        .map(|a| {
+            json!({
+                "name": a.name, "namespace": a.namespace, "action": format!("{:?}", a.action).to_uppercase(),
+                "rules": a.rules.len(), "broken": a.broken,
+            })
+        })
+        .collect();
+    let certificates: Vec<_> = proxy
+        .certs
+        .dump()
+        .into_iter()
+        .map(|(id, not_after)| {
+            let unix = not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let left = not_after.duration_since(now).unwrap_or_default().as_secs();
+            json!({"identity": id.to_string(), "notAfterUnix": unix, "expiresInSeconds": left})
+        })
+        .collect();
+    let dump = json!({
+        "node": proxy.node,
+        "trustDomain": snap.trust_domain,
+        "enrolledPods": manager.dump().await,
+        "workloads": workloads,
+        "services": services,
+        "policies": policies,
+        "certificates": certificates,
+    });
+    serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }

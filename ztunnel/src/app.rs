@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use hbone::ca::Ca;
@@ -195,7 +195,7 @@ fn admin_routes(proxy: Arc<Proxy>, manager: Arc<Manager>, log: Option<LogControl
         let (method, path, query) = (call.method.clone(), call.path.to_owned(), call.query.to_owned());
         Box::pin(async move {
             match (method, path.as_str()) {
-                (Method::GET, "/config_dump") => Reply::json(config_dump(&proxy, &manager).await),
+                (Method::GET, "/config_dump") => Reply::json(admin::config_dump(&proxy, &manager).await),
                 (Method::POST | Method::GET, "/logging") => {
                     let level = query.strip_prefix("level=").unwrap_or("");
                     match (&log, level.is_empty()) {
@@ -211,65 +211,4 @@ fn admin_routes(proxy: Arc<Proxy>, manager: Arc<Manager>, log: Option<LogControl
             }
         })
     })
-}
-
-async fn config_dump(proxy: &Proxy, manager: &Manager) -> String {
-    use serde_json::json;
-    let state = proxy.state.load();
-    let snap = state.snapshot();
-    let now = SystemTime::now();
-    let workloads: Vec<_> = snap
-        .workloads
-        .iter()
-        .map(|w| {
-            json!({
-                "uid": w.uid, "name": w.name, "namespace": w.namespace, "node": w.node,
-                "addresses": w.addresses, "serviceAccount": w.service_account,
-                "identity": w.identity(&snap.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
-                "enrolled": w.enrolled, "mtls": format!("{:?}", w.mtls).to_uppercase(), "local": w.node == proxy.node,
-            })
-        })
-        .collect();
-    let services: Vec<_> = snap
-        .services
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            json!({
-                "name": s.name, "namespace": s.namespace, "hostname": s.hostname, "vips": s.vips,
-                "ports": s.ports.iter().map(|p| json!({"port": p.port, "targetPort": p.target_port})).collect::<Vec<_>>(),
-                "endpoints": state.endpoints(i).iter().map(|w| &snap.workloads[*w].uid).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let policies: Vec<_> = snap
-        .authorizations
-        .iter()
-        .map(|a| {
-            json!({
-                "name": a.name, "namespace": a.namespace, "action": format!("{:?}", a.action).to_uppercase(),
-                "rules": a.rules.len(), "broken": a.broken,
-            })
-        })
-        .collect();
-    let certificates: Vec<_> = proxy
-        .certs
-        .dump()
-        .into_iter()
-        .map(|(id, not_after)| {
-            let unix = not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-            let left = not_after.duration_since(now).unwrap_or_default().as_secs();
-            json!({"identity": id.to_string(), "notAfterUnix": unix, "expiresInSeconds": left})
-        })
-        .collect();
-    let dump = json!({
-        "node": proxy.node,
-        "trustDomain": snap.trust_domain,
-        "enrolledPods": manager.dump().await,
-        "workloads": workloads,
-        "services": services,
-        "policies": policies,
-        "certificates": certificates,
-    });
-    serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
