@@ -97,39 +97,37 @@ async fn respond(routes: &Routes, req: Request<Incoming>) -> Response<Full<Bytes
 }
 
 /// `GET /config_dump`: what this ztunnel serves (workloads, services with their endpoints,
-/// policies), its certificates with their expiry and the pods it captured, as JSON.
+/// policies, the trust bundle), its certificates with their expiry and the pods it captured,
+/// as JSON.
 pub async fn config_dump(proxy: &Proxy, manager: &Manager) -> String {
     use serde_json::json;
     let state = proxy.state.load();
-    let snap = state.snapshot();
     let now = SystemTime::now();
-    let workloads: Vec<_> = snap
-        .workloads
-        .iter()
-        .map(|w| {
+    let workloads: Vec<_> = state
+        .workloads()
+        .map(|e| {
+            let w = e.workload();
             json!({
                 "uid": w.uid, "name": w.name, "namespace": w.namespace, "node": w.node,
                 "addresses": w.addresses, "serviceAccount": w.service_account,
-                "identity": w.identity(&snap.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
+                "identity": e.identity().map(|i| i.to_string()).unwrap_or_default(),
                 "enrolled": w.enrolled, "mtls": format!("{:?}", w.mtls).to_uppercase(), "local": w.node == proxy.node,
             })
         })
         .collect();
-    let services: Vec<_> = snap
-        .services
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
+    let services: Vec<_> = state
+        .services()
+        .map(|entry| {
+            let s = entry.service();
             json!({
                 "name": s.name, "namespace": s.namespace, "hostname": s.hostname, "vips": s.vips,
                 "ports": s.ports.iter().map(|p| json!({"port": p.port, "targetPort": p.target_port})).collect::<Vec<_>>(),
-                "endpoints": state.endpoints(i).iter().map(|w| &snap.workloads[*w].uid).collect::<Vec<_>>(),
+                "endpoints": entry.endpoints().iter().map(|w| w.uid()).collect::<Vec<_>>(),
             })
         })
         .collect();
-    let policies: Vec<_> = snap
-        .authorizations
-        .iter()
+    let policies: Vec<_> = state
+        .authorizations()
         .map(|a| {
             json!({
                 "name": a.name, "namespace": a.namespace, "action": format!("{:?}", a.action).to_uppercase(),
@@ -137,6 +135,7 @@ pub async fn config_dump(proxy: &Proxy, manager: &Manager) -> String {
             })
         })
         .collect();
+    let trust_bundle = state.trust_bundle().map(|b| json!({"trustDomain": b.trust_domain, "roots": b.roots.len()}));
     let certificates: Vec<_> = proxy
         .certs
         .dump()
@@ -149,7 +148,8 @@ pub async fn config_dump(proxy: &Proxy, manager: &Manager) -> String {
         .collect();
     let dump = json!({
         "node": proxy.node,
-        "trustDomain": snap.trust_domain,
+        "trustDomain": state.trust_domain(),
+        "trustBundle": trust_bundle,
         "enrolledPods": manager.dump().await,
         "workloads": workloads,
         "services": services,

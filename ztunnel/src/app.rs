@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 use tracing::{error, info};
 
 use crate::admin::{self, Call, Reply, Routes};
-use crate::certs::CertManager;
-use crate::config::Config;
+use crate::certs::{CertManager, Issuer};
+use crate::config::{Config, Mode};
 use crate::inpod::Netns;
 use crate::local;
 use crate::manager::Manager;
@@ -45,16 +45,18 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     // Record ztunnel's own namespace before any thread enters a pod's.
     Netns::host().context("cannot open ztunnel's own network namespace")?;
 
-    let ca_cert = read(&config.ca_cert, "CA certificate (--ca-cert)")?;
-    let ca_key = read(&config.ca_key, "CA key (--ca-key)")?;
-    let ca = Ca::from_pem(&ca_cert, &ca_key)
-        .with_context(|| format!("loading the CA from {} and {}", config.ca_cert.display(), config.ca_key.display()))?;
-    let bundle_path = config.trust_bundle.clone().unwrap_or_else(|| config.ca_cert.clone());
+    let (local_file, ca_cert, ca_key, trust_bundle) = match config.mode().map_err(anyhow::Error::msg)? {
+        Mode::Local { file, ca_cert, ca_key, trust_bundle } => (file, ca_cert, ca_key, trust_bundle),
+        Mode::Controller { .. } => anyhow::bail!("--controller is not wired yet"),
+    };
+    let ca = Ca::from_pem(&read(&ca_cert, "CA certificate (--ca-cert)")?, &read(&ca_key, "CA key (--ca-key)")?)
+        .with_context(|| format!("loading the CA from {} and {}", ca_cert.display(), ca_key.display()))?;
+    let bundle_path = trust_bundle.unwrap_or_else(|| ca_cert.clone());
     let bundle = TrustBundle::from_pem(&read(&bundle_path, "trust bundle")?)
         .with_context(|| format!("loading the trust bundle from {}", bundle_path.display()))?;
     let trust = TrustStore::new(bundle);
 
-    let (snapshot, mut applied_bytes) = local::load(&config.local_config)?;
+    let (snapshot, mut applied_bytes) = local::load(&local_file)?;
     let state = StateStore::default();
     state.replace(snapshot);
 
@@ -66,7 +68,7 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     let proxy = Arc::new(Proxy {
         node: config.node.clone(),
         state: state.clone(),
-        certs: CertManager::new(ca, config.cert_ttl),
+        certs: CertManager::new(Issuer::Local(ca), config.cert_ttl, None),
         trust,
         client,
         pods,
@@ -98,7 +100,7 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
 
     // Reload the local file when it changes; retry pending enrollments on the same beat.
     let (reload_state, reload_manager, reload_metrics) = (state.clone(), manager.clone(), metrics.clone());
-    let (path, interval) = (config.local_config.clone(), config.reload_interval);
+    let (path, interval) = (local_file, config.reload_interval);
     loops.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -139,7 +141,7 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            renew_proxy.certs.renew_due();
+            renew_proxy.certs.renew_due().await;
         }
     }));
 

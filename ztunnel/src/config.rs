@@ -20,32 +20,66 @@ pub const BYPASS_MARK: u32 = 0x5746;
 /// The nftables table ztunnel owns inside each enrolled pod's namespace.
 pub const NFT_TABLE: &str = "weft";
 
+/// Where the cluster view comes from, as the settings chose it.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Controller { addr: std::net::SocketAddr, ca: PathBuf, name: Option<String>, token_file: PathBuf },
+    Local { file: PathBuf, ca_cert: PathBuf, ca_key: PathBuf, trust_bundle: Option<PathBuf> },
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Name of the node this ztunnel serves: it captures workloads whose `node` is this.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node: String,
 
+    /// The controller to be programmed by, `<ip>:<port>` (its API port is 15012). Either
+    /// this or `--local-config`.
+    #[arg(long, env = "WEFT_CONTROLLER", conflicts_with = "local_config")]
+    pub controller: Option<std::net::SocketAddr>,
+
+    /// Root certificate(s) (PEM) the controller's TLS certificate must chain to; until the
+    /// controller sends its trust bundle, also the bundle workload peers are verified with.
+    #[arg(long, env = "WEFT_CONTROLLER_CA")]
+    pub controller_ca: Option<PathBuf>,
+
+    /// The name the controller's certificate must carry; defaults to its IP address.
+    #[arg(long, env = "WEFT_CONTROLLER_NAME")]
+    pub controller_name: Option<String>,
+
+    /// A file holding this node's credential for the controller (a bearer token; on VMs and
+    /// in the lab made with `weft-controller token --node <name>`).
+    #[arg(long, env = "WEFT_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
+
+    /// Where ztunnel keeps what it must survive a restart with while the controller is
+    /// unreachable: the last applied configuration and its workloads' certificates (keys
+    /// mode 0600). Nothing is kept if unset.
+    #[arg(long, env = "WEFT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// The cluster view as a YAML file (workloads, services, policies), reloaded on change.
-    /// This is how ztunnel runs without a controller (development, VMs, the lab).
+    /// This is how ztunnel runs without a controller (development, VMs without a controller).
     #[arg(long, env = "WEFT_LOCAL_CONFIG")]
-    pub local_config: PathBuf,
+    pub local_config: Option<PathBuf>,
 
-    /// CA certificate (PEM) that signs this node's workload certificates; also the trust
-    /// bundle unless `--trust-bundle` is given.
+    /// With `--local-config`: the CA certificate (PEM) that signs this node's workload
+    /// certificates; also the trust bundle unless `--trust-bundle` is given.
     #[arg(long, env = "WEFT_CA_CERT")]
-    pub ca_cert: PathBuf,
+    pub ca_cert: Option<PathBuf>,
 
-    /// CA private key (PEM, PKCS#8).
+    /// With `--local-config`: the CA private key (PEM, PKCS#8).
     #[arg(long, env = "WEFT_CA_KEY")]
-    pub ca_key: PathBuf,
+    pub ca_key: Option<PathBuf>,
 
-    /// Trust bundle (PEM, one or more roots); defaults to the CA certificate.
+    /// With `--local-config`: the trust bundle (PEM, one or more roots); defaults to the CA
+    /// certificate.
     #[arg(long, env = "WEFT_TRUST_BUNDLE")]
     pub trust_bundle: Option<PathBuf>,
 
-    /// Lifetime of workload certificates; they are renewed at half-life. 24 h, as Istio: a
-    /// leaked key is useful for a day at most, and renewal traffic stays negligible.
+    /// Lifetime of workload certificates (asked of the controller, which may cap it); they
+    /// are renewed at half-life. 24 h, as Istio: a leaked key is useful for a day at most,
+    /// and renewal traffic stays negligible.
     #[arg(long, env = "WEFT_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
     pub cert_ttl: Duration,
 
@@ -83,6 +117,36 @@ pub struct Config {
     /// The `nft` program that installs capture rules.
     #[arg(long, env = "WEFT_NFT", default_value = "nft")]
     pub nft: PathBuf,
+}
+
+impl Config {
+    /// The mode the settings select, or an error naming the missing setting.
+    pub fn mode(&self) -> Result<Mode, String> {
+        match (&self.controller, &self.local_config) {
+            (Some(addr), None) => Ok(Mode::Controller {
+                addr: *addr,
+                ca: self.controller_ca.clone().ok_or(
+                    "--controller needs --controller-ca (WEFT_CONTROLLER_CA): the root its certificate chains to",
+                )?,
+                name: self.controller_name.clone(),
+                token_file: self
+                    .node_token_file
+                    .clone()
+                    .ok_or("--controller needs --node-token-file (WEFT_NODE_TOKEN_FILE): this node's credential")?,
+            }),
+            (None, Some(file)) => Ok(Mode::Local {
+                file: file.clone(),
+                ca_cert: self.ca_cert.clone().ok_or("--local-config needs --ca-cert (WEFT_CA_CERT)")?,
+                ca_key: self.ca_key.clone().ok_or("--local-config needs --ca-key (WEFT_CA_KEY)")?,
+                trust_bundle: self.trust_bundle.clone(),
+            }),
+            (None, None) => Err(
+                "give --controller <ip:15012> (programmed by the controller) or --local-config <file> (no controller)"
+                    .into(),
+            ),
+            (Some(_), Some(_)) => Err("--controller and --local-config exclude each other".into()),
+        }
+    }
 }
 
 /// Parses `500ms`, `10s`, `5m`, `24h`.

@@ -5,7 +5,8 @@
 //!
 //! Modules in the order a connection travels: [`inpod`] (capture) → [`proxy::outbound`] →
 //! HBONE (`hbone` crate) → [`proxy::inbound`] / [`proxy::plaintext`] → the app. Around them:
-//! [`state`] and [`local`] (the cluster view), [`authz`], [`certs`], [`manager`]
+//! [`state`] with [`control`] (the controller's watch stream) or [`local`] (a local file) as
+//! the cluster view, [`authz`], [`certs`], [`manager`]
 //! (enrollment), [`metrics`], [`admin`], and [`app`] which wires them.
 
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod authz;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod inpod;
 pub mod local;
 pub mod manager;

@@ -71,11 +71,12 @@ impl Manager {
         let state = self.proxy.state.load();
         let desired: HashMap<String, Vec<IpAddr>> = state
             .local_workloads(&self.proxy.node)
+            .map(|e| e.workload())
             .filter(|w| w.enrolled)
             .map(|w| (w.uid.clone(), w.addresses.clone()))
             .collect();
         let keep_ids: Vec<hbone::SpiffeId> =
-            state.local_workloads(&self.proxy.node).filter_map(|w| w.identity(state.trust_domain()).ok()).collect();
+            state.local_workloads(&self.proxy.node).filter_map(|e| e.identity().ok().cloned()).collect();
         drop(state);
 
         let mut pods = self.pods.lock().await;
@@ -163,16 +164,16 @@ impl Manager {
         })?;
         let identity = {
             let state = self.proxy.state.load();
-            let w = state
-                .workload_by_ip(ips[0])
-                .ok_or_else(|| EnrollError::Identity { uid: uid.into(), reason: "gone from the config".into() })?;
-            w.identity(state.trust_domain())
+            state
+                .identity_by_ip(ips[0])
+                .ok_or_else(|| EnrollError::Identity { uid: uid.into(), reason: "gone from the config".into() })?
                 .map_err(|e| EnrollError::Identity { uid: uid.into(), reason: e.to_string() })?
         };
         let cert = self
             .proxy
             .certs
-            .get(&identity)
+            .obtain(&identity)
+            .await
             .map_err(|e| EnrollError::Identity { uid: uid.into(), reason: e.to_string() })?;
 
         let listen =

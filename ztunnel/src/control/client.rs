@@ -1,0 +1,239 @@
+//! The connection to the controller: one HTTP/2 connection over TLS, opened on first use and
+//! again after it fails, carrying the watch stream, acknowledgements and certificate requests
+//! (`docs/PROTOCOL.md`). Every request carries the node's credential.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshapi::certificate::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorBody};
+use meshapi::watch::{ACK_PATH, Ack, Cursor, WATCH_PATH};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Connecting (TCP and TLS) to the controller gives up after 5 s: a controller that does not
+/// answer in that time is down or unreachable, and the caller backs off and retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Unary calls (acknowledgements, certificates) give up after 10 s.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest watch message accepted: 256 MiB. A snapshot of 10,000 pods and 1,000 services
+/// is about 4 MiB; the bound only stops a broken peer from growing the buffer forever.
+const MAX_LINE: usize = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "cannot connect to the controller at {addr}: {error}; is it running, and is port 15012 reachable from this node?"
+    )]
+    Connect { addr: SocketAddr, error: std::io::Error },
+    #[error(
+        "TLS with the controller at {addr} failed: {error}; does --controller-ca hold the root that signed its certificate, and does --controller-name match it?"
+    )]
+    Tls { addr: SocketAddr, error: std::io::Error },
+    #[error("HTTP/2 with the controller failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the controller did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the controller refused {path}: {status} {reason}: {error}")]
+    Refused { path: &'static str, status: StatusCode, reason: String, error: String },
+    #[error("the controller's answer to {path} is not valid: {error}")]
+    Invalid { path: &'static str, error: String },
+    #[error("a watch message is longer than {MAX_LINE} bytes")]
+    LineTooLong,
+}
+
+impl ControlError {
+    /// Whether the controller answered but refused (retrying the same call will not help
+    /// until something changes).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ControlError::Refused { .. })
+    }
+
+    /// The refusal's stable reason (`docs/PROTOCOL.md`), if the controller refused.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            ControlError::Refused { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// Where the controller is and how to prove who we are.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The name its certificate must carry (a DNS name or the IP address).
+    pub server_name: ServerName<'static>,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The node's bearer token.
+    pub token: String,
+    pub node: String,
+}
+
+pub struct Client {
+    endpoint: Endpoint,
+    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+impl Client {
+    pub fn new(endpoint: Endpoint) -> Client {
+        Client { endpoint, conn: tokio::sync::Mutex::new(None) }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.endpoint.node
+    }
+
+    /// The open connection, or a new one.
+    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, ControlError> {
+        let mut conn = self.conn.lock().await;
+        if let Some(s) = conn.as_ref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let addr = self.endpoint.addr;
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.map_err(|error| ControlError::Connect { addr, error })?;
+            let _ = tcp.set_nodelay(true);
+            TlsConnector::from(self.endpoint.tls.clone())
+                .connect(self.endpoint.server_name.clone(), tcp)
+                .await
+                .map_err(|error| ControlError::Tls { addr, error })
+        };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| ControlError::Timeout(CONNECT_TIMEOUT))??;
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        // Pings keep the watch stream honest across silent network failures.
+        builder
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let (sender, connection) = builder.handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "controller connection ended");
+            }
+        });
+        *conn = Some(sender.clone());
+        Ok(sender)
+    }
+
+    fn request(&self, method: Method, path_and_query: &str, body: Bytes) -> Request<Full<Bytes>> {
+        let uri = format!("https://{}{}", self.endpoint.addr, path_and_query);
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri.parse().unwrap_or_default();
+        if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {}", self.endpoint.token)) {
+            req.headers_mut().insert(header::AUTHORIZATION, v);
+        }
+        req.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+        req
+    }
+
+    /// Sends `req` and returns the response if it is a success; a refusal becomes
+    /// [`ControlError::Refused`] with the controller's reason.
+    async fn send(
+        &self,
+        path: &'static str,
+        req: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<Incoming>, ControlError> {
+        let mut sender = self.sender().await?;
+        let resp = sender.send_request(req).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect())
+            .await
+            .map_err(|_| ControlError::Timeout(CALL_TIMEOUT))??
+            .to_bytes();
+        let (reason, error) = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => (e.reason, e.error),
+            Err(_) => ("unknown".to_owned(), String::from_utf8_lossy(&body).into_owned()),
+        };
+        Err(ControlError::Refused { path, status, reason, error })
+    }
+
+    /// Subscribes for this node, resuming after `since` when given.
+    pub async fn watch(&self, since: Option<&Cursor>) -> Result<Lines, ControlError> {
+        let mut query = format!("{WATCH_PATH}?node={}", self.endpoint.node);
+        if let Some(c) = since.filter(|c| c.is_set()) {
+            query.push_str(&format!("&epoch={}&since={}", c.epoch, c.version));
+        }
+        let req = self.request(Method::GET, &query, Bytes::new());
+        let resp = tokio::time::timeout(CALL_TIMEOUT, self.send("watch", req))
+            .await
+            .map_err(|_| ControlError::Timeout(CALL_TIMEOUT))??;
+        Ok(Lines { body: resp.into_body(), buf: BytesMut::new() })
+    }
+
+    /// Reports what this node applied.
+    pub async fn ack(&self, ack: &Ack) -> Result<(), ControlError> {
+        let body = serde_json::to_vec(ack).unwrap_or_default();
+        let req = self.request(Method::POST, ACK_PATH, Bytes::from(body));
+        tokio::time::timeout(CALL_TIMEOUT, self.send("ack", req))
+            .await
+            .map_err(|_| ControlError::Timeout(CALL_TIMEOUT))??;
+        Ok(())
+    }
+
+    /// Asks for a certificate for the CSR's identity.
+    pub async fn certificate(&self, request: &CertificateRequest) -> Result<CertificateResponse, ControlError> {
+        let body = serde_json::to_vec(request).unwrap_or_default();
+        let req = self.request(Method::POST, CERTIFICATES_PATH, Bytes::from(body));
+        let call = async {
+            let resp = self.send("certificates", req).await?;
+            let body = resp.into_body().collect().await?.to_bytes();
+            serde_json::from_slice::<CertificateResponse>(&body)
+                .map_err(|e| ControlError::Invalid { path: "certificates", error: e.to_string() })
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| ControlError::Timeout(CALL_TIMEOUT))?
+    }
+}
+
+/// The watch stream's lines.
+pub struct Lines {
+    body: Incoming,
+    buf: BytesMut,
+}
+
+impl Lines {
+    /// The next line (without its newline), or `None` when the stream ended.
+    pub async fn next(&mut self) -> Result<Option<String>, ControlError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line = self.buf.split_to(i + 1);
+                let text = String::from_utf8_lossy(&line[..i]).into_owned();
+                return Ok(Some(text));
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(ControlError::LineTooLong);
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            self.buf.extend_from_slice(chunk);
+                            let n = chunk.len();
+                            data.advance(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
