@@ -20,7 +20,7 @@ use super::{Accepted, PodInfo, Proxy, SERVICE_ATTEMPTS, labels};
 use crate::config::HBONE_PORT;
 use crate::inpod::socket;
 use crate::metrics::{ConnCounters, RefusedLabels, Reporter, SecurityPolicy};
-use crate::state::{Peer, Resolved, State};
+use crate::state::{Peer, Resolved, State, WorkloadEntry};
 
 /// One way to reach the destination.
 enum Route {
@@ -193,12 +193,11 @@ fn plan(
     proxy: &Proxy,
     orig: SocketAddr,
 ) -> Result<(Vec<(Route, SocketAddr)>, Option<Arc<str>>), String> {
-    let route_to = |index: usize, port: u16| -> Option<(Route, SocketAddr)> {
-        let w = state.workload(index);
-        let ip = *w.addresses.first()?;
+    let route_to = |w: &WorkloadEntry, port: u16| -> Option<(Route, SocketAddr)> {
+        let ip = w.address()?;
         let target = SocketAddr::new(ip, port);
-        if w.enrolled {
-            let identity = state.identity(index).ok()?;
+        if w.workload().enrolled {
+            let identity = w.identity().ok()?.clone();
             Some((Route::Hbone { endpoint: SocketAddr::new(ip, HBONE_PORT), target, identity }, target))
         } else {
             Some((Route::Direct { target }, target))
@@ -206,19 +205,22 @@ fn plan(
     };
     match state.resolve(orig) {
         Resolved::Service { service, port, endpoints } => {
-            let key = format!("{}/{}", service.namespace, service.name);
-            let order = proxy.balancer.order(&key, endpoints.len(), |i| {
-                state.workload(endpoints[i]).addresses.first().copied().unwrap_or(orig.ip())
-            });
-            let routes: Vec<_> = order.into_iter().filter_map(|i| route_to(endpoints[i], port.target_port)).collect();
+            let key = service.key();
+            let order = proxy
+                .balancer
+                .order(key, endpoints.len(), |i| endpoints.get(i).and_then(|w| w.address()).unwrap_or(orig.ip()));
+            let routes: Vec<_> = order
+                .into_iter()
+                .filter_map(|i| endpoints.get(i))
+                .filter_map(|w| route_to(w, port.target_port))
+                .collect();
             if routes.is_empty() {
                 return Err(format!("service {key} has no usable endpoint"));
             }
-            Ok((routes, Some(Arc::from(&*service.hostname))))
+            Ok((routes, Some(service.hostname().clone())))
         }
-        Resolved::Workload { index, workload } => {
-            let route =
-                route_to(index, orig.port()).ok_or_else(|| format!("workload {} has no identity", workload.uid))?;
+        Resolved::Workload(w) => {
+            let route = route_to(w, orig.port()).ok_or_else(|| format!("workload {} has no identity", w.uid()))?;
             Ok((vec![route], None))
         }
         Resolved::Unknown if state.is_vip(orig.ip()) => {
