@@ -15,3 +15,5 @@ pub mod ca;
 pub mod config;
 pub mod metrics;
 pub mod store;
+
+pub mod source;
