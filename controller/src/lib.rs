@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod store;
 
 pub mod source;
+pub mod translate;
