@@ -48,6 +48,16 @@ pub struct Config {
     #[arg(long, env = "WEFT_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
     pub cert_ttl: Duration,
 
+    /// The shortest lifetime granted, whatever a proxy asks: 10 min, so a misconfigured proxy
+    /// cannot make the CA sign on every connection. Lower it only to test rotation.
+    #[arg(long, env = "WEFT_MIN_CERT_TTL", value_parser = parse_duration, default_value = "10m")]
+    pub min_cert_ttl: Duration,
+
+    /// The longest lifetime granted: 7 days, so a leaked key cannot outlive a week even if a
+    /// proxy asks for more.
+    #[arg(long, env = "WEFT_MAX_CERT_TTL", value_parser = parse_duration, default_value = "7d")]
+    pub max_cert_ttl: Duration,
+
     /// Names (DNS names or IP addresses) the API's certificate carries, so that clients
     /// verifying it by name (ztunnel, curl) accept it. Repeat or separate with commas.
     #[arg(
@@ -91,7 +101,25 @@ pub struct Config {
     pub history_bytes: usize,
 }
 
-/// Parses `500ms`, `10s`, `5m`, `24h`.
+impl Config {
+    /// The CA's settings.
+    pub fn authority(&self) -> crate::ca::AuthorityConfig {
+        let root = match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => {
+                crate::ca::RootSource::Files { cert: cert.clone(), key: key.clone(), chain: self.ca_chain.clone() }
+            }
+            _ => crate::ca::RootSource::Generated { state_dir: self.state_dir.clone() },
+        };
+        let mut config = crate::ca::AuthorityConfig::new(self.trust_domain.clone(), root);
+        config.extra_roots = self.extra_roots.clone();
+        config.cert_ttl = self.cert_ttl;
+        config.min_cert_ttl = self.min_cert_ttl;
+        config.max_cert_ttl = self.max_cert_ttl;
+        config
+    }
+}
+
+/// Parses `500ms`, `10s`, `5m`, `24h`, `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -102,6 +130,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        "d" => Ok(Duration::from_secs(n * 86400)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
     }
 }

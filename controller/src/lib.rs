@@ -10,10 +10,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod auth;
 pub mod ca;
+pub mod cli;
 pub mod config;
 pub mod metrics;
+pub mod server;
 pub mod store;
 
 pub mod source;

@@ -1,0 +1,210 @@
+//! Wiring: `build(config)` opens the CA and the node tokens, starts the source loop (read the
+//! directory, translate, commit), and the API, admin, metrics and readiness servers; it
+//! returns a [`Bound`] with the addresses it bound and a shutdown handle.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use hbone::drain;
+use meshapi::watch::Change;
+use meshapi::{Resource, TrustBundle};
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+
+use crate::auth::NodeTokens;
+use crate::ca::Authority;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::server::{self, Api};
+use crate::source::Rejection;
+use crate::source::dir::DirSource;
+use crate::store::Store;
+use crate::translate::Translator;
+
+/// A running controller.
+pub struct Bound {
+    pub api_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub store: Arc<Store>,
+    servers: drain::Trigger,
+    stop: Arc<AtomicBool>,
+    source: Option<std::thread::JoinHandle<()>>,
+}
+
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+    let authority = Arc::new(Authority::open(config.authority()).context("opening the certificate authority")?);
+    let tokens = NodeTokens::open(&config.state_dir).context("opening the node token key")?;
+    let metrics = Arc::new(Metrics::new());
+    let store =
+        Arc::new(Store::new(epoch(), config.history_bytes, authority.trust_domain().to_owned(), metrics.clone()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let rejections = Arc::new(Mutex::new(Vec::new()));
+
+    // The first scan runs before the servers answer, so the first subscriber already gets
+    // the cluster rather than an empty snapshot.
+    let mut source = Source {
+        server_cert: None,
+        server_names: config.server_names.clone(),
+        dir: DirSource::new(config.source_dir.clone()),
+        translator: Translator::new(),
+        store: store.clone(),
+        authority: authority.clone(),
+        rejections: rejections.clone(),
+        metrics: metrics.clone(),
+    };
+    source.publish_bundle();
+    source.tick();
+    ready.store(true, Ordering::Release);
+
+    let credentials = authority.server_credentials(&config.server_names).context("minting the API's certificate")?;
+    let server_cert = hbone::WorkloadCert::new(credentials);
+    let tls = tls_acceptor(server_cert.clone());
+    let api = Arc::new(Api {
+        store: store.clone(),
+        authority: authority.clone(),
+        authenticator: Arc::new(tokens),
+        metrics: metrics.clone(),
+        heartbeat: config.heartbeat,
+        cert_ttl: config.cert_ttl,
+        rejections,
+        ready: ready.clone(),
+    });
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} server on {addr}"))
+    };
+    let api_l = bind(config.api_addr, "API").await?;
+    let admin_l = bind(config.admin_addr, "admin").await?;
+    let metrics_l = bind(config.metrics_addr, "metrics").await?;
+    let ready_l = bind(config.readiness_addr, "readiness").await?;
+    let (api_addr, admin_addr, metrics_addr, readiness_addr) =
+        (api_l.local_addr()?, admin_l.local_addr()?, metrics_l.local_addr()?, ready_l.local_addr()?);
+    let (servers, watch) = drain::channel();
+    tokio::spawn(server::serve_api(api_l, tls, api.clone(), watch.clone()));
+    tokio::spawn(server::serve_plain(admin_l, api.admin_routes(), watch.clone()));
+    tokio::spawn(server::serve_plain(metrics_l, server::metrics_routes(metrics.clone()), watch.clone()));
+    tokio::spawn(server::serve_plain(ready_l, server::readiness_routes(ready), watch.clone()));
+
+    source.server_cert = Some(server_cert);
+    // The source loop runs on a thread of its own: reading files blocks, and nothing in it
+    // waits on the network.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_source, interval) = (stop.clone(), config.poll_interval);
+    let thread = std::thread::Builder::new()
+        .name("controller-source".into())
+        .spawn(move || {
+            while !stop_source.load(Ordering::Acquire) {
+                std::thread::sleep(interval);
+                source.tick();
+            }
+        })
+        .context("starting the source thread")?;
+    info!(source = %config.source_dir.display(), version = store.version(), "controller ready");
+    Ok(Bound { api_addr, admin_addr, metrics_addr, readiness_addr, store, servers, stop, source: Some(thread) })
+}
+
+impl Bound {
+    /// Stops reading the source and closes the servers; watch streams end, and proxies keep
+    /// serving what they applied until a controller is back.
+    pub async fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.servers.drain(Duration::from_secs(1)).await;
+        if let Some(t) = self.source.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// The source loop's state: read, translate, commit; and keep the API's certificate fresh.
+struct Source {
+    /// The API's certificate, renewed at half-life under the running listener.
+    server_cert: Option<hbone::WorkloadCert>,
+    server_names: Vec<String>,
+    dir: DirSource,
+    translator: Translator,
+    store: Arc<Store>,
+    authority: Arc<Authority>,
+    rejections: Arc<Mutex<Vec<Rejection>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Source {
+    fn tick(&mut self) {
+        match self.authority.reload() {
+            Ok(true) => {
+                info!("CA files changed: new trust bundle");
+                self.publish_bundle();
+                self.renew_server_cert(true);
+            }
+            Ok(false) => {}
+            Err(e) => error!(error = %e, "CA files changed but cannot be used; keeping the current CA"),
+        }
+        self.renew_server_cert(false);
+        let scan = self.dir.scan();
+        if scan.events.is_empty() && scan.rejected.is_empty() {
+            return;
+        }
+        for r in &scan.rejected {
+            warn!(rejected = %r, "source object rejected; everything else keeps working");
+        }
+        let changes = self.translator.apply_all(scan.events);
+        let mut all = self.dir.rejected();
+        all.extend(self.translator.rejected());
+        self.metrics.source_rejections.set(all.len() as i64);
+        *self.rejections.lock().unwrap_or_else(|p| p.into_inner()) = all;
+        if let Some(c) = self.store.commit(changes) {
+            info!(version = c.version, upserts = c.upserts, deletes = c.deletes, "model changed");
+        }
+    }
+
+    /// Renews the API's certificate past half of its lifetime (or now, after the signer
+    /// changed).
+    fn renew_server_cert(&self, now: bool) {
+        let Some(cert) = &self.server_cert else { return };
+        let current = cert.current();
+        let lifetime = current.not_after().duration_since(current.not_before()).unwrap_or_default();
+        let left = current.not_after().duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        if !now && left > lifetime / 2 {
+            return;
+        }
+        match self.authority.server_credentials(&self.server_names).map_err(|e| e.to_string()) {
+            Ok(fresh) => match cert.rotate(fresh) {
+                Ok(()) => info!("renewed the API's certificate"),
+                Err(e) => error!(error = %e, "cannot use the renewed API certificate"),
+            },
+            Err(e) => error!(error = %e, "cannot renew the API's certificate; will retry"),
+        }
+    }
+
+    fn publish_bundle(&self) {
+        let bundle =
+            TrustBundle { trust_domain: self.authority.trust_domain().to_owned(), roots: self.authority.bundle_pem() };
+        self.store.commit(vec![Change::Upsert(Resource::TrustBundle(bundle))]);
+    }
+}
+
+/// The API's TLS (1.3 only, as everything in the mesh): its certificate, no client certificate
+/// (nodes authenticate with a token), HTTP/2 preferred.
+fn tls_acceptor(cert: hbone::WorkloadCert) -> tokio_rustls::TlsAcceptor {
+    let mut config = rustls::ServerConfig::builder_with_provider(hbone::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        // The provider is built with TLS 1.3 suites; this cannot fail.
+        .expect("TLS 1.3 is supported by the aws-lc-rs provider")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(cert));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A new epoch name: 16 hex digits from the clock and the process id, unique per start.
+fn epoch() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:016x}", (nanos as u64) ^ (u64::from(std::process::id()) << 48))
+}
