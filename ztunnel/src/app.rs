@@ -3,6 +3,7 @@
 //! returns a [`Bound`] with the addresses it bound and a shutdown handle.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,19 +12,20 @@ use anyhow::Context;
 use hbone::ca::Ca;
 use hbone::{TrustBundle, TrustStore, drain};
 use http::{Method, StatusCode};
+use meshapi::watch::Change;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, Call, Reply, Routes};
 use crate::certs::{CertManager, Issuer};
 use crate::config::{Config, Mode};
 use crate::inpod::Netns;
-use crate::local;
 use crate::manager::Manager;
 use crate::metrics::Metrics;
 use crate::proxy::{Balancer, PodDialer, PodRegistry, Proxy};
 use crate::state::StateStore;
+use crate::{control, local};
 
 /// Changes the log filter at run time (`/logging?level=...`); set by `main`.
 pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -45,30 +47,75 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     // Record ztunnel's own namespace before any thread enters a pod's.
     Netns::host().context("cannot open ztunnel's own network namespace")?;
 
-    let (local_file, ca_cert, ca_key, trust_bundle) = match config.mode().map_err(anyhow::Error::msg)? {
-        Mode::Local { file, ca_cert, ca_key, trust_bundle } => (file, ca_cert, ca_key, trust_bundle),
-        Mode::Controller { .. } => anyhow::bail!("--controller is not wired yet"),
+    let mode = config.mode().map_err(anyhow::Error::msg)?;
+    let state = StateStore::default();
+    let metrics = Arc::new(Metrics::new());
+
+    // Where the cluster view and certificates come from.
+    let (issuer, bundle, plane) = match &mode {
+        Mode::Local { file, ca_cert, ca_key, trust_bundle } => {
+            let ca = Ca::from_pem(&read(ca_cert, "CA certificate (--ca-cert)")?, &read(ca_key, "CA key (--ca-key)")?)
+                .with_context(|| format!("loading the CA from {} and {}", ca_cert.display(), ca_key.display()))?;
+            let (snapshot, applied_bytes) = local::load(file)?;
+            let bundle_path = trust_bundle.clone().unwrap_or_else(|| ca_cert.clone());
+            let bundle = TrustBundle::from_pem(&read(&bundle_path, "trust bundle")?)
+                .and_then(|b| b.with_trust_domain(&snapshot.trust_domain))
+                .with_context(|| format!("loading the trust bundle from {}", bundle_path.display()))?;
+            state.replace(snapshot);
+            metrics.config_applied.inc();
+            (Issuer::Local(Box::new(ca)), bundle, Plane::Local { file: file.clone(), applied_bytes })
+        }
+        Mode::Controller { addr, ca, name, token_file } => {
+            let roots = read(ca, "controller CA (--controller-ca)")?;
+            let token = read(token_file, "node credential (--node-token-file)")?.trim().to_owned();
+            let client = Arc::new(control::client::Client::new(controller_endpoint(
+                *addr,
+                &roots,
+                name.as_deref(),
+                token,
+                &config.node,
+            )?));
+            // Static stability: start from what was applied last, if it was kept.
+            let config_file = config.state_dir.as_ref().map(|d| d.join("config.json"));
+            let applied = match config_file.as_deref().map(control::persist::load).transpose() {
+                Ok(applied) => applied.flatten().unwrap_or_default(),
+                Err(e) => {
+                    warn!(error = %e, "starting without the saved configuration");
+                    Default::default()
+                }
+            };
+            let saved = applied.decoded();
+            if !saved.is_empty() {
+                info!(
+                    resources = saved.len(),
+                    version = applied.cursor.version,
+                    "starting from the saved configuration"
+                );
+                state.apply(saved.into_iter().map(Change::Upsert));
+            }
+            // The saved bundle if there is one, else the controller's roots.
+            let bundle = match state.load().trust_bundle() {
+                Some(b) => TrustBundle::from_pem(&b.roots.concat()).and_then(|t| t.with_trust_domain(&b.trust_domain)),
+                None => TrustBundle::from_pem(&roots),
+            }
+            .with_context(|| format!("loading the trust bundle from {}", ca.display()))?;
+            (Issuer::Controller(client.clone()), bundle, Plane::Controller { client, applied, config_file })
+        }
     };
-    let ca = Ca::from_pem(&read(&ca_cert, "CA certificate (--ca-cert)")?, &read(&ca_key, "CA key (--ca-key)")?)
-        .with_context(|| format!("loading the CA from {} and {}", ca_cert.display(), ca_key.display()))?;
-    let bundle_path = trust_bundle.unwrap_or_else(|| ca_cert.clone());
-    let bundle = TrustBundle::from_pem(&read(&bundle_path, "trust bundle")?)
-        .with_context(|| format!("loading the trust bundle from {}", bundle_path.display()))?;
     let trust = TrustStore::new(bundle);
 
-    let (snapshot, mut applied_bytes) = local::load(&local_file)?;
-    let state = StateStore::default();
-    state.replace(snapshot);
-
-    let metrics = Arc::new(Metrics::new());
-    metrics.config_applied.inc();
     let pods = Arc::new(PodRegistry::default());
     let hbone_config = hbone::Config::default();
     let client = hbone::Client::with_dialer(hbone_config.clone(), trust.clone(), Arc::new(PodDialer(pods.clone())));
+    let certs = CertManager::new(issuer, config.cert_ttl, config.state_dir.as_ref().map(|d| d.join("certs")));
+    let kept = certs.load_kept();
+    if kept > 0 {
+        info!(certificates = kept, "certificates loaded from the node");
+    }
     let proxy = Arc::new(Proxy {
         node: config.node.clone(),
         state: state.clone(),
-        certs: CertManager::new(Issuer::Local(ca), config.cert_ttl, None),
+        certs,
         trust,
         client,
         pods,
@@ -78,7 +125,54 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     });
     let manager =
         Arc::new(Manager::new(proxy.clone(), config.proc_root.clone(), config.nft.clone(), config.drain_deadline));
-    let pending = manager.reconcile().await;
+
+    let mut loops = Vec::new();
+    let pending = match plane {
+        Plane::Local { file, applied_bytes } => {
+            let pending = manager.reconcile().await;
+            loops.push(tokio::spawn(reload_local(
+                file,
+                applied_bytes,
+                config.reload_interval,
+                state.clone(),
+                manager.clone(),
+                metrics.clone(),
+                pending,
+            )));
+            pending
+        }
+        Plane::Controller { client, applied, config_file } => {
+            let had_config = applied.cursor.is_set();
+            if had_config {
+                // Serve the saved configuration at once; the watcher catches up.
+                manager.reconcile().await;
+            }
+            let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+            let persist = config_file.map(control::persist::ConfigFile::new);
+            let watcher = control::Watcher::new(client, proxy.clone(), manager.clone(), persist, applied, synced_tx);
+            loops.push(tokio::spawn(watcher.run()));
+            if !had_config {
+                // Nothing to serve yet: wait (bounded) for the controller's first snapshot.
+                let wait = tokio::time::timeout(INITIAL_SYNC, synced.wait_for(|s| *s)).await;
+                if wait.is_err() {
+                    warn!(waited = ?INITIAL_SYNC, "no configuration from the controller yet; serving nothing until it arrives");
+                }
+            }
+            // Pods whose enrollment failed (not started yet) are retried on this beat.
+            let (retry_manager, interval) = (manager.clone(), config.reload_interval);
+            loops.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if retry_manager.pending() > 0 {
+                        retry_manager.reconcile().await;
+                    }
+                }
+            }));
+            manager.pending()
+        }
+    };
     info!(node = %config.node, pending, "initial enrollment done");
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -96,44 +190,6 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     tokio::spawn(admin::serve(admin_l, admin_routes(proxy.clone(), manager.clone(), log_control), watch.clone()));
     tokio::spawn(admin::serve(metrics_l, metrics_routes(metrics.clone()), watch.clone()));
     tokio::spawn(admin::serve(ready_l, readiness_routes(ready.clone()), watch.clone()));
-    let mut loops = Vec::new();
-
-    // Reload the local file when it changes; retry pending enrollments on the same beat.
-    let (reload_state, reload_manager, reload_metrics) = (state.clone(), manager.clone(), metrics.clone());
-    let (path, interval) = (local_file, config.reload_interval);
-    loops.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pending = pending;
-        loop {
-            tick.tick().await;
-            let bytes = match tokio::fs::read(&path).await {
-                Ok(b) => b,
-                Err(e) => {
-                    error!(file = %path.display(), error = %e, "cannot read config file; keeping the last good config");
-                    continue;
-                }
-            };
-            if bytes != applied_bytes {
-                applied_bytes = bytes;
-                match local::parse(&path, &applied_bytes) {
-                    Ok(snapshot) => {
-                        reload_state.replace(snapshot);
-                        reload_metrics.config_applied.inc();
-                        info!(file = %path.display(), "config reloaded");
-                        pending = reload_manager.reconcile().await;
-                    }
-                    Err(e) => {
-                        reload_metrics.config_rejected.inc();
-                        error!(error = %e, "config rejected; keeping the last good config");
-                    }
-                }
-            } else if pending > 0 {
-                pending = reload_manager.reconcile().await;
-            }
-        }
-    }));
-
     // Renew certificates at half-life.
     let renew_proxy = proxy.clone();
     let every = (config.cert_ttl / 8).clamp(Duration::from_secs(1), Duration::from_secs(300));
@@ -162,6 +218,100 @@ impl Bound {
         info!(?outcome, "drained");
         outcome
     }
+}
+
+/// Where the cluster view comes from, with what that source needs to keep going.
+enum Plane {
+    Local {
+        file: PathBuf,
+        applied_bytes: Vec<u8>,
+    },
+    Controller {
+        client: Arc<control::client::Client>,
+        applied: control::persist::Applied,
+        config_file: Option<PathBuf>,
+    },
+}
+
+/// How long a ztunnel with no saved configuration waits for the controller's first snapshot
+/// before it reports ready: 30 s, longer than a controller restart, short enough that a
+/// controller that is down does not hold the node's startup forever (it then serves nothing
+/// until the snapshot arrives, and says so).
+const INITIAL_SYNC: Duration = Duration::from_secs(30);
+
+/// Reloads the local file when it changes; retries pending enrollments on the same beat.
+async fn reload_local(
+    path: PathBuf,
+    mut applied_bytes: Vec<u8>,
+    interval: Duration,
+    state: StateStore,
+    manager: Arc<Manager>,
+    metrics: Arc<Metrics>,
+    mut pending: usize,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                error!(file = %path.display(), error = %e, "cannot read config file; keeping the last good config");
+                continue;
+            }
+        };
+        if bytes != applied_bytes {
+            applied_bytes = bytes;
+            match local::parse(&path, &applied_bytes) {
+                Ok(snapshot) => {
+                    state.replace(snapshot);
+                    metrics.config_applied.inc();
+                    info!(file = %path.display(), "config reloaded");
+                    pending = manager.reconcile().await;
+                }
+                Err(e) => {
+                    metrics.config_rejected.inc();
+                    error!(error = %e, "config rejected; keeping the last good config");
+                }
+            }
+        } else if pending > 0 {
+            pending = manager.reconcile().await;
+        }
+    }
+}
+
+/// The controller client's settings: TLS that verifies the controller's certificate to
+/// `roots` by `name` (its IP address by default), HTTP/2.
+fn controller_endpoint(
+    addr: SocketAddr,
+    roots: &str,
+    name: Option<&str>,
+    token: String,
+    node: &str,
+) -> anyhow::Result<control::client::Endpoint> {
+    use rustls::pki_types::pem::PemObject;
+    let mut store = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(roots.as_bytes()) {
+        store.add(cert.context("reading --controller-ca")?).context("adding a root of --controller-ca")?;
+    }
+    if store.is_empty() {
+        anyhow::bail!("--controller-ca holds no certificate");
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(hbone::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let server_name = match name {
+        Some(n) => rustls::pki_types::ServerName::try_from(n.to_owned())
+            .with_context(|| format!("--controller-name {n:?} is not a DNS name or IP address"))?,
+        None => rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+    };
+    if token.is_empty() {
+        anyhow::bail!("the node credential file is empty");
+    }
+    Ok(control::client::Endpoint { addr, server_name, tls: Arc::new(tls), token, node: node.to_owned() })
 }
 
 fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {

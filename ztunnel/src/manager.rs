@@ -58,11 +58,21 @@ pub struct Manager {
     nft: PathBuf,
     drain_deadline: Duration,
     pods: tokio::sync::Mutex<HashMap<String, Enrolled>>,
+    /// Pods that should be enrolled but are not yet (their namespace not found, or their
+    /// certificate not obtained), as of the last reconcile.
+    pending: std::sync::atomic::AtomicUsize,
 }
 
 impl Manager {
     pub fn new(proxy: Arc<Proxy>, proc_root: PathBuf, nft: PathBuf, drain_deadline: Duration) -> Self {
-        Manager { proxy, proc_root, nft, drain_deadline, pods: tokio::sync::Mutex::new(HashMap::new()) }
+        Manager {
+            proxy,
+            proc_root,
+            nft,
+            drain_deadline,
+            pods: tokio::sync::Mutex::new(HashMap::new()),
+            pending: Default::default(),
+        }
     }
 
     /// Brings the captured pods in line with the current state. Returns the number of pods
@@ -107,8 +117,14 @@ impl Manager {
             }
         }
         self.proxy.metrics.enrolled_pods.set(pods.len() as i64);
+        self.pending.store(pending, std::sync::atomic::Ordering::Release);
         self.proxy.certs.retain(|id| keep_ids.contains(id));
         pending
+    }
+
+    /// How many pods the last reconcile could not enroll yet.
+    pub fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The captured pods, for the config dump.

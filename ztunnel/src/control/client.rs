@@ -116,6 +116,7 @@ impl Client {
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         // Pings keep the watch stream honest across silent network failures.
         builder
+            .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);

@@ -17,3 +17,211 @@
 
 pub mod client;
 pub mod persist;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshapi::watch::{Ack, Change, Cursor, Message, Rejected};
+use meshapi::{Key, Resource};
+use tracing::{debug, info, warn};
+
+use crate::manager::Manager;
+use crate::proxy::Proxy;
+use client::Client;
+
+/// Three missed heartbeats (the controller sends one every 15 s on an idle stream) mean the
+/// stream is dead even if TCP has not noticed.
+const STREAM_IDLE: Duration = Duration::from_secs(45);
+
+/// Backoff between subscription attempts: from 200 ms (a restarting controller is back
+/// quickly) doubling to 5 s (a controller that is down is not hammered by every node).
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Applies the controller's stream to the proxy.
+pub struct Watcher {
+    client: Arc<Client>,
+    proxy: Arc<Proxy>,
+    manager: Arc<Manager>,
+    persist: Option<persist::ConfigFile>,
+    /// What is applied, each resource in its wire form (what is persisted).
+    held: BTreeMap<Key, String>,
+    cursor: Cursor,
+    /// Set once a snapshot (or a resumption) was applied.
+    synced: tokio::sync::watch::Sender<bool>,
+}
+
+/// What one message changed.
+struct Outcome {
+    changes: usize,
+    rejected: Vec<Rejected>,
+}
+
+impl Watcher {
+    /// A watcher starting from `held` at `cursor` (from the persisted configuration, or
+    /// empty).
+    pub fn new(
+        client: Arc<Client>,
+        proxy: Arc<Proxy>,
+        manager: Arc<Manager>,
+        persist: Option<persist::ConfigFile>,
+        start: persist::Applied,
+        synced: tokio::sync::watch::Sender<bool>,
+    ) -> Watcher {
+        Watcher { client, proxy, manager, persist, held: start.resources, cursor: start.cursor, synced }
+    }
+
+    /// Subscribes and applies, forever (the task is aborted at shutdown).
+    pub async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match self.client.watch(Some(&self.cursor)).await {
+                Ok(mut lines) => {
+                    info!(since = ?self.cursor, "subscribed to the controller");
+                    backoff = BACKOFF_MIN;
+                    loop {
+                        let line = match tokio::time::timeout(STREAM_IDLE, lines.next()).await {
+                            Ok(Ok(Some(line))) => line,
+                            Ok(Ok(None)) => {
+                                warn!("the controller closed the watch stream; resubscribing");
+                                break;
+                            }
+                            Ok(Err(e)) => {
+                                warn!(error = %e, "watch stream failed; resubscribing");
+                                break;
+                            }
+                            Err(_) => {
+                                warn!(idle = ?STREAM_IDLE, "watch stream silent; resubscribing");
+                                break;
+                            }
+                        };
+                        if let Err(e) = self.apply_line(&line).await {
+                            // The stream cannot be trusted past this point: start over with a
+                            // snapshot, keeping what is applied meanwhile.
+                            warn!(error = %e, "watch stream out of order; resubscribing for a snapshot");
+                            self.cursor = Cursor::default();
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "cannot subscribe to the controller; serving the last applied configuration")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Decodes, checks and applies one message; acknowledges and persists it.
+    async fn apply_line(&mut self, line: &str) -> Result<(), meshapi::watch::WatchError> {
+        let message = Message::decode(line)?;
+        let mut next = self.cursor.clone();
+        next.advance(&message)?;
+        let is_heartbeat = matches!(message, Message::Heartbeat { .. } | Message::Resumed { .. });
+        let is_start = matches!(message, Message::Snapshot { .. } | Message::Resumed { .. });
+        let outcome = self.apply(message);
+        self.cursor = next;
+        if is_heartbeat {
+            if is_start {
+                self.synced.send_replace(true);
+            }
+            return Ok(());
+        }
+        self.proxy.metrics.config_applied.inc();
+        if !outcome.rejected.is_empty() {
+            self.proxy.metrics.config_rejected.inc();
+            warn!(version = self.cursor.version, rejected = ?outcome.rejected, "resources rejected; the rest applied");
+        }
+        debug!(version = self.cursor.version, changes = outcome.changes, "configuration applied");
+        if outcome.changes > 0 {
+            let pending = self.manager.reconcile().await;
+            if pending > 0 {
+                debug!(pending, "pods not enrolled yet; retried on the next change or tick");
+            }
+        }
+        let ack = Ack {
+            node: self.client.node().to_owned(),
+            epoch: self.cursor.epoch.clone(),
+            version: self.cursor.version,
+            rejected: outcome.rejected,
+        };
+        if let Err(e) = self.client.ack(&ack).await {
+            warn!(error = %e, "cannot report the applied version to the controller");
+        }
+        if let Some(p) = &self.persist {
+            p.save(&self.cursor, &self.held);
+        }
+        if is_start {
+            self.synced.send_replace(true);
+        }
+        Ok(())
+    }
+
+    /// Applies a decoded message to the proxy's state.
+    fn apply(&mut self, message: Message) -> Outcome {
+        let mut rejected = Vec::new();
+        let mut changes = Vec::new();
+        match message {
+            Message::Snapshot { resources, .. } => {
+                let mut seen = std::collections::HashSet::new();
+                for r in resources {
+                    match r {
+                        Ok(resource) => {
+                            seen.insert(resource.key());
+                            changes.push(Change::Upsert(resource));
+                        }
+                        Err(rej) => rejected.push(rej),
+                    }
+                }
+                changes.extend(self.held.keys().filter(|k| !seen.contains(*k)).cloned().map(Change::Delete));
+            }
+            Message::Delta { upserts, deletes, .. } => {
+                for r in upserts {
+                    match r {
+                        Ok(resource) => changes.push(Change::Upsert(resource)),
+                        Err(rej) => rejected.push(rej),
+                    }
+                }
+                changes.extend(deletes.into_iter().map(Change::Delete));
+            }
+            Message::Resumed { .. } | Message::Heartbeat { .. } => {}
+        }
+        // Only what differs from what is held reaches the state.
+        changes.retain(|c| match c {
+            Change::Upsert(r) => self.held.get(&r.key()).is_none_or(|held| *held != r.encode()),
+            Change::Delete(k) => self.held.contains_key(k),
+        });
+        for c in &changes {
+            match c {
+                Change::Upsert(r) => {
+                    self.held.insert(r.key(), r.encode());
+                    if let Resource::TrustBundle(bundle) = r {
+                        install_bundle(&self.proxy, bundle);
+                    }
+                }
+                Change::Delete(k) => {
+                    self.held.remove(k);
+                }
+            }
+        }
+        let n = changes.len();
+        if n > 0 {
+            self.proxy.state.apply(changes);
+        }
+        Outcome { changes: n, rejected }
+    }
+}
+
+/// Makes `bundle` the roots peers must chain to. New handshakes use it at once; established
+/// connections stay up.
+pub fn install_bundle(proxy: &Proxy, bundle: &meshapi::TrustBundle) {
+    match hbone::TrustBundle::from_pem(&bundle.roots.concat()).and_then(|b| b.with_trust_domain(&bundle.trust_domain)) {
+        Ok(b) => {
+            proxy.trust.replace(b);
+            info!(trust_domain = %bundle.trust_domain, roots = bundle.roots.len(), "trust bundle installed");
+        }
+        Err(e) => warn!(error = %e, "trust bundle from the controller is unusable; keeping the current one"),
+    }
+}
