@@ -1238,8 +1238,8 @@ services:
         }
     }
 
-    fn up(r: impl Into<Resource>) -> Change {
-        Change::Upsert(r.into())
+    fn up(r: Resource) -> Change {
+        Change::Upsert(r)
     }
 
     fn del(kind: Kind, name: &str) -> Change {
@@ -1631,7 +1631,7 @@ authorizations:
                         "service {} -> {} {:?}",
                         service.key(),
                         port.target_port,
-                        endpoints.iter().map(|e| e.uid()).collect::<Vec<_>>()
+                        endpoints.iter().map(|e| endpoint(e)).collect::<Vec<_>>()
                     ),
                     Resolved::Workload(e) => format!("workload {}", e.uid()),
                     Resolved::Unknown => "unknown".into(),
@@ -1648,10 +1648,16 @@ authorizations:
             out.push(format!("{node}: {:?}", state.local_workloads(node).map(|e| e.uid()).collect::<Vec<_>>()));
         }
         for s in state.services() {
-            let endpoints: Vec<_> = s.endpoints().iter().map(|e| e.uid()).collect();
+            let endpoints: Vec<_> = s.endpoints().iter().map(|e| endpoint(e)).collect();
             out.push(format!("{} {} {endpoints:?}", s.key(), s.hostname()));
         }
         out
+    }
+
+    /// An endpoint as a connection sees it: where it is and who it must prove to be.
+    fn endpoint(e: &WorkloadEntry) -> String {
+        let identity = e.identity().map_or_else(|_| "invalid".into(), |id| id.to_string());
+        format!("{}@{:?}={identity}", e.uid(), e.address())
     }
 
     /// What [`observe`] must see of a state holding `snapshot` (and `bundle`), computed
@@ -1665,11 +1671,15 @@ authorizations:
             keys.sort_by(|a, b| a.0.cmp(&b.0));
             keys
         };
+        // What a connection needs of each endpoint: where it is and who it must prove to be.
         let selected = |s: &Service| {
-            let mut uids: Vec<&str> =
-                snapshot.workloads.iter().filter(|w| s.selects(w)).map(|w| w.uid.as_str()).collect();
-            uids.sort();
-            uids
+            let mut selected: Vec<&Workload> = snapshot.workloads.iter().filter(|w| s.selects(w)).collect();
+            selected.sort_by(|a, b| a.uid.cmp(&b.uid));
+            let identity = |w: &Workload| w.identity(td).map_or_else(|_| "invalid".into(), |id| id.to_string());
+            selected
+                .into_iter()
+                .map(|w| format!("{}@{:?}={}", w.uid, w.addresses.first(), identity(w)))
+                .collect::<Vec<_>>()
         };
         let mut out = vec![format!("trust domain {td}")];
         for ip in &probes.ips {
@@ -1915,6 +1925,27 @@ authorizations:
                 && let Some(w) = model.workloads.values().next()
             {
                 changes.push(Change::Upsert(Resource::Workload(w.clone())));
+            }
+            // Intruders: a workload claiming another's address and a service claiming
+            // another's VIP, each gone again later in the batch. The addresses must end with
+            // the ones still holding them.
+            if rng.chance(30)
+                && let Some(victim) = model.workloads.values().nth(rng.below(model.workloads.len().max(1)))
+            {
+                let addr = victim.addresses[0].to_string();
+                let intruder = workload("a", "intruder", "n1", &[&addr], "x");
+                let (at, later) = (rng.below(changes.len() + 1), rng.below(changes.len() + 1));
+                changes.insert(at.max(later), del(Kind::Workload, "a/intruder"));
+                changes.insert(at.min(later), up(Resource::Workload(intruder)));
+            }
+            if rng.chance(30)
+                && let Some(victim) = model.services.values().nth(rng.below(model.services.len().max(1)))
+            {
+                let vip = victim.vips[0].to_string();
+                let intruder = service("a", "intruder", &[&vip], "x");
+                let (at, later) = (rng.below(changes.len() + 1), rng.below(changes.len() + 1));
+                changes.insert(at.max(later), del(Kind::Service, "a/intruder"));
+                changes.insert(at.min(later), up(Resource::Service(intruder)));
             }
             let n = changes.len();
             let applied = store.apply(changes);
