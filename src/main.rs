@@ -1,13 +1,15 @@
 //! `weft`: the command-line entry point of the Weft mesh.
 //!
-//! Today it runs `weft demo`, an in-process demonstration of HBONE tunnels on loopback. With the
-//! ztunnel issue it grows into the network-namespace lab demo.
+//! `weft demo` shows the mesh at work on a cluster of network namespaces; `weft ztunnel` and
+//! `weft controller` run the two components (the same as their own binaries), so the lab and
+//! the demo need one binary.
 
 #![forbid(unsafe_code)]
 
 mod apps;
 mod ca;
 mod demo;
+mod get;
 
 use clap::{Parser, Subcommand};
 
@@ -20,14 +22,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show HBONE at work on this machine: mutual-TLS tunnels between two identities on
-    /// loopback, policy refusals, identity checks, pooling, and a bulk transfer.
+    /// Show the mesh at work on this machine: a two-node cluster of network namespaces with a
+    /// controller and a ztunnel per node, pods enrolled by a namespace label without restarts,
+    /// mutual-TLS tunnels, load balancing, passthrough, policy refusals and metrics.
     Demo(demo::Args),
     /// Certificate authority tools.
     #[command(subcommand)]
     Ca(ca::Ca),
+    /// Show what a ztunnel or the controller holds: workloads, services, policies,
+    /// certificates or status, as a table, JSON or YAML.
+    Get(get::Args),
     /// Run the node proxy (the same as the `ztunnel` binary).
     Ztunnel(Box<ztunnel::cli::Args>),
+    /// Run the controller, or its tools (the same as the `weft-controller` binary).
+    #[command(subcommand)]
+    Controller(controller::cli::Command),
     /// Small programs the lab runs inside pods.
     #[command(subcommand, hide = true)]
     App(apps::App),
@@ -48,6 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // ztunnel sets up its own logging and runtime.
     let command = match cli.command {
         Command::Ztunnel(args) => return ztunnel::cli::run(*args),
+        Command::Controller(cmd) => return controller::cli::run(cmd),
         other => other,
     };
     // `RUST_LOG` as a level or per-target levels (`warn,weft=debug`); errors only by default.
@@ -63,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::App(app) => runtime.block_on(apps::run(app)),
         Command::Ca(cmd) => ca::run(cmd),
-        Command::Ztunnel(_) => unreachable!("handled above"),
+        Command::Get(args) => get::run(args),
+        Command::Ztunnel(_) | Command::Controller(_) => unreachable!("handled above"),
     }
 }

@@ -1,6 +1,9 @@
-//! A mesh on a lab: the `lab` crate's nodes and pods, plus what a mesh needs on them — a CA,
-//! the cluster config file every ztunnel reads, one ztunnel per node (the real binary, run as
-//! `weft ztunnel` inside the node's namespace), and apps in pods (`weft app ...`).
+//! A mesh on a lab: the `lab` crate's nodes and pods, plus what a mesh needs on them — the
+//! controller (the real binary, `weft controller run`, in a pod of its own on node 0) reading
+//! a directory of Kubernetes objects that the lab writes as the cluster's state, one ztunnel
+//! per node (`weft ztunnel`, in the node's namespace) programmed by it, and apps in pods
+//! (`weft app ...`). [`Plane::LocalFile`] instead runs ztunnels from one model file, without
+//! a controller (the development mode).
 //!
 //! Tests, benchmarks and `weft demo` build their scenarios with it. Every client it opens runs
 //! inside a lab namespace; nothing is ever sent from the root namespace to a lab address.
@@ -19,9 +22,24 @@ use lab::{Lab, LabProcess, Pod};
 /// How long ztunnel may take to start and enroll its pods in the lab.
 const STARTUP: Duration = Duration::from_secs(20);
 
-/// How often ztunnels re-read the config file in the lab: fast, so tests that edit it wait
-/// little.
+/// How often ztunnels re-read the config file, and the controller its directory, in the lab:
+/// fast, so tests that edit it wait little.
 const RELOAD: &str = "200ms";
+const POLL: &str = "100ms";
+
+/// The controller's ports inside its pod.
+pub const CONTROLLER_API_PORT: u16 = 15012;
+pub const CONTROLLER_ADMIN_PORT: u16 = 15000;
+pub const CONTROLLER_METRICS_PORT: u16 = 15020;
+
+/// Where the cluster view comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// The controller, reading Kubernetes objects the lab writes.
+    Controller,
+    /// One model file every ztunnel reads; ztunnels hold the CA.
+    LocalFile,
+}
 
 /// A workload in the mesh config.
 #[derive(Debug, Clone)]
@@ -79,17 +97,34 @@ pub struct MeshLab {
     pub lab: Lab,
     weft: PathBuf,
     dir: PathBuf,
+    plane: Plane,
     pods: Vec<(PodSpec, Pod)>,
     services: Vec<ServiceSpec>,
     policies: Vec<String>,
+    /// Namespaces whose `weft.dev/mesh` label is not `enabled` (every other namespace of a
+    /// pod is enrolled).
+    unlabelled: std::collections::BTreeSet<String>,
     ztunnels: Vec<Option<LabProcess>>,
+    /// The controller's pod (node 0) and process, with [`Plane::Controller`].
+    controller_pod: Option<Pod>,
+    controller: Option<LabProcess>,
     /// Processes kept running for the lab's lifetime (see [`MeshLab::keep`]).
     kept: Vec<LabProcess>,
 }
 
 impl MeshLab {
-    /// A lab of `nodes` nodes and a fresh CA; `weft` is the path of the `weft` binary.
+    /// A lab of `nodes` nodes programmed by a controller, with a fresh CA; `weft` is the path
+    /// of the `weft` binary.
     pub fn new(test_name: &str, nodes: usize, weft: &Path) -> anyhow::Result<MeshLab> {
+        MeshLab::with_plane(test_name, nodes, weft, Plane::Controller)
+    }
+
+    /// A lab whose ztunnels run from a local model file, without a controller.
+    pub fn with_local_file(test_name: &str, nodes: usize, weft: &Path) -> anyhow::Result<MeshLab> {
+        MeshLab::with_plane(test_name, nodes, weft, Plane::LocalFile)
+    }
+
+    fn with_plane(test_name: &str, nodes: usize, weft: &Path, plane: Plane) -> anyhow::Result<MeshLab> {
         let lab = Lab::new(test_name, nodes)?;
         let dir = lab.log_dir().join("mesh");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -100,14 +135,23 @@ impl MeshLab {
         for i in 0..nodes {
             std::fs::create_dir_all(dir.join(format!("proc-node{i}")))?;
         }
+        std::fs::create_dir_all(dir.join("cluster"))?;
+        let controller_pod = match plane {
+            Plane::Controller => Some(lab.add_pod(0, "weft-controller")?),
+            Plane::LocalFile => None,
+        };
         let mesh = MeshLab {
             lab,
             weft: weft.to_owned(),
             dir,
+            plane,
             pods: Vec::new(),
             services: Vec::new(),
             policies: Vec::new(),
+            unlabelled: Default::default(),
             ztunnels: (0..nodes).map(|_| None).collect(),
+            controller_pod,
+            controller: None,
             kept: Vec::new(),
         };
         mesh.write_config()?;
@@ -150,7 +194,18 @@ impl MeshLab {
         self.pods.iter().find(|(s, _)| s.name == name).unwrap_or_else(|| panic!("no pod named {name}"))
     }
 
-    /// Changes a pod's enrollment in the config (not yet written).
+    /// Labels namespace `ns` `weft.dev/mesh=enabled` (or removes the label) in the config (not
+    /// yet written). Every namespace is labelled unless told otherwise.
+    pub fn set_namespace_enrolled(&mut self, ns: &str, enrolled: bool) {
+        if enrolled {
+            self.unlabelled.remove(ns);
+        } else {
+            self.unlabelled.insert(ns.to_owned());
+        }
+    }
+
+    /// Changes a pod's enrollment in the config (not yet written): with a controller, the
+    /// pod's opt-out label `weft.dev/mesh=disabled`.
     pub fn set_enrolled(&mut self, name: &str, enrolled: bool) {
         if let Some((s, _)) = self.pods.iter_mut().find(|(s, _)| s.name == name) {
             s.enrolled = enrolled;
@@ -174,7 +229,7 @@ impl MeshLab {
         self.dir.join("cluster.yaml")
     }
 
-    /// The config file every ztunnel reads.
+    /// The model file every ztunnel reads without a controller.
     pub fn config_yaml(&self) -> String {
         let mut y = String::from("workloads:\n");
         for (s, pod) in &self.pods {
@@ -188,7 +243,7 @@ impl MeshLab {
                 pod.ip(),
                 s.service_account,
                 labels.join(", "),
-                s.enrolled,
+                s.enrolled && !self.unlabelled.contains(&s.namespace),
                 if s.strict { "STRICT" } else { "PERMISSIVE" }
             );
         }
@@ -207,9 +262,92 @@ impl MeshLab {
         y
     }
 
-    /// Writes the config atomically (ztunnels never see half a file).
+    /// The directory of Kubernetes objects the controller reads.
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.dir.join("cluster")
+    }
+
+    /// The cluster as Kubernetes objects, by file name: what a cluster's API server would
+    /// hold for this lab (namespaces with their mesh labels, pods with their node and IP,
+    /// services, authorization policies).
+    pub fn cluster_objects(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        use serde_json::json;
+        let mut files = BTreeMap::new();
+        let mut namespaces = std::collections::BTreeSet::new();
+        for (s, pod) in &self.pods {
+            namespaces.insert(s.namespace.clone());
+            let mut labels: serde_json::Map<String, serde_json::Value> =
+                s.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            if !s.enrolled {
+                labels.insert("weft.dev/mesh".into(), json!("disabled"));
+            }
+            if s.strict {
+                labels.insert("weft.dev/mtls".into(), json!("STRICT"));
+            }
+            let object = json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": s.name, "namespace": s.namespace, "labels": labels},
+                "spec": {"nodeName": Self::node_name(s.node), "serviceAccountName": s.service_account,
+                         "containers": [{"name": "app", "image": "weft-lab-app"}]},
+                "status": {"phase": "Running", "podIP": pod.ip().to_string(), "podIPs": [{"ip": pod.ip().to_string()}]},
+            });
+            files.insert(format!("pod-{}-{}.yaml", s.namespace, s.name), serde_json::to_string_pretty(&object)?);
+        }
+        let mut docs = Vec::new();
+        for ns in namespaces.iter().chain(self.services.iter().map(|s| &s.namespace)) {
+            let labels = if self.unlabelled.contains(ns) { json!({}) } else { json!({"weft.dev/mesh": "enabled"}) };
+            docs.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}));
+        }
+        docs.dedup();
+        files.insert("namespaces.yaml".into(), join_documents(&docs)?);
+        let services: Vec<_> = self
+            .services
+            .iter()
+            .map(|s| {
+                json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": s.name, "namespace": s.namespace},
+                    "spec": {"clusterIP": s.vip.to_string(), "clusterIPs": [s.vip.to_string()],
+                             "ports": [{"port": s.port, "targetPort": s.target_port}],
+                             "selector": {"app": s.app}},
+                })
+            })
+            .collect();
+        files.insert("services.yaml".into(), join_documents(&services)?);
+        let policies =
+            self.policies.iter().map(|p| policy_object(p)).collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
+        files.insert("policies.yaml".into(), join_documents(&policies)?);
+        Ok(files)
+    }
+
+    /// Writes the config atomically (proxies and the controller never see half a file): the
+    /// model file, or the controller's directory (files no longer part of the cluster are
+    /// removed).
     pub fn write_config(&self) -> anyhow::Result<()> {
-        self.write_raw_config(&self.config_yaml())
+        match self.plane {
+            Plane::LocalFile => self.write_raw_config(&self.config_yaml()),
+            Plane::Controller => {
+                let dir = self.cluster_dir();
+                let files = self.cluster_objects()?;
+                for (name, text) in &files {
+                    let path = dir.join(name);
+                    if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+                        continue;
+                    }
+                    let tmp = dir.join(format!(".{name}.tmp"));
+                    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+                    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+                }
+                for entry in std::fs::read_dir(&dir)? {
+                    let entry = entry?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.ends_with(".yaml") && !files.contains_key(&name) {
+                        std::fs::remove_file(entry.path())?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Writes arbitrary text as the config file (for bad-input tests).
@@ -220,26 +358,123 @@ impl MeshLab {
         Ok(())
     }
 
-    /// Starts one ztunnel per node and waits until each is ready.
+    /// Starts the controller (if this lab has one and it is not running) and one ztunnel per
+    /// node, and waits until each is ready.
     pub fn start_ztunnels(&mut self) -> anyhow::Result<()> {
         self.write_config()?;
+        if self.plane == Plane::Controller && self.controller.is_none() {
+            self.start_controller(&[])?;
+        }
         for i in 0..self.ztunnels.len() {
             self.start_ztunnel(i, &[])?;
         }
         Ok(())
     }
 
-    /// Starts node `i`'s ztunnel with extra arguments and waits until it is ready.
-    pub fn start_ztunnel(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
-        let mut cmd = self.ztunnel_command();
-        cmd.args(["--node", &Self::node_name(i)])
-            .arg("--local-config")
-            .arg(self.config_path())
+    /// The controller's state directory (its node-token key; the root is the lab's CA,
+    /// plugged in).
+    pub fn controller_state_dir(&self) -> PathBuf {
+        self.dir.join("controller")
+    }
+
+    /// The controller's pod (node 0), with [`Plane::Controller`].
+    pub fn controller_pod(&self) -> &Pod {
+        self.controller_pod.as_ref().expect("this lab has a controller")
+    }
+
+    /// The controller's API address.
+    pub fn controller_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.controller_pod().ip()), CONTROLLER_API_PORT)
+    }
+
+    /// Starts the controller in its pod with extra arguments and waits until it serves.
+    pub fn start_controller(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let pod_ip = self.controller_pod().ip().to_string();
+        let mut cmd = Command::new(&self.weft);
+        cmd.args(["controller", "run", "--source-dir"])
+            .arg(self.cluster_dir())
+            .arg("--state-dir")
+            .arg(self.controller_state_dir())
             .arg("--ca-cert")
             .arg(self.dir.join("ca.crt"))
             .arg("--ca-key")
             .arg(self.dir.join("ca.key"))
-            .args(["--reload-interval", RELOAD])
+            .args(["--server-name", &pod_ip, "--poll-interval", POLL])
+            .args(extra)
+            .env("WEFT_LOG", std::env::var("WEFT_LAB_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()));
+        let process = self.controller_pod().netns().spawn(cmd)?;
+        process.wait_for_log("controller ready", STARTUP)?;
+        self.controller = Some(process);
+        Ok(())
+    }
+
+    pub fn controller(&self) -> &LabProcess {
+        self.controller.as_ref().expect("controller started")
+    }
+
+    pub fn take_controller(&mut self) -> Option<LabProcess> {
+        self.controller.take()
+    }
+
+    /// The credential of node `i` (made with the controller's tooling on first use).
+    pub fn node_token_file(&self, i: usize) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!("{}.token", Self::node_name(i)));
+        if !path.exists() {
+            let out = Command::new(&self.weft)
+                .args(["controller", "token", "--node", &Self::node_name(i), "--state-dir"])
+                .arg(self.controller_state_dir())
+                .output()
+                .context("running weft controller token")?;
+            if !out.status.success() {
+                bail!("weft controller token: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::fs::write(&path, &out.stdout)?;
+        }
+        Ok(path)
+    }
+
+    /// An HTTP GET to the controller's admin (`/status`, `/resources`) or metrics server, from
+    /// inside its pod; the response body.
+    pub fn controller_http(&self, port: u16, path: &str) -> anyhow::Result<String> {
+        let path = path.to_owned();
+        self.controller_pod().netns().run(move || http_get(SocketAddr::from(([127, 0, 0, 1], port)), &path))?
+    }
+
+    /// Node `i`'s ztunnel state directory.
+    pub fn ztunnel_state_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("ztunnel-{}", Self::node_name(i)))
+    }
+
+    /// Starts node `i`'s ztunnel with extra arguments (and the controller first, if this lab
+    /// has one and it is not running) and waits until it is ready.
+    pub fn start_ztunnel(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
+        if self.plane == Plane::Controller && self.controller.is_none() {
+            self.write_config()?;
+            self.start_controller(&[])?;
+        }
+        let mut cmd = self.ztunnel_command();
+        cmd.args(["--node", &Self::node_name(i)]);
+        match self.plane {
+            Plane::LocalFile => {
+                cmd.arg("--local-config")
+                    .arg(self.config_path())
+                    .arg("--ca-cert")
+                    .arg(self.dir.join("ca.crt"))
+                    .arg("--ca-key")
+                    .arg(self.dir.join("ca.key"));
+            }
+            Plane::Controller => {
+                cmd.arg("--controller")
+                    .arg(self.controller_addr().to_string())
+                    .arg("--controller-ca")
+                    .arg(self.dir.join("ca.crt"))
+                    .arg("--node-token-file")
+                    .arg(self.node_token_file(i)?)
+                    .arg("--state-dir")
+                    .arg(self.ztunnel_state_dir(i));
+            }
+        }
+        cmd.args(["--reload-interval", RELOAD])
             .arg("--proc-root")
             .arg(self.proc_root(i))
             .args(extra)
@@ -362,6 +597,40 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
         bail!("GET {path} on {addr}: {}", head.lines().next().unwrap_or(""));
     }
     Ok(body.to_owned())
+}
+
+/// Documents as one YAML stream (JSON is YAML).
+fn join_documents(docs: &[serde_json::Value]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_json::to_string_pretty(d)?);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// An `AuthorizationPolicy.security.weft.dev` object from a policy in the model's form (one
+/// YAML flow mapping: `{name, namespace, selector, action, rules}`).
+fn policy_object(model: &str) -> anyhow::Result<serde_json::Value> {
+    let mut v: serde_json::Value =
+        serde_saphyr::from_str(model).with_context(|| format!("policy {model:?} is not a YAML mapping"))?;
+    let field = |v: &mut serde_json::Value, k: &str| v.as_object_mut().and_then(|m| m.remove(k));
+    let name = field(&mut v, "name").context("policy without a name")?;
+    let namespace = field(&mut v, "namespace").context("policy without a namespace")?;
+    let mut spec = serde_json::Map::new();
+    if let Some(sel) = field(&mut v, "selector") {
+        spec.insert("selector".into(), serde_json::json!({"matchLabels": sel}));
+    }
+    if let Some(m) = v.as_object() {
+        for (k, val) in m {
+            spec.insert(k.clone(), val.clone());
+        }
+    }
+    Ok(serde_json::json!({
+        "apiVersion": "security.weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": namespace}, "spec": spec,
+    }))
 }
 
 /// Sums the samples of `name` whose label set contains every given pair.

@@ -17,17 +17,28 @@ fn weft() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_weft"))
 }
 
-/// A two-node mesh, or `None` (after a loud skip) when the lab cannot run here.
+/// A two-node mesh programmed by a controller, or `None` (after a loud skip) when the lab
+/// cannot run here.
 fn mesh(test: &str) -> Option<MeshLab> {
+    lab_ready().then(|| MeshLab::new(test, 2, weft()).expect("building the lab"))
+}
+
+/// A two-node mesh whose ztunnels run from a local file, without a controller.
+fn local_mesh(test: &str) -> Option<MeshLab> {
+    lab_ready().then(|| MeshLab::with_local_file(test, 2, weft()).expect("building the lab"))
+}
+
+/// Whether the lab can run here (root, `nft`); a loud skip (a failure under `CI=true`) if not.
+fn lab_ready() -> bool {
     if let Err(e) = lab::Lab::require_root() {
         lab::skip_or_fail(e);
-        return None;
+        return false;
     }
     if Command::new("nft").arg("--version").output().is_err() {
         lab::skip_or_fail("the `nft` program (Debian package nftables) is not installed");
-        return None;
+        return false;
     }
-    Some(MeshLab::new(test, 2, weft()).expect("building the lab"))
+    true
 }
 
 fn marker(test: &str) -> String {
@@ -379,8 +390,8 @@ fn sigterm_drains_active_connections_and_refuses_new_ones() {
 }
 
 #[test]
-fn malformed_config_is_rejected_and_the_last_good_one_kept() {
-    let Some(mut mesh) = mesh("badconfig") else { return };
+fn local_file_mode_rejects_a_malformed_config_and_keeps_the_last_good_one() {
+    let Some(mut mesh) = local_mesh("badconfig") else { return };
     mesh.add_pod(PodSpec::new(0, "front", "web", "web")).unwrap();
     mesh.add_pod(PodSpec::new(1, "back", "api", "api")).unwrap();
     mesh.start_ztunnels().unwrap();

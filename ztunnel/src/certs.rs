@@ -38,7 +38,7 @@ pub enum CertError {
 /// Who signs this node's certificates.
 pub enum Issuer {
     /// ztunnel holds the CA (no controller).
-    Local(Ca),
+    Local(Box<Ca>),
     /// The controller signs CSRs.
     Controller(Arc<Client>),
 }
