@@ -1,14 +1,19 @@
-//! `weft demo`: a two-node cluster built from network namespaces on this machine, a ztunnel
-//! per node, a few pods, and traffic that shows the mesh at work — told step by step, then
-//! torn down (also on Ctrl-C).
+//! `weft demo`: a two-node cluster built from network namespaces on this machine, the
+//! controller, a ztunnel per node, a few pods, and traffic that shows the mesh at work — told
+//! step by step, then torn down (also on Ctrl-C).
 //!
 //! ```text
 //!  node-0                                     node-1
-//!  ├─ front/web    (enrolled)                 ├─ back/api-1    (enrolled, echo :8080)
-//!  ├─ front/batch  (enrolled)                 └─ legacy/old    (not in the mesh, echo :8080)
-//!  └─ back/api-0   (enrolled, echo :8080)
+//!  ├─ weft-system/weft-controller             ├─ back/api-1    (echo :8080)
+//!  ├─ front/web                               └─ legacy/old    (opted out, echo :8080)
+//!  ├─ front/batch
+//!  └─ back/api-0   (echo :8080)
 //!  service back/api: a VIP in 10.96.0.0/16, port 80 → api-0, api-1 :8080
 //! ```
+//!
+//! The namespaces start without the mesh label: traffic is plain TCP. Labelling them
+//! `weft.dev/mesh=enabled` enrolls their running pods (no restart), and the same apps' next
+//! connections are mutual TLS.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -34,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let shared: Arc<Mutex<Option<MeshLab>>> = Arc::new(Mutex::new(None));
     watch_ctrl_c(shared.clone());
 
-    println!("Weft demo: a two-node cluster made of network namespaces, one ztunnel per node.\n");
+    println!("Weft demo: a two-node cluster made of network namespaces, a controller and one ztunnel per node.\n");
     {
         let mut mesh = MeshLab::new("demo", 2, &weft)?;
         println!(
@@ -54,6 +59,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target_port: APP_PORT,
             app: "api".into(),
         });
+        // The mesh starts off: no namespace carries the label yet.
+        for ns in ["front", "back"] {
+            mesh.set_namespace_enrolled(ns, false);
+        }
         for name in ["web", "batch", "api-0", "api-1", "old"] {
             let s = mesh.spec(name);
             let p = mesh.pod(name);
@@ -62,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 format!("{}/{}", s.namespace, s.name),
                 s.node,
                 p.ip(),
-                if s.enrolled { s.identity() } else { "not in the mesh".into() }
+                if s.enrolled { s.identity() } else { "opted out (label weft.dev/mesh=disabled)".into() }
             );
         }
         mesh.start_ztunnels()?;
@@ -70,19 +79,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let app = mesh.start_echo(pod, APP_PORT, Some(banner))?;
             mesh.keep(app);
         }
-        mesh.wait_enrolled(0, 3)?;
-        mesh.wait_enrolled(1, 1)?;
-        println!("\n2. Started a ztunnel in each node; they found the pods' namespaces in /proc and captured");
         println!(
-            "   them without restarting them (nft table `inet weft` + listeners 15001/15006/15008 inside each pod)."
+            "\n2. Started the controller in pod weft-system/weft-controller ({}): it reads the cluster's",
+            mesh.controller_addr()
         );
+        println!("   objects (Namespaces, Pods, Services, AuthorizationPolicies) from a directory, is the CA, and");
+        println!("   programs a ztunnel in each node over its watch API. No namespace is labelled yet:");
+        println!("   the ztunnels capture nothing.");
         *shared.lock().map_err(|_| anyhow::anyhow!("demo state poisoned"))? = Some(mesh);
     }
 
     let guard = || shared.lock().map_err(|_| anyhow::anyhow!("demo state poisoned"));
     {
-        let g = guard()?;
-        let mesh = g.as_ref().context("the demo was interrupted")?;
+        let mut g = guard()?;
+        let mesh = g.as_mut().context("the demo was interrupted")?;
         story(mesh)?;
     }
     if args.keep_running {
@@ -90,6 +100,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mesh = g.as_ref().context("the demo was interrupted")?;
         println!("\nThe cluster keeps running. Explore it from another terminal, for example:");
         println!("  ip netns exec {} curl -s localhost:15000/config_dump", mesh.lab.nodes()[0].netns().name());
+        println!("  ip netns exec {} weft get workloads", mesh.lab.nodes()[0].netns().name());
+        println!("  ip netns exec {} curl -s localhost:15000/status", mesh.controller_pod().netns().name());
         println!("  ip netns exec {} curl -s localhost:15020/metrics", mesh.lab.nodes()[1].netns().name());
         println!("  ip netns exec {} nft list ruleset", mesh.pod("web").netns().name());
         println!("Press Ctrl-C to tear it down.");
@@ -106,41 +118,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn story(mesh: &MeshLab) -> anyhow::Result<()> {
+fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
     let api1 = SocketAddr::from((mesh.pod("api-1").ip(), APP_PORT));
-    println!("\n3. front/web connects to api-1's pod IP {api1} (another node). The app sees plain TCP;");
-    println!("   ztunnel carries it as HBONE. A capture on the fabric shows what crosses between nodes:");
-    let capture = mesh.lab.capture()?;
     let marker = "hello-from-web";
+    println!("\n3. front/web connects to api-1's pod IP {api1} (another node), outside the mesh:");
+    let (reply, wire) = exchange_on_the_wire(mesh, "web", "api-1", api1, marker)?;
+    println!("     web sent {marker:?}; the app answered {:?}", reply.replace('\n', " "));
+    println!("     on the wire: {wire}");
+
+    let pids_before = app_pids(mesh);
+    println!("\n4. Label the namespaces front and back weft.dev/mesh=enabled (the YAML the controller reads).");
+    let labelled = std::time::Instant::now();
+    for ns in ["front", "back"] {
+        mesh.set_namespace_enrolled(ns, true);
+    }
+    mesh.write_config()?;
+    mesh.wait_enrolled(0, 3)?;
+    mesh.wait_enrolled(1, 1)?;
+    println!(
+        "     within {} ms the controller pushed the change and both ztunnels enrolled their pods: nft table",
+        labelled.elapsed().as_millis()
+    );
+    println!(
+        "     `inet weft` and listeners 15001/15006/15008 inside each pod, each pod's certificate obtained by CSR."
+    );
+    let pids_after = app_pids(mesh);
+    println!(
+        "     nothing restarted: the pods' processes (web, api-1) before {pids_before:?}, after {pids_after:?}, unchanged: {}",
+        pids_before == pids_after
+    );
+
+    println!("\n5. The same connection again. The apps see plain TCP; ztunnel carries it as HBONE:");
     let marks = [log_mark(mesh, 0)?, log_mark(mesh, 1)?];
-    let reply = exchange(mesh, "web", api1, marker)?;
-    std::thread::sleep(Duration::from_millis(200));
-    let packets = capture.stop()?;
+    let (reply, wire) = exchange_on_the_wire(mesh, "web", "api-1", api1, marker)?;
     let (banner, echoed) = reply.split_once('\n').unwrap_or((&reply, ""));
     println!("     web sent {marker:?}; the app greeted with {banner:?} and echoed {echoed:?}");
-    let (web, api) = (mesh.pod("web").ip(), mesh.pod("api-1").ip());
-    let flows: Vec<_> = packets
-        .iter()
-        .filter(|p| !p.outgoing)
-        .filter(|p| (*p.src.ip() == web && *p.dst.ip() == api) || (*p.src.ip() == api && *p.dst.ip() == web))
-        .collect();
-    let ports: std::collections::BTreeSet<u16> = flows.iter().map(|p| p.dst.port().min(p.src.port())).collect();
-    let plaintext = flows.iter().any(|p| p.payload.windows(marker.len()).any(|w| w == marker.as_bytes()));
-    let tls = flows.iter().any(|p| p.dst.port() == 15008 && p.payload.first() == Some(&0x16));
-    println!(
-        "     on the wire: {} segments, server port(s) {:?}, TLS handshake seen: {}, plaintext {:?} seen: {}",
-        flows.len(),
-        ports,
-        tls,
-        marker,
-        plaintext
-    );
+    println!("     on the wire: {wire}");
     let to_api1 = format!("dst.addr={api1}");
     print_access(mesh, 0, &["outbound", &to_api1], marks[0])?;
     print_access(mesh, 1, &["inbound", &to_api1], marks[1])?;
 
     let vip = SocketAddr::from((lab::addresses::service_vip(10), 80));
-    println!("\n4. front/web connects to the service VIP {vip} six times; ztunnel balances over the endpoints:");
+    println!("\n6. front/web connects to the service VIP {vip} six times; ztunnel balances over the endpoints:");
     let mut answers = Vec::new();
     for _ in 0..6 {
         answers.push(exchange(mesh, "web", vip, "")?.trim().to_owned());
@@ -148,18 +167,23 @@ fn story(mesh: &MeshLab) -> anyhow::Result<()> {
     println!("     answered by: {}", answers.join(", "));
 
     let old = SocketAddr::from((mesh.pod("old").ip(), APP_PORT));
-    println!("\n5. front/web connects to legacy/old {old}, which is not in the mesh: plain passthrough.");
+    println!("\n7. front/web connects to legacy/old {old}, which opted out of the mesh: plain passthrough.");
     let mark = log_mark(mesh, 0)?;
     let reply = exchange(mesh, "web", old, "hi")?;
     println!("     answered by {:?}", reply.lines().next().unwrap_or(""));
     print_access(mesh, 0, &["outbound", &format!("dst.addr={old}")], mark)?;
 
-    println!("\n6. An L4 policy: back/api accepts only spiffe://cluster.local/ns/front/sa/web.");
-    let mut mesh_policy = mesh.config_yaml();
-    mesh_policy.push_str("  - {name: only-web, namespace: back, selector: {app: api}, action: ALLOW, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/front/sa/web\"]}]}]}\n");
-    mesh.write_raw_config(&mesh_policy)?;
-    std::thread::sleep(Duration::from_millis(800));
+    println!(
+        "\n8. An L4 policy (an AuthorizationPolicy object): back/api accepts only spiffe://cluster.local/ns/front/sa/web."
+    );
+    mesh.add_policy("{name: only-web, namespace: back, selector: {app: api}, action: ALLOW, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/front/sa/web\"]}]}]}");
+    mesh.write_config()?;
     let mark = log_mark(mesh, 1)?;
+    // Applied within a poll and a push; wait (bounded) until batch is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while exchange(mesh, "batch", api1, "ping").is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for client in ["web", "batch"] {
         let outcome = match exchange(mesh, client, api1, "ping") {
             Ok(_) => "allowed".to_owned(),
@@ -167,10 +191,11 @@ fn story(mesh: &MeshLab) -> anyhow::Result<()> {
         };
         println!("     front/{client} -> api-1: {outcome}");
     }
+    mesh.clear_policies();
     mesh.write_config()?;
     print_access(mesh, 1, &["denied"], mark)?;
 
-    println!("\n7. Metrics (node-1's ztunnel, :15020/metrics), as Istio dashboards read them:");
+    println!("\n9. Metrics (node-1's ztunnel, :15020/metrics), as Istio dashboards read them:");
     let metrics = mesh.node_http(1, 15020, "/metrics")?;
     for line in metrics.lines().filter(|l| {
         (l.starts_with("istio_tcp_connections_opened_total") || l.starts_with("istio_tcp_received_bytes_total"))
@@ -182,6 +207,51 @@ fn story(mesh: &MeshLab) -> anyhow::Result<()> {
         println!("     {line}");
     }
     Ok(())
+}
+
+/// Exchanges `msg` from `client` with `to` (pod `server`'s address) under a capture of the
+/// fabric; the reply, and what crossed the fabric between the two pods.
+fn exchange_on_the_wire(
+    mesh: &MeshLab,
+    client: &str,
+    server: &str,
+    to: SocketAddr,
+    msg: &str,
+) -> anyhow::Result<(String, String)> {
+    let capture = mesh.lab.capture()?;
+    let reply = exchange(mesh, client, to, msg)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let packets = capture.stop()?;
+    let (a, b) = (mesh.pod(client).ip(), mesh.pod(server).ip());
+    let flows: Vec<_> = packets
+        .iter()
+        .filter(|p| !p.outgoing)
+        .filter(|p| (*p.src.ip() == a && *p.dst.ip() == b) || (*p.src.ip() == b && *p.dst.ip() == a))
+        .collect();
+    let ports: std::collections::BTreeSet<u16> = flows.iter().map(|p| p.dst.port().min(p.src.port())).collect();
+    let plaintext = flows.iter().any(|p| p.payload.windows(msg.len()).any(|w| w == msg.as_bytes()));
+    let tls = flows.iter().any(|p| p.dst.port() == 15008 && p.payload.first() == Some(&0x16));
+    let wire = format!(
+        "{} segments, server port(s) {:?}, TLS handshake seen: {}, plaintext {:?} seen: {}",
+        flows.len(),
+        ports,
+        tls,
+        msg,
+        plaintext
+    );
+    Ok((reply, wire))
+}
+
+/// The PIDs of the processes in pods web and api-1 (their pause process and api-1's app),
+/// each still running, to show that enrolling restarts nothing.
+fn app_pids(mesh: &MeshLab) -> Vec<u32> {
+    let mut pids: Vec<u32> = ["web", "api-1"]
+        .iter()
+        .flat_map(|p| lab::processes_in_namespace(mesh.pod(p).netns().path()))
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 /// Connects from `pod` to `to`, sends `msg`, and returns what came back (banner and echo).

@@ -14,6 +14,9 @@ fn weft_demo_runs_and_shows_the_mesh_at_work() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "weft demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for expected in [
+        "server port(s) {8080}, TLS handshake seen: false, plaintext \"hello-from-web\" seen: true",
+        "both ztunnels enrolled their pods",
+        "unchanged: true",
         "web sent \"hello-from-web\"; the app greeted with \"api-1\" and echoed \"hello-from-web\"",
         "server port(s) {15008}, TLS handshake seen: true, plaintext \"hello-from-web\" seen: false",
         "src.identity=spiffe://…/ns/front/sa/web dst.addr=10.244.2.2:8080",
