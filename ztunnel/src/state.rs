@@ -29,7 +29,7 @@
 //! | change | touches |
 //! | --- | --- |
 //! | workload | its uid, addresses, namespace and node entries; then, if its namespace and labels are unchanged, the endpoints of the services already selecting it, else every service of its namespace, checked against its selector |
-//! | service | its key, VIP:ports and namespace; a new service, or a changed selector, selects its endpoints among the workloads of its namespace |
+//! | service | its key, VIP:ports and namespace; a new service, or a changed selector, selects its endpoints among the workloads of its namespace (and each endpoint gained or lost updates `selected_by`) |
 //! | authorization, waypoint, route | its key and namespace |
 //! | trust domain | every workload entry (identities change; the trust domain is set once) |
 //!
@@ -394,6 +394,8 @@ pub struct State {
     /// The trust domain the local file names (or the default), used while no trust bundle
     /// is held.
     configured_trust_domain: Arc<str>,
+    /// From the controller. A ztunnel serves one trust domain: a bundle replaces the one held,
+    /// whatever its domain.
     trust_bundle: Option<Arc<TrustBundle>>,
     workloads: OrdMap<Arc<str>, Arc<WorkloadEntry>>,
     by_ip: HashMap<IpAddr, Claim<Arc<WorkloadEntry>>>,
