@@ -108,6 +108,9 @@ pub struct MeshLab {
     /// The controller's pod (node 0) and process, with [`Plane::Controller`].
     controller_pod: Option<Pod>,
     controller: Option<LabProcess>,
+    /// The CA files the controller signs with, when not the lab's (see
+    /// [`MeshLab::set_controller_ca`]).
+    controller_ca: Option<(PathBuf, PathBuf)>,
     /// Processes kept running for the lab's lifetime (see [`MeshLab::keep`]).
     kept: Vec<LabProcess>,
 }
@@ -152,6 +155,7 @@ impl MeshLab {
             ztunnels: (0..nodes).map(|_| None).collect(),
             controller_pod,
             controller: None,
+            controller_ca: None,
             kept: Vec::new(),
         };
         mesh.write_config()?;
@@ -164,17 +168,57 @@ impl MeshLab {
     }
 
     /// Creates the pod's namespace and adds its workload to the config (not yet written).
+    /// Its node's ztunnel finds it by scanning its view of /proc, as it finds pods that were
+    /// running before it started.
     pub fn add_pod(&mut self, spec: PodSpec) -> anyhow::Result<Pod> {
         let pod = self.lab.add_pod(spec.node, &spec.name)?;
+        self.link_proc(spec.node, &pod)?;
+        self.pods.push((spec, pod.clone()));
+        Ok(pod)
+    }
+
+    /// Adds `pod` to node `node`'s view of /proc.
+    fn link_proc(&self, node: usize, pod: &Pod) -> anyhow::Result<()> {
         // The node's view of /proc: on a real node, /proc shows that node's processes only.
         // All lab nodes (and parallel labs) share this machine's /proc, so each ztunnel gets a
         // directory holding just its node's pods, `<pid>/ns/net` → the pod's pause process.
-        let entry = self.proc_root(spec.node).join(pod.pause_pid().to_string()).join("ns");
+        let entry = self.proc_root(node).join(pod.pause_pid().to_string()).join("ns");
         std::fs::create_dir_all(&entry).with_context(|| format!("creating {}", entry.display()))?;
         std::os::unix::fs::symlink(format!("/proc/{}/ns/net", pod.pause_pid()), entry.join("net"))
             .with_context(|| format!("linking {}", entry.display()))?;
+        Ok(())
+    }
+
+    /// Creates a pod as a container runtime with Weft's CNI plugin does: its namespace (with
+    /// the pause process), its object written for the controller, then its network namespace
+    /// handed to its node's ztunnel over the node socket, waiting for the answer. `Ok` means
+    /// the pod may start its apps (captured, or not part of the mesh); an error means it must
+    /// not (fail closed): ztunnel is unreachable or could not capture it.
+    ///
+    /// The pod is not added to the node's view of /proc: only the hand-over can capture it.
+    pub fn create_pod(&mut self, spec: PodSpec) -> anyhow::Result<Pod> {
+        let node = spec.node;
+        let (namespace, name) = (spec.namespace.clone(), spec.name.clone());
+        let pod = self.lab.add_pod(spec.node, &spec.name)?;
         self.pods.push((spec, pod.clone()));
+        self.write_config()?;
+        let request = meshapi::node::NodeRequest::Add(meshapi::node::PodRef {
+            namespace,
+            name: name.clone(),
+            netns: format!("/proc/{}/ns/net", pod.pause_pid()),
+            ips: vec![ip(&pod)],
+        });
+        let answer = node_socket_call(&self.node_socket(node), &request)
+            .with_context(|| format!("pod {name} must not start: handing it to node-{node}'s ztunnel failed"))?;
+        if !answer.ok {
+            bail!("pod {name} must not start: node-{node}'s ztunnel refused it: {}", answer.message);
+        }
         Ok(pod)
+    }
+
+    /// Node `i`'s node socket, where the runtime hands pods to its ztunnel.
+    pub fn node_socket(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("{}.sock", Self::node_name(i)))
     }
 
     /// The /proc view of node `node` (see [`MeshLab::add_pod`]).
@@ -293,12 +337,13 @@ impl MeshLab {
             });
             files.insert(format!("pod-{}-{}.yaml", s.namespace, s.name), serde_json::to_string_pretty(&object)?);
         }
+        // Each namespace once: a namespace defined twice is a rejection for the controller.
+        namespaces.extend(self.services.iter().map(|s| s.namespace.clone()));
         let mut docs = Vec::new();
-        for ns in namespaces.iter().chain(self.services.iter().map(|s| &s.namespace)) {
+        for ns in &namespaces {
             let labels = if self.unlabelled.contains(ns) { json!({}) } else { json!({"weft.dev/mesh": "enabled"}) };
             docs.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}));
         }
-        docs.dedup();
         files.insert("namespaces.yaml".into(), join_documents(&docs)?);
         let services: Vec<_> = self
             .services
@@ -387,18 +432,32 @@ impl MeshLab {
         SocketAddr::new(IpAddr::V4(self.controller_pod().ip()), CONTROLLER_API_PORT)
     }
 
+    /// The lab's CA: its certificate and private key (PEM). The controller signs with it
+    /// (plugged in), and ztunnels verify the controller's API certificate with it.
+    pub fn ca_files(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("ca.crt"), self.dir.join("ca.key"))
+    }
+
+    /// Makes the controller sign with the CA in `cert` and `key` (PEM) instead of the lab's,
+    /// from its next start: files a test may rewrite while the controller runs (a rotation),
+    /// leaving the lab's own CA files as they are.
+    pub fn set_controller_ca(&mut self, cert: &Path, key: &Path) {
+        self.controller_ca = Some((cert.to_owned(), key.to_owned()));
+    }
+
     /// Starts the controller in its pod with extra arguments and waits until it serves.
     pub fn start_controller(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         let pod_ip = self.controller_pod().ip().to_string();
+        let (ca_cert, ca_key) = self.controller_ca.clone().unwrap_or_else(|| self.ca_files());
         let mut cmd = Command::new(&self.weft);
         cmd.args(["controller", "run", "--source-dir"])
             .arg(self.cluster_dir())
             .arg("--state-dir")
             .arg(self.controller_state_dir())
             .arg("--ca-cert")
-            .arg(self.dir.join("ca.crt"))
+            .arg(ca_cert)
             .arg("--ca-key")
-            .arg(self.dir.join("ca.key"))
+            .arg(ca_key)
             .args(["--server-name", &pod_ip, "--poll-interval", POLL])
             .args(extra)
             .env("WEFT_LOG", std::env::var("WEFT_LAB_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()));
@@ -474,7 +533,9 @@ impl MeshLab {
                     .arg(self.ztunnel_state_dir(i));
             }
         }
-        cmd.args(["--reload-interval", RELOAD])
+        cmd.arg("--node-socket")
+            .arg(self.node_socket(i))
+            .args(["--reload-interval", RELOAD])
             .arg("--proc-root")
             .arg(self.proc_root(i))
             .args(extra)
@@ -597,6 +658,24 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
         bail!("GET {path} on {addr}: {}", head.lines().next().unwrap_or(""));
     }
     Ok(body.to_owned())
+}
+
+/// One request on a node socket, as the CNI plugin makes it: bounded by 20 s (ztunnel waits up
+/// to its `--pod-wait` for the controller to report the pod).
+pub fn node_socket_call(
+    path: &Path,
+    request: &meshapi::node::NodeRequest,
+) -> anyhow::Result<meshapi::node::NodeResponse> {
+    use std::io::BufRead;
+    let mut stream = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("connecting to ztunnel's node socket {}: is ztunnel running?", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    std::io::BufReader::new(stream).read_line(&mut answer).context("reading ztunnel's answer")?;
+    serde_json::from_str(answer.trim_end()).with_context(|| format!("ztunnel's answer {answer:?} is not valid"))
 }
 
 /// Documents as one YAML stream (JSON is YAML).

@@ -26,6 +26,11 @@ const NETLINK_BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A namespace's interfaces, addresses and routes, as read over rtnetlink: for assertions and for
 /// showing the topology (`weft demo`).
+/// The address of every bridge the lab makes (`02:57:46:00:00:01`, locally administered,
+/// "WF"): set explicitly so it never follows its ports (see [`Nl::add_bridge`]). Each bridge is
+/// its own L2 domain, so the bridges can share it.
+const BRIDGE_MAC: [u8; 6] = [0x02, 0x57, 0x46, 0x00, 0x00, 0x01];
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetState {
     /// Interfaces, in index order.
@@ -183,11 +188,14 @@ impl Nl {
             .map_err(|e| LabError::netlink(&self.netns, format!("set {name} up"), e))
     }
 
-    /// `ip link add <name> type bridge` (up).
+    /// `ip link add <name> type bridge address 02:57:46:00:00:01` (up). The address is set
+    /// explicitly: a bridge without one takes the lowest address of its ports and changes it
+    /// when a port joins, which leaves every neighbour's ARP entry for the bridge's IP (the
+    /// pods' gateway) stale and drops their traffic for seconds each time a pod is added.
     pub(crate) async fn add_bridge(&self, name: &str) -> Result<(), LabError> {
         self.handle
             .link()
-            .add(LinkBridge::new(name).build())
+            .add(LinkBridge::new(name).address(BRIDGE_MAC.to_vec()).build())
             .execute()
             .await
             .map_err(|e| LabError::netlink(&self.netns, format!("create bridge {name}"), e))

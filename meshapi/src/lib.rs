@@ -12,6 +12,7 @@
 
 pub mod certificate;
 pub mod model;
+pub mod node;
 pub mod resource;
 pub mod watch;
 mod yaml;

@@ -174,6 +174,8 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         }
     };
     info!(node = %config.node, pending, "initial enrollment done");
+    let node_socket = crate::runtime::bind(&config.node_socket)?;
+    loops.push(tokio::spawn(crate::runtime::serve(node_socket, manager.clone(), config.pod_wait)));
 
     let ready = Arc::new(AtomicBool::new(true));
     let (servers, watch) = drain::channel();

@@ -105,6 +105,18 @@ pub struct Config {
     #[arg(long, env = "WEFT_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "1s")]
     pub reload_interval: Duration,
 
+    /// The node socket, where the container runtime (the CNI plugin) hands new pods over
+    /// before they start (`docs/PROTOCOL.md`). Mode 0600.
+    #[arg(long, env = "WEFT_NODE_SOCKET", default_value = meshapi::node::DEFAULT_SOCKET)]
+    pub node_socket: PathBuf,
+
+    /// How long a pod handed over by the runtime may wait for the controller to report it
+    /// before its start is refused. 10 s: the controller pushes a new pod within a second
+    /// or two; a pod it does not know after that is better retried by the runtime than
+    /// started uncaptured.
+    #[arg(long, env = "WEFT_POD_WAIT", value_parser = parse_duration, default_value = "10s")]
+    pub pod_wait: Duration,
+
     /// Where the host's /proc is mounted (scanned to find pods' network namespaces).
     #[arg(long, env = "WEFT_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,

@@ -7,7 +7,7 @@
 //! HBONE (`hbone` crate) → [`proxy::inbound`] / [`proxy::plaintext`] → the app. Around them:
 //! [`state`] with [`control`] (the controller's watch stream) or [`local`] (a local file) as
 //! the cluster view, [`authz`], [`certs`], [`manager`]
-//! (enrollment), [`metrics`], [`admin`], and [`app`] which wires them.
+//! (enrollment) with [`runtime`] (pods handed over by the container runtime), [`metrics`], [`admin`], and [`app`] which wires them.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +23,7 @@ pub mod local;
 pub mod manager;
 pub mod metrics;
 pub mod proxy;
+pub mod runtime;
 pub mod state;
 
 pub use app::{Bound, build};

@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hbone::{Server, drain};
+use meshapi::node::{NodeRequest, NodeResponse};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use crate::inpod::{rules, scan, socket};
+use crate::inpod::{Netns, rules, scan, socket};
 use crate::proxy::inbound::Inbound;
 use crate::proxy::{self, PodInfo, Proxy, outbound, plaintext};
 
@@ -61,6 +62,9 @@ pub struct Manager {
     /// Pods that should be enrolled but are not yet (their namespace not found, or their
     /// certificate not obtained), as of the last reconcile.
     pending: std::sync::atomic::AtomicUsize,
+    /// Network namespaces handed over by the container runtime (the node socket), by pod uid:
+    /// used instead of scanning /proc.
+    handed: std::sync::Mutex<HashMap<String, Netns>>,
 }
 
 impl Manager {
@@ -72,6 +76,7 @@ impl Manager {
             drain_deadline,
             pods: tokio::sync::Mutex::new(HashMap::new()),
             pending: Default::default(),
+            handed: Default::default(),
         }
     }
 
@@ -163,16 +168,98 @@ impl Manager {
         }
     }
 
+    /// Serves a request of the node socket: a pod the runtime is about to start (capture it
+    /// now if the mesh enrolls it, waiting up to `wait` for the controller to report the pod),
+    /// or one it deleted.
+    pub async fn runtime_request(&self, request: NodeRequest, wait: Duration) -> NodeResponse {
+        let answer = |ok: bool, message: String| NodeResponse { ok, message };
+        match request {
+            NodeRequest::Del(pod) => {
+                let uid = format!("{}/{}", pod.namespace, pod.name);
+                self.handed.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+                let removed = self.pods.lock().await.remove(&uid);
+                match removed {
+                    Some(e) => {
+                        self.unenroll(e).await;
+                        answer(true, "released".into())
+                    }
+                    None => answer(true, "not captured".into()),
+                }
+            }
+            NodeRequest::Add(pod) => {
+                let uid = format!("{}/{}", pod.namespace, pod.name);
+                let netns = match Netns::open(std::path::Path::new(&pod.netns)) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return answer(
+                            false,
+                            format!("cannot open the network namespace {:?} of pod {uid}: {e}", pod.netns),
+                        );
+                    }
+                };
+                // The runtime may call before the controller has reported the pod: wait for it.
+                let deadline = tokio::time::Instant::now() + wait;
+                let ips = loop {
+                    let found = {
+                        let state = self.proxy.state.load();
+                        state
+                            .workload(&uid)
+                            .map(|e| (e.workload().enrolled, e.workload().node.clone(), e.workload().addresses.clone()))
+                    };
+                    match found {
+                        Some((_, node, _)) if node != self.proxy.node => {
+                            return answer(
+                                false,
+                                format!("pod {uid} is scheduled on node {node}, not on {}", self.proxy.node),
+                            );
+                        }
+                        Some((false, _, _)) => return answer(true, "not enrolled".into()),
+                        Some((true, _, ips)) => break ips,
+                        None if tokio::time::Instant::now() >= deadline => {
+                            return answer(
+                                false,
+                                format!(
+                                    "pod {uid} is not known to this ztunnel after {wait:?}; is the controller reachable, and does it see the pod?"
+                                ),
+                            );
+                        }
+                        None => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                };
+                self.handed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), netns);
+                let mut pods = self.pods.lock().await;
+                if pods.contains_key(&uid) {
+                    return answer(true, "captured".into());
+                }
+                match self.enroll(&uid, &ips).await {
+                    Ok(e) => {
+                        info!(pod = %uid, ?ips, netns = e.info.netns.inode(), "pod handed over by the runtime: traffic captured");
+                        pods.insert(uid, e);
+                        self.proxy.metrics.enrolled_pods.set(pods.len() as i64);
+                        answer(true, "captured".into())
+                    }
+                    Err(e) => answer(false, e.to_string()),
+                }
+            }
+        }
+    }
+
     async fn enroll(&self, uid: &str, ips: &[IpAddr]) -> Result<Enrolled, EnrollError> {
-        let (proc_root, scan_ips) = (self.proc_root.clone(), ips.to_vec());
-        let found = tokio::task::spawn_blocking(move || scan::find_netns(&proc_root, &scan_ips))
-            .await
-            .map_err(|e| EnrollError::Scan {
-                uid: uid.into(),
-                proc_root: self.proc_root.clone(),
-                error: std::io::Error::other(e),
-            })?
-            .map_err(|error| EnrollError::Scan { uid: uid.into(), proc_root: self.proc_root.clone(), error })?;
+        let handed = self.handed.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned();
+        let found = match handed {
+            Some(netns) => Some(netns),
+            None => {
+                let (proc_root, scan_ips) = (self.proc_root.clone(), ips.to_vec());
+                tokio::task::spawn_blocking(move || scan::find_netns(&proc_root, &scan_ips))
+                    .await
+                    .map_err(|e| EnrollError::Scan {
+                        uid: uid.into(),
+                        proc_root: self.proc_root.clone(),
+                        error: std::io::Error::other(e),
+                    })?
+                    .map_err(|error| EnrollError::Scan { uid: uid.into(), proc_root: self.proc_root.clone(), error })?
+            }
+        };
         let netns = found.ok_or_else(|| EnrollError::NetnsNotFound {
             uid: uid.into(),
             ips: ips.to_vec(),
