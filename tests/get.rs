@@ -53,7 +53,16 @@ fn weft_get_shows_what_ztunnel_and_the_controller_hold() {
 
     // The controller: each node's acknowledged version.
     let controller = mesh.controller_pod().netns().clone();
-    let status = get(&controller, &["status", "--controller", "127.0.0.1:15000"]);
+    // Each node acknowledges once it applied the snapshot; wait (bounded) for both reports.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = get(&controller, &["status", "--controller", "127.0.0.1:15000"]);
+        let acked = status.lines().filter(|l| l.starts_with("node-") && !l.contains(" - ")).count();
+        if acked == 2 || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let version = status.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("?").to_owned();
     for node in ["node-0", "node-1"] {
         let row =
