@@ -156,7 +156,13 @@ impl Source {
         }
         let changes = self.translator.apply_all(scan.events);
         let mut all = self.dir.rejected();
-        all.extend(self.translator.rejected());
+        // Translation knows the object, the source where it is written.
+        all.extend(self.translator.rejected().into_iter().map(|r| {
+            match r.object.as_ref().filter(|_| r.origin.is_none()).and_then(|o| self.dir.origin(o)) {
+                Some(origin) => r.with_origin(origin.clone()),
+                None => r,
+            }
+        }));
         self.metrics.source_rejections.set(all.len() as i64);
         *self.rejections.lock().unwrap_or_else(|p| p.into_inner()) = all;
         if let Some(c) = self.store.commit(changes) {
