@@ -283,21 +283,23 @@ impl Api {
         info!(node = %caller, since = ?since, start = first_kind, "proxy subscribed");
         let (mut tx, body) = Channel::<Bytes, Infallible>::new(16);
         let (api, node, mut live, epoch) = (self.clone(), caller.to_owned(), sub.live, sub.epoch);
+        let mut version = sub.version;
         tokio::spawn(async move {
-            let mut version = None;
             for line in first {
                 if tx.send_data(line).await.is_err() {
                     api.store.unsubscribe(&node);
                     return;
                 }
             }
-            let mut heartbeat = tokio::time::interval(api.heartbeat);
-            heartbeat.reset();
+            // A heartbeat after `heartbeat` without a message, carrying the version this
+            // subscriber was last sent (never one whose delta it has not received yet).
+            let heartbeat = tokio::time::sleep(api.heartbeat);
+            tokio::pin!(heartbeat);
             loop {
                 let line = tokio::select! {
                     delta = live.recv() => match delta {
-                        Ok(line) => {
-                            version = None;
+                        Ok((v, line)) => {
+                            version = v;
                             shared(line)
                         }
                         Err(RecvError::Lagged(n)) => {
@@ -306,14 +308,12 @@ impl Api {
                         }
                         Err(RecvError::Closed) => break,
                     },
-                    _ = heartbeat.tick() => {
-                        let v = *version.get_or_insert_with(|| api.store.version());
-                        Bytes::from(Message::heartbeat_line(&epoch, v))
-                    }
+                    _ = &mut heartbeat => Bytes::from(Message::heartbeat_line(&epoch, version)),
                 };
                 if tx.send_data(line).await.is_err() {
                     break;
                 }
+                heartbeat.as_mut().reset(tokio::time::Instant::now() + api.heartbeat);
             }
             api.store.unsubscribe(&node);
             debug!(node = %node, "watch stream closed");

@@ -27,7 +27,7 @@ const SUBSCRIBER_BACKLOG: usize = 1024;
 /// The store shared by the source loop, the API server and the admin pages.
 pub struct Store {
     inner: Mutex<Inner>,
-    live: broadcast::Sender<Arc<str>>,
+    live: broadcast::Sender<Delta>,
     metrics: Arc<Metrics>,
 }
 
@@ -53,10 +53,15 @@ pub struct NodeStatus {
     pub last_ack_unix: Option<u64>,
 }
 
+/// A committed delta as subscribers receive it: its version and its line.
+pub type Delta = (u64, Arc<str>);
+
 /// A subscription: the lines to send first, then the live deltas.
 pub struct Subscription {
     pub first: Start,
-    pub live: broadcast::Receiver<Arc<str>>,
+    pub live: broadcast::Receiver<Delta>,
+    /// The version the first lines bring the subscriber to.
+    pub version: u64,
     pub epoch: String,
 }
 
@@ -108,7 +113,7 @@ impl Store {
         self.metrics.resources.set(inner.history.len() as i64);
         // Sent under the lock, so that a subscriber registered by `subscribe` sees exactly
         // the deltas after its start. No receiver is not an error.
-        let receivers = self.live.send(committed.line.clone()).unwrap_or(0);
+        let receivers = self.live.send((committed.version, committed.line.clone())).unwrap_or(0);
         self.metrics.pushes.inc_by(receivers as u64);
         self.metrics.pushed_bytes.inc_by((receivers * committed.line.len()) as u64);
         Some(committed)
@@ -125,7 +130,7 @@ impl Store {
             Start::Snapshot(_) => self.metrics.snapshots.inc(),
             Start::Resume(_) => self.metrics.resumes.inc(),
         };
-        Subscription { first, live, epoch: inner.history.epoch().to_owned() }
+        Subscription { first, live, version: inner.history.version(), epoch: inner.history.epoch().to_owned() }
     }
 
     /// A subscriber of `node` went away.
@@ -212,7 +217,7 @@ mod tests {
         let mut sub = s.subscribe("n1", None);
         assert!(matches!(sub.first, Start::Snapshot(ref l) if l.contains("\"name\":\"ns/a\"")));
         let c = s.commit(vec![Change::Upsert(workload("bb", "n2"))]).unwrap();
-        assert_eq!(sub.live.recv().await.unwrap(), c.line);
+        assert_eq!(sub.live.recv().await.unwrap(), (c.version, c.line));
         assert!(s.commit(vec![Change::Upsert(workload("bb", "n2"))]).is_none(), "no change, no push");
         assert!(sub.live.try_recv().is_err());
         assert_eq!(s.nodes()["n1"].subscribers, 1);

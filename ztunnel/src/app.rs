@@ -99,6 +99,7 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
                 None => TrustBundle::from_pem(&roots),
             }
             .with_context(|| format!("loading the trust bundle from {}", ca.display()))?;
+            client.trust_also(bundle.roots());
             (Issuer::Controller(client.clone()), bundle, Plane::Controller { client, applied, config_file })
         }
     };
@@ -292,19 +293,12 @@ fn controller_endpoint(
     node: &str,
 ) -> anyhow::Result<control::client::Endpoint> {
     use rustls::pki_types::pem::PemObject;
-    let mut store = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(roots.as_bytes()) {
-        store.add(cert.context("reading --controller-ca")?).context("adding a root of --controller-ca")?;
-    }
-    if store.is_empty() {
+    let roots = rustls::pki_types::CertificateDer::pem_slice_iter(roots.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading --controller-ca")?;
+    if roots.is_empty() {
         anyhow::bail!("--controller-ca holds no certificate");
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(hbone::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
     let server_name = match name {
         Some(n) => rustls::pki_types::ServerName::try_from(n.to_owned())
             .with_context(|| format!("--controller-name {n:?} is not a DNS name or IP address"))?,
@@ -313,7 +307,7 @@ fn controller_endpoint(
     if token.is_empty() {
         anyhow::bail!("the node credential file is empty");
     }
-    Ok(control::client::Endpoint { addr, server_name, tls: Arc::new(tls), token, node: node.to_owned() })
+    Ok(control::client::Endpoint { addr, server_name, roots, token, node: node.to_owned() })
 }
 
 fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {

@@ -14,7 +14,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshapi::certificate::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorBody};
 use meshapi::watch::{ACK_PATH, Ack, Cursor, WATCH_PATH};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -73,7 +73,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// The name its certificate must carry (a DNS name or the IP address).
     pub server_name: ServerName<'static>,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// Roots its certificate may chain to (`--controller-ca`). The mesh's trust bundle is
+    /// added as it arrives ([`Client::trust_also`]), so a controller that rotated to a new
+    /// root is still trusted on the next connection.
+    pub roots: Vec<CertificateDer<'static>>,
     /// The node's bearer token.
     pub token: String,
     pub node: String,
@@ -81,12 +84,22 @@ pub struct Endpoint {
 
 pub struct Client {
     endpoint: Endpoint,
+    /// TLS for the next connection: the endpoint's roots and the mesh's trust bundle.
+    tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
 }
 
 impl Client {
     pub fn new(endpoint: Endpoint) -> Client {
-        Client { endpoint, conn: tokio::sync::Mutex::new(None) }
+        let tls = tls_config(&endpoint.roots, &[]);
+        Client { endpoint, tls: std::sync::RwLock::new(tls), conn: tokio::sync::Mutex::new(None) }
+    }
+
+    /// Also trusts `roots` (the mesh's current trust bundle) for connections opened from now
+    /// on; the endpoint's own roots stay trusted.
+    pub fn trust_also(&self, roots: &[CertificateDer<'static>]) {
+        let tls = tls_config(&self.endpoint.roots, roots);
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
     }
 
     pub fn node(&self) -> &str {
@@ -105,7 +118,8 @@ impl Client {
         let connect = async {
             let tcp = TcpStream::connect(addr).await.map_err(|error| ControlError::Connect { addr, error })?;
             let _ = tcp.set_nodelay(true);
-            TlsConnector::from(self.endpoint.tls.clone())
+            let tls = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+            TlsConnector::from(tls)
                 .connect(self.endpoint.server_name.clone(), tcp)
                 .await
                 .map_err(|error| ControlError::Tls { addr, error })
@@ -201,6 +215,21 @@ impl Client {
         };
         tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| ControlError::Timeout(CALL_TIMEOUT))?
     }
+}
+
+/// TLS 1.3 verifying the controller's certificate by name against `roots` and `more`, ALPN
+/// `h2`. Roots that cannot be used are skipped (the others still verify).
+fn tls_config(roots: &[CertificateDer<'static>], more: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    let (_added, _skipped) = store.add_parsable_certificates(roots.iter().chain(more).cloned());
+    let mut tls = rustls::ClientConfig::builder_with_provider(hbone::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        // The provider is built with TLS 1.3 suites; this cannot fail.
+        .expect("TLS 1.3 is supported by the aws-lc-rs provider")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(tls)
 }
 
 /// The watch stream's lines.

@@ -199,6 +199,7 @@ impl Watcher {
                     self.held.insert(r.key(), r.encode());
                     if let Resource::TrustBundle(bundle) = r {
                         install_bundle(&self.proxy, bundle);
+                        self.client.trust_also(self.proxy.trust.bundle().roots());
                     }
                 }
                 Change::Delete(k) => {
