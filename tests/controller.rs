@@ -422,7 +422,7 @@ fn reconnecting_ztunnel_gets_only_what_it_missed() {
     let workloads = dump(&mesh, 1)["workloads"].as_array().unwrap().clone();
     assert!(workloads.iter().any(|w| w["name"] == "batch"), "the missed pod arrived: {workloads:?}");
     let controller_logs = mesh.controller().logs().unwrap();
-    let line = controller_logs.lines().filter(|l| l.contains("proxy subscribed") && l.contains(&node1)).last();
+    let line = controller_logs.lines().rev().find(|l| l.contains("proxy subscribed") && l.contains(&node1));
     assert!(line.is_some_and(|l| l.contains("start=\"resume\"")), "{line:?}");
     assert_eq!(status(&mesh)["nodes"][&node1]["subscribers"], 1, "one stream, no reconnect loop");
     // And it serves: the mesh still works through it.
