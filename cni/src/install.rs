@@ -56,6 +56,11 @@ pub struct Settings {
     /// default is 30.
     #[arg(long, env = "WEFT_CNI_TIMEOUT_SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_seconds: Option<u64>,
+    /// The namespaces whose pods start without asking ztunnel, comma-separated, written as
+    /// `excludeNamespaces`; replaces the plugin's default, kube-system and weft-system (name
+    /// the namespace Weft runs in).
+    #[arg(long, env = "WEFT_CNI_EXCLUDE_NAMESPACES", value_delimiter = ',')]
+    pub exclude_namespaces: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +152,9 @@ pub fn entry(settings: &Settings) -> Value {
     }
     if let Some(seconds) = settings.timeout_seconds {
         entry.insert("timeoutSeconds".into(), seconds.into());
+    }
+    if let Some(namespaces) = &settings.exclude_namespaces {
+        entry.insert("excludeNamespaces".into(), namespaces.clone().into());
     }
     Value::Object(entry)
 }
@@ -338,6 +346,7 @@ mod tests {
             dirs: Dirs { cni_bin_dir: "/b".into(), cni_conf_dir: "/c".into() },
             node_socket: socket.map(PathBuf::from),
             timeout_seconds: None,
+            exclude_namespaces: None,
         }
     }
 

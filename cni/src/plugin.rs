@@ -12,8 +12,12 @@
 //! | `VERSION` | prints the supported versions |
 //!
 //! A sandbox that is not a Kubernetes pod (no `K8S_POD_*` arguments) passes through untouched:
-//! only pods can be in the mesh. Whether a pod is enrolled is ztunnel's decision (it answers
-//! `not enrolled`), never the plugin's.
+//! only pods can be in the mesh. So do the pods of the excluded namespaces
+//! (`excludeNamespaces`, [`DEFAULT_EXCLUDED_NAMESPACES`]): the ones the mesh itself and the
+//! cluster depend on, whose pods must start when ztunnel cannot answer for them (the
+//! controller's own pods after a full restart: ztunnel answers only for pods the controller
+//! has reported). For every other pod, whether it is enrolled is ztunnel's decision (it
+//! answers `not enrolled`), never the plugin's.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -40,6 +44,13 @@ pub const LATEST_VERSION: &str = "1.1.0";
 /// captures or refuses it, and its own answer (with its reason) is worth more than ours;
 /// well inside the 2 minutes the kubelet gives the runtime to create a pod sandbox.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The namespaces whose pods start without asking ztunnel unless `excludeNamespaces` says
+/// otherwise: `weft-system`, where the controller runs (ztunnel refuses pods the controller has
+/// not reported, so the controller's own pods could never start again after it stopped), and
+/// `kube-system`, which the cluster needs to work at all (DNS, the network plugin's agents),
+/// as Istio's CNI plugin excludes it by default. Neither is meant to be in the mesh.
+pub const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &["kube-system", "weft-system"];
 
 /// The environment variables the plugin reads.
 pub const ENV_VARS: &[&str] = &["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"];
@@ -138,6 +149,9 @@ pub struct Config {
     pub node_socket: PathBuf,
     /// `timeoutSeconds`: how long to wait for ztunnel; [`DEFAULT_TIMEOUT`] unless set.
     pub timeout: Duration,
+    /// `excludeNamespaces`: the namespaces whose pods pass through without asking ztunnel;
+    /// [`DEFAULT_EXCLUDED_NAMESPACES`] unless set (a list given replaces it).
+    pub exclude_namespaces: Vec<String>,
     /// `prevResult`: the result of the plugins before this one.
     pub prev_result: Option<Map<String, Value>>,
 }
@@ -183,12 +197,21 @@ impl Config {
                 }
             },
         };
+        let exclude_namespaces = match conf.get("excludeNamespaces") {
+            None | Some(Value::Null) => DEFAULT_EXCLUDED_NAMESPACES.iter().map(|n| n.to_string()).collect(),
+            Some(Value::Array(names)) if names.iter().all(Value::is_string) => {
+                names.iter().filter_map(Value::as_str).map(str::to_owned).collect()
+            }
+            Some(other) => {
+                return Err(invalid(format!("excludeNamespaces must be an array of namespace names, not {other}")));
+            }
+        };
         let prev_result = match conf.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(Value::Object(result)) => Some(result.clone()),
             Some(other) => return Err(invalid(format!("prevResult must be an object, not {other}"))),
         };
-        Ok(Config { cni_version, name, node_socket, timeout, prev_result })
+        Ok(Config { cni_version, name, node_socket, timeout, exclude_namespaces, prev_result })
     }
 }
 
@@ -334,9 +357,12 @@ fn add(env: &Environment, config: &Config, container: &str) -> Result<Value, Cni
     };
     let mut result = prev.clone();
     result.entry("cniVersion").or_insert_with(|| Value::String(config.cni_version.clone()));
-    let Some((namespace, name)) = kubernetes_pod(env.var("CNI_ARGS"))? else {
-        log(&format!("ADD container {container}: not a Kubernetes pod (no K8S_POD_* in CNI_ARGS): passed through"));
-        return Ok(Value::Object(result));
+    let (namespace, name) = match target(env, config)? {
+        Target::Pod { namespace, name } => (namespace, name),
+        skipped => {
+            log(&format!("ADD container {container}: {skipped}: passed through without asking ztunnel"));
+            return Ok(Value::Object(result));
+        }
     };
     let request = NodeRequest::Add(PodRef {
         namespace: namespace.clone(),
@@ -363,7 +389,7 @@ fn add(env: &Environment, config: &Config, container: &str) -> Result<Value, Cni
 }
 
 fn del(env: &Environment, config: &Config, container: &str) -> Result<(), CniError> {
-    let Some((namespace, name)) = kubernetes_pod(env.var("CNI_ARGS"))? else {
+    let Target::Pod { namespace, name } = target(env, config)? else {
         return Ok(());
     };
     let request = NodeRequest::Del(PodRef {
@@ -384,7 +410,7 @@ fn del(env: &Environment, config: &Config, container: &str) -> Result<(), CniErr
 }
 
 fn check(env: &Environment, config: &Config) -> Result<(), CniError> {
-    let Some((namespace, name)) = kubernetes_pod(env.var("CNI_ARGS"))? else {
+    let Target::Pod { namespace, name } = target(env, config)? else {
         return Ok(());
     };
     node_socket::probe(&config.node_socket, config.timeout).map_err(|e| {
@@ -393,6 +419,38 @@ fn check(env: &Environment, config: &Config) -> Result<(), CniError> {
             format!("ztunnel, which captures pod {namespace}/{name}, is not reachable"),
             e.to_string(),
         )
+    })
+}
+
+/// Whom a command is about.
+enum Target {
+    /// A pod ztunnel must answer for.
+    Pod { namespace: String, name: String },
+    /// A sandbox without `K8S_POD_*` arguments.
+    NotAPod,
+    /// A pod of an excluded namespace.
+    Excluded { namespace: String, name: String },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Pod { namespace, name } => write!(f, "pod {namespace}/{name}"),
+            Target::NotAPod => f.write_str("not a Kubernetes pod (no K8S_POD_* in CNI_ARGS)"),
+            Target::Excluded { namespace, name } => {
+                write!(f, "pod {namespace}/{name}, in an excluded namespace (excludeNamespaces)")
+            }
+        }
+    }
+}
+
+fn target(env: &Environment, config: &Config) -> Result<Target, CniError> {
+    Ok(match kubernetes_pod(env.var("CNI_ARGS"))? {
+        None => Target::NotAPod,
+        Some((namespace, name)) if config.exclude_namespaces.contains(&namespace) => {
+            Target::Excluded { namespace, name }
+        }
+        Some((namespace, name)) => Target::Pod { namespace, name },
     })
 }
 
@@ -463,11 +521,17 @@ mod tests {
         let c = Config::from_json(&object(json!({"cniVersion": "1.0.0", "name": "k8s", "type": "weft-cni"}))).unwrap();
         assert_eq!(c.node_socket, PathBuf::from(meshapi::node::DEFAULT_SOCKET));
         assert_eq!(c.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(c.exclude_namespaces, ["kube-system", "weft-system"]);
+        let c =
+            Config::from_json(&object(json!({"cniVersion": "1.0.0", "name": "k8s", "excludeNamespaces": ["infra"]})));
+        assert_eq!(c.unwrap().exclude_namespaces, ["infra"], "a list given replaces the default");
         let err = |v: Value| Config::from_json(&object(v)).unwrap_err();
         let e = err(json!({"cniVersion": "1.0.0", "name": "k8s", "timeoutSeconds": "30s"}));
         assert_eq!((e.code, e.details.contains("timeoutSeconds")), (Code::InvalidConfig, true), "{e}");
         let e = err(json!({"cniVersion": "1.0.0", "name": "k8s", "nodeSocket": "ztunnel.sock"}));
         assert_eq!((e.code, e.details.contains("nodeSocket")), (Code::InvalidConfig, true), "{e}");
+        let e = err(json!({"cniVersion": "1.0.0", "name": "k8s", "excludeNamespaces": "kube-system"}));
+        assert_eq!((e.code, e.details.contains("excludeNamespaces")), (Code::InvalidConfig, true), "{e}");
         assert_eq!(err(json!({"cniVersion": "0.2.0", "name": "k8s"})).code, Code::IncompatibleVersion);
         assert_eq!(err(json!({"name": "k8s"})).code, Code::InvalidConfig);
         assert_eq!(err(json!({"cniVersion": "1.0.0"})).code, Code::InvalidConfig);

@@ -100,11 +100,15 @@ fn install_appends_to_the_runtime_configuration_and_uninstall_removes_it() {
     assert_eq!(std::fs::read(host.conf.join("10-calico.conflist")).unwrap(), before);
 
     // Other settings replace the entry.
-    let other = host.weft_cni("install", &["--timeout-seconds", "20"]);
+    let other =
+        host.weft_cni("install", &["--timeout-seconds", "20", "--exclude-namespaces", "kube-system,mesh-system"]);
     assert!(other.success, "{other:?}");
     let conf = host.read("10-calico.conflist");
     assert_eq!(plugin_types(&conf), ["calico", "bandwidth", "portmap", "weft-cni"]);
-    assert_eq!(conf["plugins"][3], json!({"type": "weft-cni", "timeoutSeconds": 20}));
+    assert_eq!(
+        conf["plugins"][3],
+        json!({"type": "weft-cni", "timeoutSeconds": 20, "excludeNamespaces": ["kube-system", "mesh-system"]})
+    );
 
     let run = host.weft_cni("uninstall", &[]);
     assert!(run.success, "{run:?}");

@@ -226,6 +226,32 @@ fn add_passes_through_a_sandbox_that_is_not_a_kubernetes_pod() {
 }
 
 #[test]
+fn pods_of_excluded_namespaces_start_without_ztunnel() {
+    let dir = TempDir::new("excluded");
+    let socket = dir.path().join("ztunnel.sock");
+    let weft_system = "K8S_POD_NAMESPACE=weft-system;K8S_POD_NAME=weft-controller-0";
+    let mut env = runtime_env("ADD");
+    env.retain(|(k, _)| *k != "CNI_ARGS");
+    env.push(("CNI_ARGS", weft_system));
+    // ztunnel is down: the controller's pod starts all the same (by default).
+    let run = plugin(&env, &config(&socket));
+    assert!(run.success, "{run:?}");
+    assert_eq!(run.json(), bridge_result());
+    assert!(run.stderr.contains("excluded"), "{run:?}");
+    for command in ["DEL", "CHECK"] {
+        env[0] = ("CNI_COMMAND", command);
+        let run = plugin(&env, &config(&socket));
+        assert!(run.success && !run.stderr.contains("ignored"), "{command}: {run:?}");
+    }
+
+    // A list given replaces the default: weft-system is then asked for like any namespace.
+    let mut conf = config(&socket);
+    conf["excludeNamespaces"] = json!(["kube-system"]);
+    env[0] = ("CNI_COMMAND", "ADD");
+    assert_cni_error(&plugin(&env, &conf), 11, "1.0.0");
+}
+
+#[test]
 fn add_adds_the_version_to_a_previous_result_without_one() {
     let dir = TempDir::new("add-version");
     let ztunnel = FakeZtunnel::start(dir.path(), Answer::Reply { ok: true, message: "captured" });
