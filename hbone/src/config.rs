@@ -91,3 +91,37 @@ impl Default for Config {
         }
     }
 }
+
+/// Parses a duration setting: `500ms`, `10s`, `5m`, `24h`, `7d`. Shared by the command lines of
+/// every Weft program, so one spelling works everywhere.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 10s, 5m, 24h)"))?;
+    let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs).ok_or_else(|| format!("{s:?} is too long"));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("10").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("ten s").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert!(parse_duration("9999999999999999999d").unwrap_err().contains("too long"));
+    }
+}

@@ -65,16 +65,15 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
             metrics.config_applied.inc();
             (Issuer::Local(Box::new(ca)), bundle, Plane::Local { file: file.clone(), applied_bytes })
         }
-        Mode::Controller { addr, ca, name, token_file } => {
+        Mode::Controller { address, ca, name, token_file } => {
             let roots = read(ca, "controller CA (--controller-ca)")?;
-            let token = read(token_file, "node credential (--node-token-file)")?.trim().to_owned();
             let client = Arc::new(control::client::Client::new(controller_endpoint(
-                *addr,
+                address,
                 &roots,
                 name.as_deref(),
-                token,
+                token_file,
                 &config.node,
-            )?));
+            )?)?);
             // Static stability: start from what was applied last, if it was kept.
             let config_file = config.state_dir.as_ref().map(|d| d.join("config.json"));
             let applied = match config_file.as_deref().map(control::persist::load).transpose() {
@@ -286,10 +285,10 @@ async fn reload_local(
 /// The controller client's settings: TLS that verifies the controller's certificate to
 /// `roots` by `name` (its IP address by default), HTTP/2.
 fn controller_endpoint(
-    addr: SocketAddr,
+    address: &str,
     roots: &str,
     name: Option<&str>,
-    token: String,
+    token_file: &std::path::Path,
     node: &str,
 ) -> anyhow::Result<control::client::Endpoint> {
     use rustls::pki_types::pem::PemObject;
@@ -299,15 +298,19 @@ fn controller_endpoint(
     if roots.is_empty() {
         anyhow::bail!("--controller-ca holds no certificate");
     }
-    let server_name = match name {
-        Some(n) => rustls::pki_types::ServerName::try_from(n.to_owned())
-            .with_context(|| format!("--controller-name {n:?} is not a DNS name or IP address"))?,
-        None => rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
-    };
-    if token.is_empty() {
-        anyhow::bail!("the node credential file is empty");
-    }
-    Ok(control::client::Endpoint { addr, server_name, roots, token, node: node.to_owned() })
+    let (host, port) = control::client::split_host_port(address)
+        .with_context(|| format!("--controller {address:?} is not <host>:<port>"))?;
+    let name = name.unwrap_or(&host);
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
+        .with_context(|| format!("{name:?} is not a DNS name or IP address to verify the controller by"))?;
+    Ok(control::client::Endpoint {
+        host,
+        port,
+        server_name,
+        roots,
+        token_file: token_file.to_owned(),
+        node: node.to_owned(),
+    })
 }
 
 fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
@@ -319,7 +322,8 @@ fn metrics_routes(metrics: Arc<Metrics>) -> Routes {
         let body = (call.path == "/metrics").then(|| metrics.encode());
         Box::pin(async move {
             match body {
-                Some(b) => Reply { status: StatusCode::OK, content_type: "text/plain; version=0.0.4", body: b },
+                // The encoder writes OpenMetrics: say so, or counters read as untyped.
+                Some(b) => Reply { status: StatusCode::OK, content_type: crate::metrics::CONTENT_TYPE, body: b },
                 None => Reply::text(StatusCode::NOT_FOUND, "try /metrics\n"),
             }
         })

@@ -23,7 +23,7 @@ pub const NFT_TABLE: &str = "weft";
 /// Where the cluster view comes from, as the settings chose it.
 #[derive(Debug, Clone)]
 pub enum Mode {
-    Controller { addr: std::net::SocketAddr, ca: PathBuf, name: Option<String>, token_file: PathBuf },
+    Controller { address: String, ca: PathBuf, name: Option<String>, token_file: PathBuf },
     Local { file: PathBuf, ca_cert: PathBuf, ca_key: PathBuf, trust_bundle: Option<PathBuf> },
 }
 
@@ -33,22 +33,25 @@ pub struct Config {
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node: String,
 
-    /// The controller to be programmed by, `<ip>:<port>` (its API port is 15012). Either
+    /// The controller to be programmed by, `<host>:<port>` (a DNS name or an IP address,
+    /// IPv6 in brackets; its API port is 15012), resolved again at each reconnection. Either
     /// this or `--local-config`.
     #[arg(long, env = "WEFT_CONTROLLER", conflicts_with = "local_config")]
-    pub controller: Option<std::net::SocketAddr>,
+    pub controller: Option<String>,
 
     /// Root certificate(s) (PEM) the controller's TLS certificate must chain to; until the
     /// controller sends its trust bundle, also the bundle workload peers are verified with.
     #[arg(long, env = "WEFT_CONTROLLER_CA")]
     pub controller_ca: Option<PathBuf>,
 
-    /// The name the controller's certificate must carry; defaults to its IP address.
+    /// The name the controller's certificate must carry; defaults to the host of
+    /// `--controller`.
     #[arg(long, env = "WEFT_CONTROLLER_NAME")]
     pub controller_name: Option<String>,
 
     /// A file holding this node's credential for the controller (a bearer token; on VMs and
-    /// in the lab made with `weft-controller token --node <name>`).
+    /// in the lab made with `weft-controller token --node <name>`; on Kubernetes a projected
+    /// service-account token). Read again at each reconnection, so a rotated token is used.
     #[arg(long, env = "WEFT_NODE_TOKEN_FILE")]
     pub node_token_file: Option<PathBuf>,
 
@@ -135,8 +138,8 @@ impl Config {
     /// The mode the settings select, or an error naming the missing setting.
     pub fn mode(&self) -> Result<Mode, String> {
         match (&self.controller, &self.local_config) {
-            (Some(addr), None) => Ok(Mode::Controller {
-                addr: *addr,
+            (Some(address), None) => Ok(Mode::Controller {
+                address: address.clone(),
                 ca: self.controller_ca.clone().ok_or(
                     "--controller needs --controller-ca (WEFT_CONTROLLER_CA): the root its certificate chains to",
                 )?,
@@ -161,31 +164,5 @@ impl Config {
     }
 }
 
-/// Parses `500ms`, `10s`, `5m`, `24h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 10s, 5m, 24h)"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Ok(d)
-}
+pub use hbone::config::parse_duration;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
-        assert!(parse_duration("10").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("ten s").unwrap_err().contains("not a duration"));
-    }
-}

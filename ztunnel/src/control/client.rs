@@ -2,7 +2,7 @@
 //! again after it fails, carrying the watch stream, acknowledgements and certificate requests
 //! (`docs/PROTOCOL.md`). Every request carries the node's credential.
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,11 +34,13 @@ pub enum ControlError {
     #[error(
         "cannot connect to the controller at {addr}: {error}; is it running, and is port 15012 reachable from this node?"
     )]
-    Connect { addr: SocketAddr, error: std::io::Error },
+    Connect { addr: String, error: std::io::Error },
+    #[error("cannot read the node credential {path}: {error}")]
+    Credential { path: PathBuf, error: String },
     #[error(
         "TLS with the controller at {addr} failed: {error}; does --controller-ca hold the root that signed its certificate, and does --controller-name match it?"
     )]
-    Tls { addr: SocketAddr, error: std::io::Error },
+    Tls { addr: String, error: std::io::Error },
     #[error("HTTP/2 with the controller failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("the controller did not answer within {0:?}")]
@@ -70,29 +72,41 @@ impl ControlError {
 /// Where the controller is and how to prove who we are.
 #[derive(Clone)]
 pub struct Endpoint {
-    pub addr: SocketAddr,
+    /// A DNS name or an IP address (resolved again at each connection).
+    pub host: String,
+    pub port: u16,
     /// The name its certificate must carry (a DNS name or the IP address).
     pub server_name: ServerName<'static>,
     /// Roots its certificate may chain to (`--controller-ca`). The mesh's trust bundle is
     /// added as it arrives ([`Client::trust_also`]), so a controller that rotated to a new
     /// root is still trusted on the next connection.
     pub roots: Vec<CertificateDer<'static>>,
-    /// The node's bearer token.
-    pub token: String,
+    /// The file holding the node's bearer token, read again at each connection (a projected
+    /// service-account token rotates).
+    pub token_file: PathBuf,
     pub node: String,
 }
 
 pub struct Client {
     endpoint: Endpoint,
+    /// The bearer token as last read from the endpoint's file.
+    token: std::sync::RwLock<String>,
     /// TLS for the next connection: the endpoint's roots and the mesh's trust bundle.
     tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
 }
 
 impl Client {
-    pub fn new(endpoint: Endpoint) -> Client {
+    /// A client; fails if the token file cannot be read now.
+    pub fn new(endpoint: Endpoint) -> Result<Client, ControlError> {
         let tls = tls_config(&endpoint.roots, &[]);
-        Client { endpoint, tls: std::sync::RwLock::new(tls), conn: tokio::sync::Mutex::new(None) }
+        let token = read_token(&endpoint.token_file)?;
+        Ok(Client {
+            endpoint,
+            token: std::sync::RwLock::new(token),
+            tls: std::sync::RwLock::new(tls),
+            conn: tokio::sync::Mutex::new(None),
+        })
     }
 
     /// Also trusts `roots` (the mesh's current trust bundle) for connections opened from now
@@ -114,15 +128,22 @@ impl Client {
         {
             return Ok(s.clone());
         }
-        let addr = self.endpoint.addr;
+        // A rotated credential is picked up with each new connection.
+        match read_token(&self.endpoint.token_file) {
+            Ok(token) => *self.token.write().unwrap_or_else(|p| p.into_inner()) = token,
+            Err(e) => tracing::warn!(error = %e, "keeping the node credential read before"),
+        }
+        let addr = format!("{}:{}", bracket(&self.endpoint.host), self.endpoint.port);
         let connect = async {
-            let tcp = TcpStream::connect(addr).await.map_err(|error| ControlError::Connect { addr, error })?;
+            let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
+                .await
+                .map_err(|error| ControlError::Connect { addr: addr.clone(), error })?;
             let _ = tcp.set_nodelay(true);
             let tls = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
             TlsConnector::from(tls)
                 .connect(self.endpoint.server_name.clone(), tcp)
                 .await
-                .map_err(|error| ControlError::Tls { addr, error })
+                .map_err(|error| ControlError::Tls { addr: addr.clone(), error })
         };
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
@@ -145,11 +166,12 @@ impl Client {
     }
 
     fn request(&self, method: Method, path_and_query: &str, body: Bytes) -> Request<Full<Bytes>> {
-        let uri = format!("https://{}{}", self.endpoint.addr, path_and_query);
+        let uri = format!("https://{}:{}{}", bracket(&self.endpoint.host), self.endpoint.port, path_and_query);
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri.parse().unwrap_or_default();
-        if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {}", self.endpoint.token)) {
+        let token = self.token.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {token}")) {
             req.headers_mut().insert(header::AUTHORIZATION, v);
         }
         req.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
@@ -217,6 +239,33 @@ impl Client {
     }
 }
 
+/// Splits `host:port` (IPv6 in brackets: `[fd00::1]:15012`).
+pub fn split_host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = match host.strip_prefix('[') {
+        Some(inner) => inner.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+/// An IPv6 address in brackets, anything else as it is.
+fn bracket(host: &str) -> String {
+    if host.contains(':') { format!("[{host}]") } else { host.to_owned() }
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, ControlError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ControlError::Credential { path: path.to_owned(), error: e.to_string() })?;
+    let token = text.trim().to_owned();
+    if token.is_empty() {
+        return Err(ControlError::Credential { path: path.to_owned(), error: "the file is empty".into() });
+    }
+    Ok(token)
+}
+
 /// TLS 1.3 verifying the controller's certificate by name against `roots` and `more`, ALPN
 /// `h2`. Roots that cannot be used are skipped (the others still verify).
 fn tls_config(roots: &[CertificateDer<'static>], more: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
@@ -265,5 +314,24 @@ impl Lines {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port() {
+        assert_eq!(split_host_port("10.0.0.5:15012"), Some(("10.0.0.5".into(), 15012)));
+        assert_eq!(
+            split_host_port("weft-controller.weft-system.svc:15012"),
+            Some(("weft-controller.weft-system.svc".into(), 15012))
+        );
+        assert_eq!(split_host_port("[fd00::5]:15012"), Some(("fd00::5".into(), 15012)));
+        assert_eq!(split_host_port("fd00::5:15012"), None, "IPv6 needs brackets");
+        assert_eq!(split_host_port("host"), None);
+        assert_eq!(split_host_port(":15012"), None);
+        assert_eq!(bracket("fd00::5"), "[fd00::5]");
     }
 }
