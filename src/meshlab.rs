@@ -108,6 +108,9 @@ pub struct MeshLab {
     /// The controller's pod (node 0) and process, with [`Plane::Controller`].
     controller_pod: Option<Pod>,
     controller: Option<LabProcess>,
+    /// Whether the controller was ever started: ztunnels start it the first time only, so a
+    /// test that stops it keeps it down.
+    controller_started: bool,
     /// The CA files the controller signs with, when not the lab's (see
     /// [`MeshLab::set_controller_ca`]).
     controller_ca: Option<(PathBuf, PathBuf)>,
@@ -155,6 +158,7 @@ impl MeshLab {
             ztunnels: (0..nodes).map(|_| None).collect(),
             controller_pod,
             controller: None,
+            controller_started: false,
             controller_ca: None,
             kept: Vec::new(),
         };
@@ -403,11 +407,11 @@ impl MeshLab {
         Ok(())
     }
 
-    /// Starts the controller (if this lab has one and it is not running) and one ztunnel per
-    /// node, and waits until each is ready.
+    /// Starts the controller (if this lab has one and it was never started) and one ztunnel
+    /// per node, and waits until each is ready.
     pub fn start_ztunnels(&mut self) -> anyhow::Result<()> {
         self.write_config()?;
-        if self.plane == Plane::Controller && self.controller.is_none() {
+        if self.plane == Plane::Controller && !self.controller_started {
             self.start_controller(&[])?;
         }
         for i in 0..self.ztunnels.len() {
@@ -464,6 +468,7 @@ impl MeshLab {
         let process = self.controller_pod().netns().spawn(cmd)?;
         process.wait_for_log("controller ready", STARTUP)?;
         self.controller = Some(process);
+        self.controller_started = true;
         Ok(())
     }
 
@@ -505,9 +510,9 @@ impl MeshLab {
     }
 
     /// Starts node `i`'s ztunnel with extra arguments (and the controller first, if this lab
-    /// has one and it is not running) and waits until it is ready.
+    /// has one and it was never started) and waits until it is ready.
     pub fn start_ztunnel(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
-        if self.plane == Plane::Controller && self.controller.is_none() {
+        if self.plane == Plane::Controller && !self.controller_started {
             self.write_config()?;
             self.start_controller(&[])?;
         }
