@@ -195,7 +195,9 @@ impl MeshLab {
 
     /// Creates a pod as a container runtime with Weft's CNI plugin does: its namespace (with
     /// the pause process), its object written for the controller, then its network namespace
-    /// handed to its node's ztunnel over the node socket, waiting for the answer. `Ok` means
+    /// handed to its node's ztunnel, waiting for the answer: through the real `weft-cni` when
+    /// it was built beside `weft` ([`MeshLab::cni_plugin`]), else over the node socket
+    /// directly. `Ok` means
     /// the pod may start its apps (captured, or not part of the mesh); an error means it must
     /// not (fail closed): ztunnel is unreachable or could not capture it.
     ///
@@ -206,18 +208,75 @@ impl MeshLab {
         let pod = self.lab.add_pod(spec.node, &spec.name)?;
         self.pods.push((spec, pod.clone()));
         self.write_config()?;
-        let request = meshapi::node::NodeRequest::Add(meshapi::node::PodRef {
-            namespace,
-            name: name.clone(),
-            netns: format!("/proc/{}/ns/net", pod.pause_pid()),
-            ips: vec![ip(&pod)],
-        });
-        let answer = node_socket_call(&self.node_socket(node), &request)
-            .with_context(|| format!("pod {name} must not start: handing it to node-{node}'s ztunnel failed"))?;
-        if !answer.ok {
-            bail!("pod {name} must not start: node-{node}'s ztunnel refused it: {}", answer.message);
+        match self.cni_plugin() {
+            Some(plugin) => self.cni_add(&plugin, node, &namespace, &name, &pod)?,
+            None => {
+                let request = meshapi::node::NodeRequest::Add(meshapi::node::PodRef {
+                    namespace,
+                    name: name.clone(),
+                    netns: format!("/proc/{}/ns/net", pod.pause_pid()),
+                    ips: vec![ip(&pod)],
+                });
+                let answer = node_socket_call(&self.node_socket(node), &request).with_context(|| {
+                    format!("pod {name} must not start: handing it to node-{node}'s ztunnel failed")
+                })?;
+                if !answer.ok {
+                    bail!("pod {name} must not start: node-{node}'s ztunnel refused it: {}", answer.message);
+                }
+            }
         }
         Ok(pod)
+    }
+
+    /// The `weft-cni` plugin built next to the `weft` binary, if there is one (a workspace
+    /// build makes both): [`MeshLab::create_pod`] then runs it as a container runtime does.
+    pub fn cni_plugin(&self) -> Option<PathBuf> {
+        let plugin = self.weft.with_file_name("weft-cni");
+        plugin.is_file().then_some(plugin)
+    }
+
+    /// Runs `plugin` ADD for a pod as a container runtime does: the CNI environment, the
+    /// configuration on stdin with the interface plugin's result as `prevResult`.
+    fn cni_add(&self, plugin: &Path, node: usize, namespace: &str, name: &str, pod: &Pod) -> anyhow::Result<()> {
+        use std::process::Stdio;
+        let config = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "weft-lab",
+            "type": "weft-cni",
+            "nodeSocket": self.node_socket(node),
+            "excludeNamespaces": [],
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": format!("/proc/{}/ns/net", pod.pause_pid())}],
+                "ips": [{"address": format!("{}/24", pod.ip()), "gateway": pod.gateway().to_string(), "interface": 0}],
+            },
+        });
+        let mut child = Command::new(plugin)
+            .env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", format!("lab-{}", pod.pause_pid()))
+            .env("CNI_NETNS", format!("/proc/{}/ns/net", pod.pause_pid()))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"))
+            .env("CNI_PATH", plugin.parent().unwrap_or(Path::new("/")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", plugin.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(config.to_string().as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "pod {name} must not start: weft-cni ADD failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// Node `i`'s node socket, where the runtime hands pods to its ztunnel.

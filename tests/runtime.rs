@@ -1,8 +1,9 @@
 //! The container runtime's hand-over in the lab (tier 3): a new pod's network namespace is
-//! handed to its node's ztunnel over the node socket before the pod's apps start, the way
-//! Weft's CNI plugin does it, so the pod's first connection is captured; and when ztunnel
-//! cannot be reached, the pod does not start (fail closed). They need root; under `CI=true`
-//! a test that cannot get it fails instead of skipping.
+//! handed to its node's ztunnel by the real `weft-cni` plugin, run as a container runtime runs
+//! it, before the pod's apps start, so the pod's first connection is captured; and when
+//! ztunnel cannot be reached, the pod does not start (fail closed). They need root and the
+//! plugin built beside `weft` (`cargo test --workspace` builds both); under `CI=true` a test
+//! that cannot run fails instead of skipping.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -27,7 +28,12 @@ fn mesh(test: &str) -> Option<MeshLab> {
         lab::skip_or_fail("the `nft` program (Debian package nftables) is not installed");
         return None;
     }
-    Some(MeshLab::new(test, 2, weft()).expect("building the lab"))
+    let mesh = MeshLab::new(test, 2, weft()).expect("building the lab");
+    if mesh.cni_plugin().is_none() {
+        lab::skip_or_fail("weft-cni is not built beside weft: run `cargo build --workspace` first");
+        return None;
+    }
+    Some(mesh)
 }
 
 #[test]
@@ -82,7 +88,8 @@ fn a_pod_does_not_start_when_ztunnel_is_unreachable() {
     let err = mesh.create_pod(PodSpec::new(0, "front", "orphan", "orphan")).unwrap_err();
     let text = format!("{err:#}");
     assert!(text.contains("must not start"), "{text}");
-    assert!(text.contains("is ztunnel running?"), "{text}");
+    assert!(text.contains("\"code\":11"), "the plugin's CNI error says: try again later: {text}");
+    assert!(text.contains("node-0.sock"), "and names the socket: {text}");
 
     // Back up, the same hand-over succeeds for another pod.
     mesh.start_ztunnel(0, &[]).unwrap();

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub snapshots: Counter,
     /// Subscriptions that resumed from the history.
     pub resumes: Counter,
+    /// Bytes of the first messages of subscriptions (snapshots, or the deltas a resumption
+    /// sends).
+    pub start_bytes: Counter,
     /// Reports of a version applied in full.
     pub acks_applied: Counter,
     /// Reports of a version applied with some resources rejected.
@@ -67,6 +70,7 @@ impl Metrics {
             pushed_bytes: Counter::default(),
             snapshots: Counter::default(),
             resumes: Counter::default(),
+            start_bytes: Counter::default(),
             acks_applied: Counter::default(),
             acks_rejected: Counter::default(),
             rejected_resources: Counter::default(),
@@ -82,6 +86,11 @@ impl Metrics {
         r.register("weft_controller_pushed_bytes", "Bytes of deltas sent to subscribers", m.pushed_bytes.clone());
         r.register("weft_controller_snapshots", "Subscriptions started with a snapshot", m.snapshots.clone());
         r.register("weft_controller_resumes", "Subscriptions resumed from the history", m.resumes.clone());
+        r.register(
+            "weft_controller_start_bytes",
+            "Bytes of the first messages of subscriptions (snapshots or resumed deltas)",
+            m.start_bytes.clone(),
+        );
         r.register("weft_controller_acks_applied", "Versions proxies applied in full", m.acks_applied.clone());
         r.register(
             "weft_controller_acks_rejected",

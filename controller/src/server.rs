@@ -280,7 +280,9 @@ impl Api {
             Start::Snapshot(line) => ("snapshot", vec![Bytes::from(line)]),
             Start::Resume(lines) => ("resume", lines.into_iter().map(shared).collect()),
         };
-        info!(node = %caller, since = ?since, start = first_kind, "proxy subscribed");
+        let start_bytes: usize = first.iter().map(Bytes::len).sum();
+        self.metrics.start_bytes.inc_by(start_bytes as u64);
+        info!(node = %caller, since = ?since, start = first_kind, bytes = start_bytes, "proxy subscribed");
         let (mut tx, body) = Channel::<Bytes, Infallible>::new(16);
         let (api, node, mut live, epoch) = (self.clone(), caller.to_owned(), sub.live, sub.epoch);
         let mut version = sub.version;

@@ -226,10 +226,20 @@ impl Manager {
                         None => tokio::time::sleep(Duration::from_millis(20)).await,
                     }
                 };
+                let inode = netns.inode();
                 self.handed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), netns);
                 let mut pods = self.pods.lock().await;
-                if pods.contains_key(&uid) {
-                    return answer(true, "captured".into());
+                match pods.get(&uid) {
+                    Some(e) if e.info.netns.inode() == inode => return answer(true, "captured".into()),
+                    // A new sandbox of a pod still held (its DEL did not reach this ztunnel):
+                    // release the old namespace, capture the new one.
+                    Some(_) => {
+                        if let Some(old) = pods.remove(&uid) {
+                            info!(pod = %uid, "pod handed over again with a new network namespace; releasing the old one");
+                            self.unenroll(old).await;
+                        }
+                    }
+                    None => {}
                 }
                 match self.enroll(&uid, &ips).await {
                     Ok(e) => {
