@@ -155,8 +155,8 @@ fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
     println!("     web sent {marker:?}; the app greeted with {banner:?} and echoed {echoed:?}");
     println!("     on the wire: {wire}");
     let to_api1 = format!("dst.addr={api1}");
-    print_access(mesh, 0, &["outbound", &to_api1], marks[0])?;
-    print_access(mesh, 1, &["inbound", &to_api1], marks[1])?;
+    print_access(mesh, 0, &["direction=\"outbound\"", &to_api1], marks[0])?;
+    print_access(mesh, 1, &["direction=\"inbound\"", &to_api1], marks[1])?;
 
     let vip = SocketAddr::from((lab::addresses::service_vip(10), 80));
     println!("\n6. front/web connects to the service VIP {vip} six times; ztunnel balances over the endpoints:");
@@ -171,7 +171,7 @@ fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
     let mark = log_mark(mesh, 0)?;
     let reply = exchange(mesh, "web", old, "hi")?;
     println!("     answered by {:?}", reply.lines().next().unwrap_or(""));
-    print_access(mesh, 0, &["outbound", &format!("dst.addr={old}")], mark)?;
+    print_access(mesh, 0, &["direction=\"outbound\"", &format!("dst.addr={old}")], mark)?;
 
     println!(
         "\n8. An L4 policy (an AuthorizationPolicy object): back/api accepts only spiffe://cluster.local/ns/front/sa/web."
@@ -193,7 +193,7 @@ fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
     }
     mesh.clear_policies();
     mesh.write_config()?;
-    print_access(mesh, 1, &["denied"], mark)?;
+    print_access(mesh, 1, &["outcome=\"denied\""], mark)?;
 
     println!("\n9. Metrics (node-1's ztunnel, :15020/metrics), as Istio dashboards read them:");
     let metrics = mesh.node_http(1, 15020, "/metrics")?;
@@ -288,7 +288,7 @@ fn print_access(mesh: &MeshLab, node: usize, what: &[&str], mark: usize) -> anyh
             .get(mark..)
             .unwrap_or("")
             .lines()
-            .find(|l| (l.contains(" access ") || l.ends_with(" access")) && what.iter().all(|w| l.contains(w)));
+            .find(|l| l.contains(" access: ") && what.iter().all(|w| l.contains(w)));
         if let Some(line) = line {
             println!("     node-{node} ztunnel: {}", shorten(line.split_once(": ").map(|x| x.1).unwrap_or(line)));
             return Ok(());

@@ -21,7 +21,7 @@ fn weft_demo_runs_and_shows_the_mesh_at_work() {
         "server port(s) {15008}, TLS handshake seen: true, plaintext \"hello-from-web\" seen: false",
         "src.identity=spiffe://…/ns/front/sa/web dst.addr=10.244.2.2:8080",
         "answered by: api-0, api-1, api-0, api-1, api-0, api-1",
-        "outcome=ok (passthrough)",
+        "protocol=\"TCP\" direction=\"outbound\"",
         "front/web -> api-1: allowed",
         "front/batch -> api-1: refused",
         "istio_tcp_connections_opened_total{reporter=\"destination\"",

@@ -99,7 +99,7 @@ fn pod_to_pod_across_nodes_is_mutual_tls_on_the_wire() {
     // The app saw a connection; ztunnel logged the identities.
     assert!(app.logs().unwrap().contains("accepted"));
     let log = mesh.ztunnel(0).wait_for_log("protocol=\"HBONE\"", Duration::from_secs(5)).unwrap();
-    let line = log.lines().find(|l| l.contains("ztunnel::proxy::outbound") && l.contains("access")).unwrap();
+    let line = log.lines().find(|l| l.contains(" access: ") && l.contains("direction=\"outbound\"")).unwrap();
     assert!(line.contains("src.identity=spiffe://cluster.local/ns/front/sa/web"), "{line}");
     assert!(line.contains("dst.identity=spiffe://cluster.local/ns/back/sa/api"), "{line}");
 }

@@ -1,14 +1,27 @@
 //! ztunnel's metrics, with the names and labels Istio dashboards and Kiali already read
-//! (ARCHITECTURE §9). Prometheus text on `:15020/metrics`.
+//! (ARCHITECTURE §9). OpenMetrics text on `:15020/metrics` ([`CONTENT_TYPE`]).
 //!
 //! As in Istio, `istio_tcp_received_bytes_total` counts bytes from the client to the server
 //! (the request direction) and `istio_tcp_sent_bytes_total` bytes from the server back.
+//!
+//! The connection counters have one writer: a connection's record
+//! (`proxy::record::ConnectionRecord`) counts it as opened through [`Metrics::open`], closes
+//! it through the returned [`ConnCounters`], or counts its refusal through
+//! [`Metrics::refuse`], and writes its access line from the same fields.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+/// What [`Metrics::encode`] writes: the OpenMetrics text format, whose counters' samples end
+/// in `_total` while their `# TYPE` line names the family without it. Served as the classic
+/// Prometheus text (`text/plain; version=0.0.4`), a scraper would read every counter as
+/// untyped.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Which proxy of the connection reports it.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -43,20 +56,72 @@ pub struct TcpLabels {
     pub connection_security_policy: SecurityPolicy,
 }
 
-/// Why a connection was refused, for `weft_connections_refused_total`.
+/// Why a connection was refused: the `reason` of `weft_connections_refused_total`, and the
+/// start of the access line's `reason`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Refusal {
+    /// L4 authorization denied it. On the source's ztunnel: the destination answered 403.
+    Policy,
+    /// An inbound tunnel claimed (`forwarded: for=`) an address its peer may not claim.
+    ForwardedMismatch,
+    /// Plaintext reached a STRICT workload.
+    StrictMtls,
+    /// Not a connection this ztunnel serves: the target is not the pod's (or is a port
+    /// reserved for ztunnel), or the pod has left the configuration or has no valid identity.
+    NotServed,
+    /// Nowhere to send it: a service address without a usable endpoint, a workload without
+    /// an identity.
+    NoRoute,
+    /// No endpoint, or the app behind an inbound connection, could be connected to.
+    Unreachable,
+}
+
+impl Refusal {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Policy => "policy",
+            Refusal::ForwardedMismatch => "forwarded_mismatch",
+            Refusal::StrictMtls => "strict_mtls",
+            Refusal::NotServed => "not_served",
+            Refusal::NoRoute => "no_route",
+            Refusal::Unreachable => "unreachable",
+        }
+    }
+
+    /// Whether the mesh's rules forbade the connection (`denied` in the access log), rather
+    /// than it having nowhere to go (`refused`).
+    pub fn is_denial(self) -> bool {
+        matches!(self, Refusal::Policy | Refusal::ForwardedMismatch | Refusal::StrictMtls)
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Refusal {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// The labels of `weft_connections_refused_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
-    pub reason: &'static str,
+    pub reason: Refusal,
     pub destination_workload: String,
 }
 
 pub struct Metrics {
-    pub registry: Registry,
-    pub opened: Family<TcpLabels, Counter>,
-    pub closed: Family<TcpLabels, Counter>,
-    pub received_bytes: Family<TcpLabels, Counter>,
-    pub sent_bytes: Family<TcpLabels, Counter>,
-    pub refused: Family<RefusedLabels, Counter>,
+    registry: Registry,
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    received_bytes: Family<TcpLabels, Counter>,
+    sent_bytes: Family<TcpLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     pub config_rejected: Counter,
     pub config_applied: Counter,
     pub enrolled_pods: Gauge,
@@ -90,7 +155,7 @@ impl Metrics {
         );
         registry.register(
             "weft_connections_refused",
-            "Connections refused by policy, STRICT mode or an unreachable target",
+            "Connections refused by policy, STRICT mode, a target not served here, no route or an unreachable target",
             m.refused.clone(),
         );
         registry.register("weft_config_rejected", "Config snapshots rejected as invalid", m.config_rejected.clone());
@@ -99,12 +164,29 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Prometheus text exposition.
+    /// The OpenMetrics text exposition, to be served as [`CONTENT_TYPE`].
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts a connection as opened and returns its counters for when it closes.
+    pub fn open(&self, labels: &TcpLabels) -> ConnCounters {
+        self.opened.get_or_create(labels).inc();
+        ConnCounters {
+            closed: self.closed.get_or_create(labels).clone(),
+            received: self.received_bytes.get_or_create(labels).clone(),
+            sent: self.sent_bytes.get_or_create(labels).clone(),
+        }
+    }
+
+    /// Counts a refused connection.
+    pub fn refuse(&self, reason: Refusal, destination_workload: &str) {
+        self.refused
+            .get_or_create(&RefusedLabels { reason, destination_workload: destination_workload.to_owned() })
+            .inc();
     }
 }
 
@@ -117,23 +199,11 @@ pub struct ConnCounters {
 }
 
 impl ConnCounters {
-    /// Counts the close and the bytes moved each way.
+    /// Counts the close and the bytes moved each way: `received` from the client, `sent` to it.
     pub fn close(self, received: u64, sent: u64) {
         self.received.inc_by(received);
         self.sent.inc_by(sent);
         self.closed.inc();
-    }
-}
-
-impl Metrics {
-    /// Counts a connection as opened and returns its counters for when it closes.
-    pub fn open(&self, labels: &TcpLabels) -> ConnCounters {
-        self.opened.get_or_create(labels).inc();
-        ConnCounters {
-            closed: self.closed.get_or_create(labels).clone(),
-            received: self.received_bytes.get_or_create(labels).clone(),
-            sent: self.sent_bytes.get_or_create(labels).clone(),
-        }
     }
 }
 

@@ -19,23 +19,20 @@
 //! waypoint's identity may speak for its clients (a claim from a waypoint believed for the
 //! workloads it serves).
 
-use std::fmt;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hbone::SpiffeId;
 use hbone::copy::{CopyError, Transferred};
 use hbone::server::{Handler, InboundRequest, Rejection};
-use meshapi::Workload;
 use tokio::net::TcpStream;
-use tracing::info;
 
-use super::{PodInfo, Proxy, labels};
+use super::record::{ConnectionRecord, Direction, Outcome, Protocol, Traffic};
+use super::{PodInfo, Proxy};
 use crate::authz::{self, Verdict};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use crate::inpod::socket;
-use crate::metrics::{ConnCounters, RefusedLabels, Reporter, SecurityPolicy};
+use crate::metrics::Refusal;
 use crate::state::{Peer, State};
 
 pub struct Inbound {
@@ -43,12 +40,8 @@ pub struct Inbound {
     pub pod: Arc<PodInfo>,
 }
 
-/// What an open inbound tunnel keeps for its metrics and access-log line.
-pub struct Session {
-    src: Arc<Peer>,
-    dst: Arc<Peer>,
-    counters: ConnCounters,
-}
+/// What an open inbound tunnel keeps for its metrics and access-log line: its record.
+pub struct Session(Box<ConnectionRecord>);
 
 /// Why the source address a CONNECT claims (`forwarded: for=`) is not believed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,35 +108,27 @@ pub fn proved_source(state: &State, peer: IpAddr, claimed: Option<IpAddr>, prove
 }
 
 impl Inbound {
-    /// Counts and logs a refused CONNECT (one `access` line) and returns its rejection.
-    fn refuse(
-        &self,
-        state: &State,
-        req: &InboundRequest,
-        workload: &Workload,
-        reason: &'static str,
-        detail: String,
-    ) -> Rejection {
-        self.proxy
-            .metrics
-            .refused
-            .get_or_create(&RefusedLabels { reason, destination_workload: workload.name.clone() })
-            .inc();
+    /// The record of a CONNECT: the proved source, the target and who is there.
+    fn record(&self, state: &State, req: &InboundRequest) -> Box<ConnectionRecord> {
         let peer = req.peer_addr.ip();
-        let src = proved_source(state, peer, req.forwarded_for, &req.peer_identity);
-        info!(
-            src.addr = %peer,
-            src.forwarded = %Claimed(req.forwarded_for),
-            src.workload = %src.workload,
-            src.identity = %req.peer_identity,
-            dst.addr = %req.target,
-            dst.workload = %workload.name,
-            protocol = "HBONE",
-            outcome = "denied",
-            reason = %detail,
-            "access"
-        );
-        Rejection::Denied(detail)
+        // The peer's port is the pooled HBONE connection's, not the client's: unknown (0).
+        let src_addr = SocketAddr::new(peer, 0);
+        let mut record =
+            ConnectionRecord::new(&self.proxy.metrics, Direction::Inbound, Protocol::Hbone, src_addr, req.target);
+        record.started_at(req.received_at);
+        record.claimed(req.forwarded_for);
+        record.source(proved_source(state, peer, req.forwarded_for, &req.peer_identity));
+        record.destination(state.peer_by_ip(req.target.ip()), state.service_name_by_ip(req.target.ip()));
+        record
+    }
+
+    /// Records a refused CONNECT and returns its rejection.
+    fn refuse(&self, state: &State, req: &InboundRequest, refusal: Refusal, detail: String) -> Rejection {
+        self.record(state, req).refuse(refusal, &detail);
+        match refusal {
+            Refusal::NotServed => Rejection::NotServed(detail),
+            _ => Rejection::Denied(detail),
+        }
     }
 }
 
@@ -152,79 +137,59 @@ impl Handler for Inbound {
 
     fn authorize(&self, req: &InboundRequest) -> Result<(), Rejection> {
         let target = req.target;
+        let state = self.proxy.state.load();
         if !self.pod.ips.contains(&target.ip()) {
-            return Err(Rejection::NotServed(format!("{target} is not an address of pod {}", self.pod.uid)));
+            let detail = format!("{target} is not an address of pod {}", self.pod.uid);
+            return Err(self.refuse(&state, req, Refusal::NotServed, detail));
         }
         if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&target.port()) {
-            return Err(Rejection::NotServed(format!("port {} is reserved for ztunnel", target.port())));
+            let detail = format!("port {} is reserved for ztunnel", target.port());
+            return Err(self.refuse(&state, req, Refusal::NotServed, detail));
         }
-        let state = self.proxy.state.load();
         let Some(workload) = state.workload_by_ip(target.ip()) else {
-            return Err(Rejection::NotServed(format!("{target} is no longer a known workload")));
+            let detail = format!("{target} is no longer a known workload");
+            return Err(self.refuse(&state, req, Refusal::NotServed, detail));
         };
         let peer = req.peer_addr.ip();
         // A forged claim is refused as a policy matter (403): the request is well-formed, the
         // mesh's rule forbids it.
         if let Err(refused) = check_claim(&state, peer, req.forwarded_for, &req.peer_identity) {
-            return Err(self.refuse(&state, req, workload, "forwarded_mismatch", refused.to_string()));
+            return Err(self.refuse(&state, req, Refusal::ForwardedMismatch, refused.to_string()));
         }
         for source_ip in policy_sources(peer, req.forwarded_for) {
             let conn = authz::Connection { identity: Some(&req.peer_identity), source_ip, dest_port: target.port() };
             if let Verdict::Deny(reason) = authz::check(state.policies_for(workload), &conn) {
-                return Err(self.refuse(&state, req, workload, "policy", reason));
+                return Err(self.refuse(&state, req, Refusal::Policy, reason));
             }
         }
         Ok(())
     }
 
     async fn dial(&self, req: &InboundRequest) -> io::Result<(TcpStream, Session)> {
-        let stream = socket::connect(&self.pod.netns, req.target).await?;
-        let state = self.proxy.state.load();
-        let src = proved_source(&state, req.peer_addr.ip(), req.forwarded_for, &req.peer_identity);
-        let dst = state.peer_by_ip(req.target.ip());
-        let service = state.service_name_by_ip(req.target.ip());
-        drop(state);
-        let counters =
-            self.proxy.metrics.open(&labels(Reporter::destination, &src, &dst, &service, SecurityPolicy::mutual_tls));
-        Ok((stream, Session { src, dst, counters }))
-    }
-
-    fn finished(&self, req: &InboundRequest, session: Session, result: &Result<Transferred, CopyError>) {
-        let (t, outcome) = match result {
-            Ok(t) => (*t, "ok".to_owned()),
-            Err(e) => (e.transferred, format!("error: {}", e.cause)),
-        };
-        // The tunnel carries client bytes in (from_tunnel, the request direction) and the
-        // app's answer out (to_tunnel).
-        let Session { src, dst, counters } = session;
-        counters.close(t.from_tunnel, t.to_tunnel);
-        info!(
-            src.addr = %req.peer_addr.ip(),
-            src.forwarded = %Claimed(req.forwarded_for),
-            src.workload = %src.workload,
-            src.identity = %req.peer_identity,
-            dst.addr = %req.target,
-            dst.workload = %dst.workload,
-            dst.identity = %dst.principal,
-            protocol = "HBONE",
-            bytes_sent = t.to_tunnel,
-            bytes_received = t.from_tunnel,
-            duration_ms = req.received_at.elapsed().as_millis() as u64,
-            outcome = %outcome,
-            "access"
-        );
-    }
-}
-
-/// A claimed address for the access log: the address, or `-` when none was claimed.
-struct Claimed(Option<IpAddr>);
-
-impl fmt::Display for Claimed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(ip) => ip.fmt(f),
-            None => f.write_str("-"),
+        let mut record = self.record(&self.proxy.state.load(), req);
+        match self.proxy.pods.connect(&self.pod, req.target).await {
+            Ok(stream) => {
+                record.open();
+                Ok((stream, Session(record)))
+            }
+            Err(e) => {
+                record.refuse(Refusal::Unreachable, format_args!("connect to {}: {e}", req.target));
+                Err(e)
+            }
         }
+    }
+
+    fn finished(&self, _req: &InboundRequest, session: Session, result: &Result<Transferred, CopyError>) {
+        // The tunnel carries the client's bytes in (from_tunnel, the request direction) and
+        // the app's answer out (to_tunnel).
+        let outcome = match result {
+            Ok(t) => Outcome::Ok(Traffic { sent: t.from_tunnel, received: t.to_tunnel }),
+            Err(e) => {
+                let t = e.transferred;
+                Outcome::Error(Traffic { sent: t.from_tunnel, received: t.to_tunnel }, e.cause.to_string())
+            }
+        };
+        session.0.finish(outcome);
     }
 }
 

@@ -2,11 +2,15 @@
 //! `outbound` (captured at :15001 in the source pod) → HBONE or passthrough →
 //! `inbound` (HBONE at :15008 in the destination pod) or `plaintext` (:15006) → the app.
 //!
-//! Everything a connection needs is in [`Proxy`], shared by all pods' listeners.
+//! Everything a connection needs is in [`Proxy`], shared by all pods' listeners; each
+//! connection is recorded once, by a [`record::ConnectionRecord`]; its sockets are made
+//! through the [`net::PodNet`] seam (pods' namespaces, or loopback in tests).
 
 pub mod inbound;
+pub mod net;
 pub mod outbound;
 pub mod plaintext;
+pub mod record;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,17 +18,21 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use hbone::TrustStore;
 use hbone::drain;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use crate::certs::CertManager;
-use crate::inpod::{Netns, socket};
-use crate::metrics::{Metrics, Reporter, SecurityPolicy, TcpLabels};
-use crate::state::{Peer, StateStore};
+use crate::inpod::Netns;
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+use net::{Connecting, PodNamespaces, PodNet};
+use record::Traffic;
 
 /// Shared by every connection of this ztunnel.
 pub struct Proxy {
@@ -73,7 +81,7 @@ pub async fn serve<F, Fut>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let orig = match socket::original_dst(&tcp) {
+                    let orig = match proxy.pods.net.original_dst(&tcp) {
                         Ok(orig) => orig,
                         Err(e) => {
                             warn!(pod = %pod.uid, port, error = %e, "cannot read the original destination; closing");
@@ -105,13 +113,30 @@ pub struct Accepted {
 }
 
 /// Enrolled pods' namespaces by pod IP: the HBONE client's dialer opens each outbound socket
-/// in the namespace of the pod it speaks for.
-#[derive(Default)]
+/// in the namespace of the pod it speaks for. Also where the data path's sockets are made
+/// ([`PodNet`]): inside pods' namespaces by default.
 pub struct PodRegistry {
     by_ip: RwLock<HashMap<IpAddr, Netns>>,
+    net: Arc<dyn PodNet>,
+}
+
+impl Default for PodRegistry {
+    fn default() -> Self {
+        PodRegistry::with_net(Arc::new(PodNamespaces))
+    }
 }
 
 impl PodRegistry {
+    /// A registry whose pods' sockets `net` makes (a [`net::Loopback`] in tests).
+    pub fn with_net(net: Arc<dyn PodNet>) -> PodRegistry {
+        PodRegistry { by_ip: RwLock::default(), net }
+    }
+
+    /// Connects to `dst` from inside `pod`.
+    pub fn connect<'a>(&'a self, pod: &'a PodInfo, dst: SocketAddr) -> Connecting<'a> {
+        self.net.connect(&pod.netns, pod.primary_ip(), dst)
+    }
+
     pub fn insert(&self, ips: &[IpAddr], netns: &Netns) {
         let mut map = self.by_ip.write().unwrap_or_else(|p| p.into_inner());
         for ip in ips {
@@ -143,7 +168,7 @@ impl hbone::client::Dialer for PodDialer {
         Box::pin(async move {
             let ip = source.ok_or_else(|| io::Error::other("HBONE dial without a source pod"))?;
             let netns = self.0.netns(ip).ok_or_else(|| io::Error::other(format!("pod {ip} is not enrolled here")))?;
-            socket::connect(&netns, dest).await
+            self.0.net.connect(&netns, ip, dest).await
         })
     }
 }
@@ -191,19 +216,57 @@ impl Balancer {
     }
 }
 
-/// The metric labels of a connection between `src` and `dst`.
-pub fn labels(reporter: Reporter, src: &Peer, dst: &Peer, service: &str, security: SecurityPolicy) -> TcpLabels {
-    TcpLabels {
-        reporter,
-        source_workload: src.workload.clone(),
-        source_workload_namespace: src.namespace.clone(),
-        source_principal: src.principal.clone(),
-        destination_workload: dst.workload.clone(),
-        destination_workload_namespace: dst.namespace.clone(),
-        destination_principal: dst.principal.clone(),
-        destination_service: service.to_owned(),
-        request_protocol: "tcp",
-        connection_security_policy: security,
+/// Copies between two TCP sockets until both directions have ended: `client`'s bytes to
+/// `server` are the traffic's `sent`, `server`'s back its `received`. What reached each side
+/// is counted as it is written, so a failed copy still says what it moved.
+pub(crate) async fn copy_tcp(client: &mut TcpStream, server: &mut TcpStream) -> Result<Traffic, (Traffic, io::Error)> {
+    let (mut client, mut server) = (Counted { io: client, written: 0 }, Counted { io: server, written: 0 });
+    let result = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    let traffic = Traffic { sent: server.written, received: client.written };
+    result.map(|_| traffic).map_err(|e| (traffic, e))
+}
+
+/// A socket that counts the bytes written to it.
+struct Counted<'a> {
+    io: &'a mut TcpStream,
+    written: u64,
+}
+
+impl AsyncRead for Counted<'_> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted<'_> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut *this.io).poll_write(cx, buf))?;
+        this.written += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut *this.io).poll_write_vectored(cx, bufs))?;
+        this.written += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -5,22 +5,22 @@
 //!    workload, anything else → passthrough;
 //! 3. an enrolled destination → HBONE to `<endpoint>:15008` with the source's certificate,
 //!    expecting the destination's identity; a non-enrolled one → plain TCP from the pod;
-//! 4. copy until both sides are done; count and log.
+//! 4. copy until both sides are done; the connection's record writes its access line and
+//!    metrics (refusals too: no route, unreachable, denied by the destination).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::{Accepted, PodInfo, Proxy, SERVICE_ATTEMPTS, labels};
+use super::record::{ConnectionRecord, Direction, Outcome, Protocol, Traffic};
+use super::{Accepted, PodInfo, Proxy, SERVICE_ATTEMPTS, copy_tcp};
 use crate::config::HBONE_PORT;
-use crate::inpod::socket;
-use crate::metrics::{ConnCounters, RefusedLabels, Reporter, SecurityPolicy};
-use crate::state::{Peer, Resolved, State, WorkloadEntry};
+use crate::metrics::Refusal;
+use crate::state::{Resolved, State, WorkloadEntry};
 
 /// One way to reach the destination.
 enum Route {
@@ -49,118 +49,76 @@ async fn relay(open: Pin<Box<impl Future<Output = Option<Opened>>>>, proxy: Arc<
     let Some((mut tcp, upstream, record)) = open.await else {
         return;
     };
-    let (to_dst, from_dst, outcome) = match upstream {
+    let outcome = match upstream {
         Upstream::Hbone(tunnel) => match hbone::copy::bidirectional(&mut tcp, tunnel, proxy.hbone.copy_buffer).await {
-            Ok(t) => (t.to_tunnel, t.from_tunnel, None),
-            Err(e) => (e.transferred.to_tunnel, e.transferred.from_tunnel, Some(e.cause.to_string())),
+            Ok(t) => Outcome::Ok(Traffic { sent: t.to_tunnel, received: t.from_tunnel }),
+            Err(e) => {
+                let t = e.transferred;
+                Outcome::Error(Traffic { sent: t.to_tunnel, received: t.from_tunnel }, e.cause.to_string())
+            }
         },
-        Upstream::Direct(mut up) => match tokio::io::copy_bidirectional(&mut tcp, &mut up).await {
-            Ok((a, b)) => (a, b, None),
-            Err(e) => (0, 0, Some(e.to_string())),
-        },
+        Upstream::Direct(mut up) => Outcome::of_copy(copy_tcp(&mut tcp, &mut up).await),
     };
-    record.finish(to_dst, from_dst, outcome);
+    record.finish(outcome);
 }
 
-/// An open connection: the app's socket, the upstream, and what to record when it ends.
-type Opened = (TcpStream, Upstream, Box<Record>);
-
-/// What a connection's access-log line and metrics need once it ends.
-struct Record {
-    started: Instant,
-    app: SocketAddr,
-    orig: SocketAddr,
-    target: SocketAddr,
-    src: Arc<Peer>,
-    dst: Arc<Peer>,
-    service: Arc<str>,
-    security: SecurityPolicy,
-    counters: ConnCounters,
-}
-
-impl Record {
-    /// Counts the close and writes the access-log line; `error` is why the copy failed.
-    fn finish(self, to_dst: u64, from_dst: u64, error: Option<String>) {
-        self.counters.close(to_dst, from_dst);
-        let hbone = self.security == SecurityPolicy::mutual_tls;
-        let outcome = match (error, hbone) {
-            (Some(e), _) => format!("error: {e}"),
-            (None, true) => format!("ok (mTLS, peer {})", self.dst.principal),
-            (None, false) => "ok (passthrough)".to_owned(),
-        };
-        info!(
-            src.addr = %self.app,
-            src.workload = %self.src.workload,
-            src.identity = %self.src.principal,
-            dst.addr = %self.target,
-            dst.orig = %self.orig,
-            dst.workload = %self.dst.workload,
-            dst.identity = %self.dst.principal,
-            dst.service = %self.service,
-            protocol = if hbone { "HBONE" } else { "TCP" },
-            bytes_sent = to_dst,
-            bytes_received = from_dst,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            outcome = %outcome,
-            "access"
-        );
-    }
-}
+/// An open connection: the app's socket, the upstream, and its record.
+type Opened = (TcpStream, Upstream, Box<ConnectionRecord>);
 
 /// Resolves the destination and connects to it, trying up to [`SERVICE_ATTEMPTS`] endpoints
-/// of a service. `None` when the connection was refused (counted and logged here).
+/// of a service. `None` when the connection was refused (and recorded).
 async fn open(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) -> Option<Opened> {
     let (pod, proxy) = (&*pod, &*proxy);
     let Accepted { tcp, peer, orig } = accepted;
-    let started = Instant::now();
     let state = proxy.state.load();
+    let mut record = ConnectionRecord::new(&proxy.metrics, Direction::Outbound, Protocol::Tcp, peer, orig);
+    record.original_destination(orig);
+    record.source(state.peer_by_ip(pod.primary_ip()));
+    // Until a route is chosen: whoever holds the address dialed (nobody, for a VIP).
+    record.destination(state.unproved_peer_by_ip(orig.ip()), state.service_name_by_ip(orig.ip()));
     let source_id = match state.identity_by_ip(pod.primary_ip()) {
         Some(Ok(id)) => id,
         None => {
-            warn!(pod = %pod.uid, dst = %orig, "source pod is no longer in the config; closing");
+            record.refuse(Refusal::NotServed, format_args!("source pod {} is no longer in the config", pod.uid));
             return None;
         }
         Some(Err(e)) => {
-            warn!(pod = %pod.uid, error = %e, "source workload has no valid identity; closing");
+            record.refuse(Refusal::NotServed, format_args!("source pod {} has no valid identity: {e}", pod.uid));
             return None;
         }
     };
-    let src = state.peer_by_ip(pod.primary_ip());
 
     // Candidates in the order to try, with what metrics call the destination.
     let (routes, service) = match plan(&state, proxy, orig) {
         Ok(plan) => plan,
         Err(why) => {
-            proxy
-                .metrics
-                .refused
-                .get_or_create(&RefusedLabels { reason: "no_route", destination_workload: "unknown".into() })
-                .inc();
-            info!(src = %peer, src.workload = %src.workload, dst = %orig, outcome = "refused", reason = why, "access");
+            record.refuse(Refusal::NoRoute, why);
             return None;
         }
     };
     drop(state);
 
-    let mut last_error = String::new();
+    let mut last = (Refusal::Unreachable, String::new());
     for (route, dst_addr) in routes.into_iter().take(SERVICE_ATTEMPTS) {
         let state = proxy.state.load();
-        let (target, security) = match &route {
-            Route::Hbone { target, .. } => (*target, SecurityPolicy::mutual_tls),
-            Route::Direct { target } => (*target, SecurityPolicy::none),
+        let (target, protocol) = match &route {
+            Route::Hbone { target, .. } => (*target, Protocol::Hbone),
+            Route::Direct { target } => (*target, Protocol::Tcp),
         };
-        let dst = match security {
-            SecurityPolicy::mutual_tls => state.peer_by_ip(dst_addr.ip()),
+        let dst = match protocol {
+            Protocol::Hbone => state.peer_by_ip(dst_addr.ip()),
             // Nothing was proved about a passthrough destination.
-            SecurityPolicy::none => state.unproved_peer_by_ip(dst_addr.ip()),
+            Protocol::Tcp => state.unproved_peer_by_ip(dst_addr.ip()),
         };
         let service = service.clone().unwrap_or_else(|| state.service_name_by_ip(dst_addr.ip()));
         drop(state);
+        record.route(protocol, target);
+        record.destination(dst, service);
         let upstream = match connect(route, pod, &source_id, peer, proxy).await {
             Ok(u) => u,
-            Err(ConnectFailure { error, retry }) => {
-                warn!(src = %peer, dst = %target, error = %error, "outbound connect failed");
-                last_error = error;
+            Err(ConnectFailure { error, retry, refusal }) => {
+                warn!(src.addr = %peer, dst.addr = %target, error = %error, "outbound connect failed");
+                last = (refusal, error);
                 if retry {
                     proxy.balancer.eject(target.ip());
                     continue;
@@ -168,20 +126,13 @@ async fn open(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) -> Optio
                 break;
             }
         };
-        let dst = match &upstream {
-            Upstream::Hbone(tunnel) => dst.with_principal(tunnel.peer_identity().as_str()),
-            Upstream::Direct(_) => dst,
-        };
-        let counters = proxy.metrics.open(&labels(Reporter::source, &src, &dst, &service, security));
-        let record = Record { started, app: peer, orig, target, src, dst, service, security, counters };
-        return Some((tcp, upstream, Box::new(record)));
+        if let Upstream::Hbone(tunnel) = &upstream {
+            record.destination_proved(tunnel.peer_identity().as_str());
+        }
+        record.open();
+        return Some((tcp, upstream, record));
     }
-    proxy
-        .metrics
-        .refused
-        .get_or_create(&RefusedLabels { reason: "unreachable", destination_workload: "unknown".into() })
-        .inc();
-    info!(src = %peer, dst = %orig, outcome = "refused", reason = %last_error, "access");
+    record.refuse(last.0, last.1);
     None
 }
 
@@ -234,6 +185,8 @@ struct ConnectFailure {
     error: String,
     /// Whether another endpoint may be tried (the failure says nothing about the others).
     retry: bool,
+    /// How the connection is counted if this was its last try.
+    refusal: Refusal,
 }
 
 async fn connect(
@@ -245,10 +198,11 @@ async fn connect(
 ) -> Result<Upstream, ConnectFailure> {
     match route {
         Route::Hbone { endpoint, target, identity } => {
-            let source = proxy
-                .certs
-                .get(source_id)
-                .map_err(|e| ConnectFailure { error: format!("no certificate for {source_id}: {e}"), retry: false })?;
+            let source = proxy.certs.get(source_id).map_err(|e| ConnectFailure {
+                error: format!("no certificate for {source_id}: {e}"),
+                retry: false,
+                refusal: Refusal::NotServed,
+            })?;
             let request = hbone::ConnectRequest {
                 source,
                 source_ip: Some(pod.primary_ip()),
@@ -263,13 +217,14 @@ async fn connect(
             // connection's task keeps only the small copy state while it lives.
             Box::pin(proxy.client.connect(request)).await.map(Upstream::Hbone).map_err(|e| ConnectFailure {
                 retry: !e.is_policy_denied() && e.verify_error().is_none(),
+                refusal: if e.is_policy_denied() { Refusal::Policy } else { Refusal::Unreachable },
                 error: e.to_string(),
             })
         }
-        Route::Direct { target } => Box::pin(socket::connect(&pod.netns, target))
-            .await
-            .map(Upstream::Direct)
-            .map_err(|e| ConnectFailure { error: format!("connect to {target}: {e}"), retry: true }),
+        // The connect future is boxed already: the task keeps no room for it while copying.
+        Route::Direct { target } => proxy.pods.connect(pod, target).await.map(Upstream::Direct).map_err(|e| {
+            ConnectFailure { error: format!("connect to {target}: {e}"), retry: true, refusal: Refusal::Unreachable }
+        }),
     }
 }
 
