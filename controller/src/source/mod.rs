@@ -4,10 +4,15 @@
 //! lab's directory of YAML files and a real API server mean the same thing.
 //!
 //! ```text
-//!  YAML directory (dir::DirSource) ─┐
-//!                                   ├─► Event::{Applied(Object), Deleted(ObjectRef)} ─► translate
-//!  Kubernetes API (later)         ──┘
+//!  YAML directory (dir::DirSource)   ─┐
+//!                                     ├─► Event::{Applied(Object), Deleted(ObjectRef)} ─► translate
+//!  Kubernetes API (kube::KubeSource) ─┘
 //! ```
+//!
+//! Both implement [`ObjectSource`], the seam the controller's source loop holds: wait until
+//! something may have changed, [`scan`](ObjectSource::scan) what did, list what is rejected.
+//! A directory is polled; the API server pushes (a watch per kind), so the Kubernetes source
+//! wakes the loop as soon as an event arrives.
 //!
 //! Core objects are the `k8s-openapi` types, as the API server serves them. Weft's own CRD
 //! ([`AuthorizationPolicy`]) is typed here and refuses unknown fields in its `spec`, as the
@@ -24,16 +29,63 @@
 #![allow(clippy::result_large_err)]
 
 pub mod dir;
+pub mod kube;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+pub use dir::Scan;
+
+/// Where the controller's source loop reads the cluster from: a [`dir::DirSource`] or a
+/// [`kube::KubeSource`]. The loop runs on a thread of its own and calls, over and over,
+/// [`wait`](ObjectSource::wait) then [`scan`](ObjectSource::scan); translation never knows
+/// which source it reads.
+pub trait ObjectSource: Send {
+    /// Blocks the calling thread (never a runtime's) until something may have changed, for
+    /// `timeout` at most: the loop also renews certificates between scans.
+    fn wait(&mut self, timeout: Duration);
+
+    /// What changed since the last scan (the first one: everything), in the order to
+    /// translate it, and the rejections found meanwhile.
+    fn scan(&mut self) -> Scan;
+
+    /// Every rejection that holds now, for the status page.
+    fn rejected(&self) -> Vec<Rejection>;
+
+    /// Where the current version of `object` is written, when the source knows (a file and
+    /// a line): to locate a rejection that translation found in it.
+    fn origin(&self, object: &ObjectRef) -> Option<&Origin> {
+        let _ = object;
+        None
+    }
+}
+
+/// A directory changes silently: it is read again every `timeout`.
+impl ObjectSource for dir::DirSource {
+    fn wait(&mut self, timeout: Duration) {
+        std::thread::sleep(timeout);
+    }
+
+    fn scan(&mut self) -> Scan {
+        dir::DirSource::scan(self)
+    }
+
+    fn rejected(&self) -> Vec<Rejection> {
+        dir::DirSource::rejected(self)
+    }
+
+    fn origin(&self, object: &ObjectRef) -> Option<&Origin> {
+        dir::DirSource::origin(self, object)
+    }
+}
 
 /// A cluster object of a kind the controller reads. Boxed: a `Pod` is 2 KiB before any of
 /// its strings, and events are moved around in vectors.
