@@ -6,8 +6,9 @@
 //! - **Node tokens** ([`NodeTokens`], for the lab and for VMs): bearer tokens the controller
 //!   issues and checks itself, bound to one node name by an HMAC-SHA256 under a key that never
 //!   leaves the controller's state directory.
-//! - **Kubernetes** (later): a ztunnel's projected service-account token, checked by the API
-//!   server's TokenReview. That check is a network call, hence the asynchronous trait.
+//! - **Kubernetes** ([`crate::tokenreview`]): a ztunnel's projected service-account token,
+//!   checked by the API server's TokenReview and mapped to the node of the pod it is bound
+//!   to. That check is a network call, hence the asynchronous trait.
 //!
 //! **Token format, version 1** (exact; nothing else is accepted):
 //!
@@ -78,6 +79,18 @@ pub enum AuthError {
     BadKeyFile { path: PathBuf, len: usize },
     #[error("the system random number generator failed; cannot make the node-token key")]
     Random,
+    #[error("service-account token refused: {0}")]
+    TokenRefused(String),
+    #[error(
+        "service-account token of {username}, not of ztunnel's service account {expected}: only \
+         ztunnel may act for a node"
+    )]
+    NotZtunnel { username: String, expected: String },
+    #[error(
+        "cannot review a service-account token with the Kubernetes API: {0} (is the API server \
+         reachable, and may the controller create tokenreviews and get pods?)"
+    )]
+    Review(String),
 }
 
 impl AuthError {
@@ -89,6 +102,8 @@ impl AuthError {
                 | AuthError::UnknownVersion(_)
                 | AuthError::BadSignature { .. }
                 | AuthError::InvalidNodeName { .. }
+                | AuthError::TokenRefused(_)
+                | AuthError::NotZtunnel { .. }
         )
     }
 }
@@ -161,6 +176,12 @@ impl NodeTokens {
             return Err(AuthError::BadKeyFile { path, len: bytes.len() });
         }
         Ok(NodeTokens { key: hmac::Key::new(hmac::HMAC_SHA256, &bytes) })
+    }
+
+    /// Whether `token` is meant as a node token (it may still not verify): how a controller
+    /// that also accepts service-account tokens tells the two apart.
+    pub fn claims(token: &str) -> bool {
+        token.starts_with(PREFIX)
     }
 
     /// A token for `node`. Give it to that node's proxy only: whoever holds it may obtain the

@@ -6,7 +6,8 @@
 //!
 //! Modules in the order a change travels: `source` (cluster objects) → `translate` (model
 //! resources) → `store` (versions and history) → `server` (watch and certificate APIs); beside
-//! them `ca` (signing) and `auth` (which node is calling).
+//! them `ca` (signing) and `auth` (which node is calling; `tokenreview` in a Kubernetes
+//! cluster).
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod tokenreview;
 
 pub mod source;
 pub mod translate;
