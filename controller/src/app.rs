@@ -1,6 +1,7 @@
 //! Wiring: `build(config)` opens the CA and the node tokens, starts the source loop (read the
-//! directory, translate, commit), and the API, admin, metrics and readiness servers; it
-//! returns a [`Bound`] with the addresses it bound and a shutdown handle.
+//! cluster, a directory or the Kubernetes API; translate; commit), and the API, admin, metrics
+//! and readiness servers; it returns a [`Bound`] with the addresses it bound and a shutdown
+//! handle.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,14 +15,16 @@ use meshapi::{Resource, TrustBundle};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::auth::NodeTokens;
+use crate::auth::{Authenticator, NodeTokens};
 use crate::ca::Authority;
-use crate::config::Config;
+use crate::config::{Config, SourceSetting};
 use crate::metrics::Metrics;
 use crate::server::{self, Api};
-use crate::source::Rejection;
 use crate::source::dir::DirSource;
+use crate::source::kube::{KubeSource, client as kube_client};
+use crate::source::{ObjectSource, Rejection};
 use crate::store::Store;
+use crate::tokenreview::{KubernetesAuth, TokenReviewer};
 use crate::translate::Translator;
 
 /// A running controller.
@@ -47,12 +50,22 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let ready = Arc::new(AtomicBool::new(false));
     let rejections = Arc::new(Mutex::new(Vec::new()));
 
+    // The cluster: a directory, or the Kubernetes API, which then also reviews ztunnels'
+    // service-account tokens. The Kubernetes source returns once every kind is listed.
+    let (cluster, authenticator): (Box<dyn ObjectSource>, Arc<dyn Authenticator>) = match config.source() {
+        SourceSetting::Dir(dir) => (Box::new(DirSource::new(dir)), Arc::new(tokens)),
+        SourceSetting::Kubernetes => {
+            let client = kube_client().await?;
+            let cluster = KubeSource::start(client.clone()).await;
+            (Box::new(cluster), Arc::new(KubernetesAuth { node_tokens: tokens, reviewer: TokenReviewer::new(client) }))
+        }
+    };
     // The first scan runs before the servers answer, so the first subscriber already gets
     // the cluster rather than an empty snapshot.
     let mut source = Source {
         server_cert: None,
         server_names: config.server_names.clone(),
-        dir: DirSource::new(config.source_dir.clone()),
+        cluster,
         translator: Translator::new(),
         store: store.clone(),
         authority: authority.clone(),
@@ -69,7 +82,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let api = Arc::new(Api {
         store: store.clone(),
         authority: authority.clone(),
-        authenticator: Arc::new(tokens),
+        authenticator,
         metrics: metrics.clone(),
         heartbeat: config.heartbeat,
         cert_ttl: config.cert_ttl,
@@ -93,20 +106,20 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     tokio::spawn(server::serve_plain(ready_l, server::readiness_routes(ready), watch.clone()));
 
     source.server_cert = Some(server_cert);
-    // The source loop runs on a thread of its own: reading files blocks, and nothing in it
-    // waits on the network.
+    // The source loop runs on a thread of its own: reading files blocks, and so does waiting
+    // for the Kubernetes source's next batch.
     let stop = Arc::new(AtomicBool::new(false));
     let (stop_source, interval) = (stop.clone(), config.poll_interval);
     let thread = std::thread::Builder::new()
         .name("controller-source".into())
         .spawn(move || {
             while !stop_source.load(Ordering::Acquire) {
-                std::thread::sleep(interval);
+                source.cluster.wait(interval);
                 source.tick();
             }
         })
         .context("starting the source thread")?;
-    info!(source = %config.source_dir.display(), version = store.version(), "controller ready");
+    info!(source = %config.source(), version = store.version(), "controller ready");
     Ok(Bound { api_addr, admin_addr, metrics_addr, readiness_addr, store, servers, stop, source: Some(thread) })
 }
 
@@ -127,7 +140,7 @@ struct Source {
     /// The API's certificate, renewed at half-life under the running listener.
     server_cert: Option<hbone::WorkloadCert>,
     server_names: Vec<String>,
-    dir: DirSource,
+    cluster: Box<dyn ObjectSource>,
     translator: Translator,
     store: Arc<Store>,
     authority: Arc<Authority>,
@@ -147,7 +160,7 @@ impl Source {
             Err(e) => error!(error = %e, "CA files changed but cannot be used; keeping the current CA"),
         }
         self.renew_server_cert(false);
-        let scan = self.dir.scan();
+        let scan = self.cluster.scan();
         if scan.events.is_empty() && scan.rejected.is_empty() {
             return;
         }
@@ -155,10 +168,10 @@ impl Source {
             warn!(rejected = %r, "source object rejected; everything else keeps working");
         }
         let changes = self.translator.apply_all(scan.events);
-        let mut all = self.dir.rejected();
+        let mut all = self.cluster.rejected();
         // Translation knows the object, the source where it is written.
         all.extend(self.translator.rejected().into_iter().map(|r| {
-            match r.object.as_ref().filter(|_| r.origin.is_none()).and_then(|o| self.dir.origin(o)) {
+            match r.object.as_ref().filter(|_| r.origin.is_none()).and_then(|o| self.cluster.origin(o)) {
                 Some(origin) => r.with_origin(origin.clone()),
                 None => r,
             }

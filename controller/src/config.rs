@@ -12,9 +12,11 @@ pub const API_PORT: u16 = 15012;
 pub struct Config {
     /// A directory of Kubernetes YAML objects (Namespaces, Pods, Services,
     /// AuthorizationPolicies, Gateways, HTTPRoutes), read recursively and watched for changes:
-    /// the cluster, on machines without Kubernetes.
+    /// the cluster, on machines without Kubernetes. Without it, the controller watches the
+    /// Kubernetes API (in a pod: its service account; elsewhere: KUBECONFIG or
+    /// ~/.kube/config) and also accepts ztunnels' service-account tokens.
     #[arg(long, env = "WEFT_SOURCE_DIR")]
-    pub source_dir: PathBuf,
+    pub source_dir: Option<PathBuf>,
 
     /// Where the controller keeps its CA root (if it generated one) and the key of node
     /// tokens. Back it up: a lost root means re-issuing every certificate.
@@ -85,7 +87,8 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
 
     /// How often the source directory is checked for changes. 1 s: edits reach proxies
-    /// quickly, and a stat per file per second costs nothing.
+    /// quickly, and a stat per file per second costs nothing. (The Kubernetes API pushes its
+    /// changes: they are translated as they arrive.)
     #[arg(long, env = "WEFT_POLL_INTERVAL", value_parser = parse_duration, default_value = "1s")]
     pub poll_interval: Duration,
 
@@ -101,7 +104,34 @@ pub struct Config {
     pub history_bytes: usize,
 }
 
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSetting {
+    /// A directory of YAML files (`--source-dir`).
+    Dir(PathBuf),
+    /// The Kubernetes API.
+    Kubernetes,
+}
+
+impl std::fmt::Display for SourceSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceSetting::Dir(dir) => write!(f, "directory {}", dir.display()),
+            SourceSetting::Kubernetes => f.write_str("Kubernetes API"),
+        }
+    }
+}
+
 impl Config {
+    /// Where the cluster's objects come from: the directory if one is given, else the
+    /// Kubernetes API.
+    pub fn source(&self) -> SourceSetting {
+        match &self.source_dir {
+            Some(dir) => SourceSetting::Dir(dir.clone()),
+            None => SourceSetting::Kubernetes,
+        }
+    }
+
     /// The CA's settings.
     pub fn authority(&self) -> crate::ca::AuthorityConfig {
         let root = match (&self.ca_cert, &self.ca_key) {
@@ -119,18 +149,4 @@ impl Config {
     }
 }
 
-/// Parses `500ms`, `10s`, `5m`, `24h`, `7d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 10s, 5m, 24h)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        "d" => Ok(Duration::from_secs(n * 86400)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
-    }
-}
+pub use hbone::config::parse_duration;
