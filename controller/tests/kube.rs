@@ -1,0 +1,947 @@
+//! The Kubernetes API source and the TokenReview authenticator against an API server faked
+//! at the HTTP level ([`apiserver::ApiServer`]: lists, chunked watches from a
+//! `resourceVersion`, bookmarks, `410 Gone`, restarts, TokenReviews), on loopback with plain
+//! HTTP. The source's changes go through the same [`Translator`] as the directory source's.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use controller::auth::{AuthError, Authenticator, NodeTokens};
+use controller::source::kube::KubeSource;
+use controller::source::{ObjectSource, Rejection, dir::DirSource};
+use controller::tokenreview::{KubernetesAuth, TokenReviewer};
+use controller::translate::Translator;
+use meshapi::watch::Change;
+use meshapi::{Key, Resource};
+use serde_json::{Value, json};
+
+use apiserver::ApiServer;
+
+/// Long enough for a watcher's first backoff (0.8 s, jittered up to double) and a relist.
+const EVENTUAL: Duration = Duration::from_secs(10);
+/// How long to keep listening after the expected changes, for anything duplicated or late.
+const SETTLE: Duration = Duration::from_millis(2500);
+
+// ---- the cluster the tests start from ----
+
+fn namespace(name: &str, enrolled: bool) -> Value {
+    let labels = if enrolled { json!({"weft.dev/mesh": "enabled"}) } else { json!({}) };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(namespace: &str, name: &str, node: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"nodeName": node, "serviceAccountName": labels["app"].as_str().unwrap_or("default"),
+                 "containers": [{"name": "app", "image": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    })
+}
+
+fn cluster() -> Vec<Value> {
+    vec![
+        namespace("shop", true),
+        namespace("plain", false),
+        pod("shop", "web-0", "node-1", "10.244.1.2", json!({"app": "web"})),
+        pod("shop", "api-0", "node-2", "10.244.2.2", json!({"app": "api"})),
+        pod(
+            "shop",
+            "waypoint-0",
+            "node-1",
+            "10.244.1.9",
+            json!({"gateway.networking.k8s.io/gateway-name": "waypoint"}),
+        ),
+        pod("plain", "batch-0", "node-2", "10.244.2.3", json!({"app": "batch"})),
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "api", "namespace": "shop", "labels": {"weft.dev/use-waypoint": "waypoint"}},
+               "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "selector": {"app": "api"},
+                        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "waypoint", "namespace": "shop"},
+               "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+               "metadata": {"name": "api-canary", "namespace": "shop"},
+               "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+                        "rules": [{"backendRefs": [{"name": "api-v1", "port": 80, "weight": 90}, {"name": "api-v2", "port": 80, "weight": 10}]}]}}),
+        policy(
+            "only-web",
+            json!({"selector": {"matchLabels": {"app": "api"}}, "action": "ALLOW",
+                                  "rules": [{"from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/web"]}], "ports": [8080]}]}),
+        ),
+        // Unreadable (a typo): rejected by both sources, the rest unaffected.
+        policy("typo", json!({"action": "DENY", "rulez": []})),
+    ]
+}
+
+fn policy(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "security.weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+           "metadata": {"name": name, "namespace": "shop"}, "spec": spec})
+}
+
+// ---- what the tests look at ----
+
+/// A Kubernetes source and its translation, as the controller's source loop holds them.
+struct Mesh {
+    source: KubeSource,
+    translator: Translator,
+}
+
+/// What arrived over a while.
+#[derive(Debug, Default)]
+struct Seen {
+    changes: Vec<Change>,
+    rejected: Vec<Rejection>,
+}
+
+impl Mesh {
+    async fn start(server: &ApiServer) -> (Mesh, Seen) {
+        let source = tokio::time::timeout(EVENTUAL, KubeSource::start(server.client()))
+            .await
+            .expect("the source lists every kind");
+        let mut mesh = Mesh { source, translator: Translator::new() };
+        let mut seen = Seen::default();
+        mesh.scan(&mut seen);
+        (mesh, seen)
+    }
+
+    fn scan(&mut self, seen: &mut Seen) {
+        let scan = self.source.scan();
+        seen.changes.extend(self.translator.apply_all(scan.events));
+        seen.rejected.extend(scan.rejected);
+    }
+
+    /// Everything that arrives until `done` holds for it, then for [`SETTLE`] more.
+    async fn until(&mut self, done: impl Fn(&Seen) -> bool) -> Seen {
+        let mut seen = Seen::default();
+        let deadline = tokio::time::Instant::now() + EVENTUAL;
+        while !done(&seen) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out; so far: {seen:#?}");
+            self.source.changed(Duration::from_millis(100)).await;
+            self.scan(&mut seen);
+        }
+        let settled = tokio::time::Instant::now() + SETTLE;
+        while tokio::time::Instant::now() < settled {
+            self.source.changed(Duration::from_millis(100)).await;
+            self.scan(&mut seen);
+        }
+        seen
+    }
+
+    /// The changes that arrive, once at least `n` have.
+    async fn changes(&mut self, n: usize) -> Vec<Change> {
+        self.until(|s| s.changes.len() >= n).await.changes
+    }
+}
+
+fn key(change: &Change) -> Key {
+    match change {
+        Change::Upsert(r) => r.key(),
+        Change::Delete(k) => k.clone(),
+    }
+}
+
+fn by_key(changes: Vec<Change>) -> BTreeMap<Key, Change> {
+    let mut map = BTreeMap::new();
+    for change in changes {
+        assert!(map.insert(key(&change), change.clone()).is_none(), "{change:?} appears twice");
+    }
+    map
+}
+
+/// `upsert Workload shop/web-0`, `delete Workload shop/db-0`.
+fn described(changes: &[Change]) -> Vec<String> {
+    let mut out: Vec<String> = changes
+        .iter()
+        .map(|c| match c {
+            Change::Upsert(r) => format!("upsert {:?} {}", r.key().kind, r.key().name),
+            Change::Delete(k) => format!("delete {:?} {}", k.kind, k.name),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn workload(changes: &[Change], name: &str) -> meshapi::Workload {
+    changes
+        .iter()
+        .find_map(|c| match c {
+            Change::Upsert(Resource::Workload(w)) if format!("{}/{}", w.namespace, w.name) == name => Some(w.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no upsert of workload {name} in {changes:#?}"))
+}
+
+/// Rejections without where they were written (the directory source names a file).
+fn about(rejected: &[Rejection]) -> Vec<(String, Option<String>, String)> {
+    let mut out: Vec<_> = rejected
+        .iter()
+        .map(|r| (r.object.as_ref().map(|o| o.to_string()).unwrap_or_default(), r.field.clone(), r.reason.clone()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("weft-controller-kube-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---- the source ----
+
+#[tokio::test]
+async fn the_initial_list_translates_exactly_as_the_yaml_directory() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let (_mesh, from_api) = Mesh::start(&server).await;
+
+    // The same objects as YAML files (JSON is YAML), one document each.
+    let dir = TempDir::new("same-translation");
+    let yaml: Vec<String> = cluster().iter().map(|o| serde_json::to_string_pretty(o).unwrap()).collect();
+    std::fs::write(dir.path().join("cluster.yaml"), yaml.join("\n---\n")).unwrap();
+    let mut files = DirSource::new(dir.path());
+    let scan = ObjectSource::scan(&mut files);
+    let from_dir = Translator::new().apply_all(scan.events);
+
+    assert_eq!(
+        described(&from_api.changes),
+        [
+            "upsert Authorization shop/only-web",
+            "upsert HttpRoute shop/api-canary",
+            "upsert Service shop/api",
+            "upsert Waypoint shop/waypoint",
+            "upsert Workload plain/batch-0",
+            "upsert Workload shop/api-0",
+            "upsert Workload shop/waypoint-0",
+            "upsert Workload shop/web-0",
+        ]
+    );
+    assert_eq!(by_key(from_api.changes.clone()), by_key(from_dir), "the same resources, field for field");
+    assert!(workload(&from_api.changes, "shop/web-0").enrolled);
+    assert!(!workload(&from_api.changes, "plain/batch-0").enrolled);
+
+    assert_eq!(about(&from_api.rejected), about(&scan.rejected));
+    let [typo] = from_api.rejected.as_slice() else { panic!("{:#?}", from_api.rejected) };
+    assert_eq!(
+        typo.to_string().split(": ").take(2).collect::<Vec<_>>(),
+        ["AuthorizationPolicy shop/typo", "spec.rulez"]
+    );
+    assert!(typo.origin.is_none(), "an object of the API server has no file");
+}
+
+#[tokio::test]
+async fn added_modified_and_deleted_each_make_their_one_change() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let (mut mesh, _) = Mesh::start(&server).await;
+
+    server.apply(pod("shop", "web-1", "node-2", "10.244.2.7", json!({"app": "web"})));
+    let added = mesh.changes(1).await;
+    assert_eq!(described(&added), ["upsert Workload shop/web-1"]);
+    assert_eq!(workload(&added, "shop/web-1").node, "node-2");
+
+    server.apply(pod("shop", "web-1", "node-2", "10.244.2.7", json!({"app": "web", "weft.dev/mtls": "STRICT"})));
+    let modified = mesh.changes(1).await;
+    assert_eq!(described(&modified), ["upsert Workload shop/web-1"]);
+    assert_eq!(workload(&modified, "shop/web-1").mtls, meshapi::MtlsMode::Strict);
+
+    // A change translation does not read (an annotation): no change to the model.
+    let mut annotated = pod("shop", "web-1", "node-2", "10.244.2.7", json!({"app": "web", "weft.dev/mtls": "STRICT"}));
+    annotated["metadata"]["annotations"] = json!({"note": "read by nobody"});
+    server.apply(annotated);
+    // A policy edited into something unreadable: rejected, its last good version kept.
+    let mut broken = cluster().into_iter().find(|o| o["metadata"]["name"] == "only-web").unwrap();
+    broken["spec"]["rules"][0]["portz"] = json!([1]);
+    server.apply(broken);
+    let seen = mesh.until(|s| !s.rejected.is_empty()).await;
+    assert!(seen.changes.is_empty(), "{:#?}", seen.changes);
+    let [r] = seen.rejected.as_slice() else { panic!("{:#?}", seen.rejected) };
+    assert_eq!(r.field.as_deref(), Some("spec.rules[0].portz"));
+    assert!(r.reason.ends_with("the version read before is kept"), "{r}");
+    assert!(mesh.source.rejected().iter().any(|x| x == r), "listed for the status page");
+
+    server.delete("Pod", Some("shop"), "web-1");
+    assert_eq!(described(&mesh.changes(1).await), ["delete Workload shop/web-1"]);
+}
+
+#[tokio::test]
+async fn an_expired_watch_relists_and_deletes_what_vanished_exactly_once() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let (mut mesh, _) = Mesh::start(&server).await;
+    let lists = server.lists("pods");
+
+    // The watch falls behind: the server drops what it could not deliver (web-0 deleted,
+    // web-1 created) and ends the watch with an ERROR event of code 410.
+    server.expire_watches(|s| {
+        s.delete("Pod", Some("shop"), "web-0");
+        s.apply(pod("shop", "web-1", "node-2", "10.244.2.7", json!({"app": "web"})));
+    });
+    let changes = mesh.changes(2).await;
+    assert_eq!(described(&changes), ["delete Workload shop/web-0", "upsert Workload shop/web-1"]);
+    assert_eq!(server.lists("pods"), lists + 1, "listed again");
+}
+
+#[tokio::test]
+async fn a_too_old_resource_version_after_a_disconnect_relists() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let (mut mesh, _) = Mesh::start(&server).await;
+
+    // While no watch is open: a pod deleted, a service changed, and the history compacted
+    // past what the watches saw. Resuming gets 410 (an ERROR event); the relist finds out.
+    server.disconnect(|s| {
+        s.delete("Pod", Some("shop"), "web-0");
+        let mut service = cluster().into_iter().find(|o| o["kind"] == "Service").unwrap();
+        service["spec"]["ports"][0]["port"] = json!(8080);
+        s.apply(service);
+        s.compact();
+    });
+    let changes = mesh.changes(2).await;
+    assert_eq!(described(&changes), ["delete Workload shop/web-0", "upsert Service shop/api"]);
+}
+
+#[tokio::test]
+async fn an_http_410_on_the_watch_request_relists() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let (mut mesh, _) = Mesh::start(&server).await;
+    let lists = server.lists("pods");
+
+    // The same, answered as an HTTP 410 to the watch request: the watcher would ask again
+    // for the same version forever; the source starts it over.
+    server.disconnect(|s| {
+        s.delete("Pod", Some("shop"), "web-0");
+        s.compact();
+        s.gone_as_http_status = true;
+    });
+    assert_eq!(described(&mesh.changes(1).await), ["delete Workload shop/web-0"]);
+    assert_eq!(server.lists("pods"), lists + 1);
+}
+
+#[tokio::test]
+async fn a_bookmark_moves_where_the_watch_resumes() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let (mut mesh, _) = Mesh::start(&server).await;
+    let lists = server.lists("pods");
+
+    // Other kinds move the cluster's version on; a bookmark tells the pod watch where it is.
+    server.apply(namespace("other", false));
+    server.apply(namespace("more", false));
+    server.watching("pods").await;
+    let bookmark = server.bookmark("pods");
+    // Disconnected and compacted up to the bookmark: resuming from it needs no relist.
+    server.disconnect(|s| s.compact());
+    server.apply(pod("shop", "web-1", "node-2", "10.244.2.7", json!({"app": "web"})));
+    assert_eq!(described(&mesh.changes(1).await), ["upsert Workload shop/web-1"]);
+    assert_eq!(server.lists("pods"), lists, "no relist");
+    assert_eq!(server.watched_from("pods"), Some(bookmark), "resumed from the bookmark");
+}
+
+#[tokio::test]
+async fn an_api_server_restart_loses_and_repeats_nothing() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let (mut mesh, _) = Mesh::start(&server).await;
+    let lists = server.lists("pods");
+
+    // The API server goes away (connections cut, the port refusing) and comes back; what
+    // changed meanwhile is replayed to the watches resuming from where they were.
+    server
+        .restart(Duration::from_secs(1), |s| {
+            s.apply(pod("shop", "web-1", "node-2", "10.244.2.7", json!({"app": "web"})));
+            s.delete("Pod", Some("plain"), "batch-0");
+        })
+        .await;
+    let changes = mesh.changes(2).await;
+    assert_eq!(described(&changes), ["delete Workload plain/batch-0", "upsert Workload shop/web-1"]);
+    assert_eq!(server.lists("pods"), lists, "resumed, not listed again");
+
+    // And the watches work on.
+    server.apply(pod("shop", "web-2", "node-1", "10.244.1.7", json!({"app": "web"})));
+    assert_eq!(described(&mesh.changes(1).await), ["upsert Workload shop/web-2"]);
+}
+
+#[tokio::test]
+async fn a_kind_that_is_not_served_does_not_hold_up_start() {
+    let server = ApiServer::start().await;
+    server.unserve("gateways");
+    server.unserve("httproutes");
+    for object in cluster().into_iter().filter(|o| !o["apiVersion"].as_str().unwrap().starts_with("gateway.")) {
+        server.apply(object);
+    }
+    let (mut mesh, seen) = Mesh::start(&server).await;
+    assert!(described(&seen.changes).contains(&"upsert Workload shop/web-0".to_owned()));
+
+    // The Gateway API's CRDs installed later: their objects arrive.
+    server.serve("gateways");
+    server.serve("httproutes");
+    for object in cluster().into_iter().filter(|o| o["apiVersion"].as_str().unwrap().starts_with("gateway.")) {
+        server.apply(object);
+    }
+    let changes = mesh.changes(2).await;
+    assert_eq!(described(&changes), ["upsert HttpRoute shop/api-canary", "upsert Waypoint shop/waypoint"]);
+}
+
+// ---- TokenReview ----
+
+fn reviewer(server: &ApiServer) -> TokenReviewer {
+    TokenReviewer::new(server.client())
+}
+
+fn ztunnel_user(extra: Value) -> Value {
+    json!({"username": "system:serviceaccount:weft-system:ztunnel", "uid": "u-1",
+           "groups": ["system:serviceaccounts", "system:serviceaccounts:weft-system"], "extra": extra})
+}
+
+#[tokio::test]
+async fn a_ztunnel_token_bound_to_a_pod_names_its_node() {
+    let server = ApiServer::start().await;
+    server.token(
+        "bound",
+        &["weft-controller"],
+        ztunnel_user(json!({"authentication.kubernetes.io/node-name": ["node-1"],
+                            "authentication.kubernetes.io/pod-name": ["ztunnel-abcde"]})),
+    );
+    let reviewer = reviewer(&server);
+    assert_eq!(reviewer.review("bound").await.unwrap().as_str(), "node-1");
+    let asked = server.reviews();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0]["spec"], json!({"token": "bound", "audiences": ["weft-controller"]}));
+
+    // Cached: the API server is not asked again.
+    assert_eq!(reviewer.authenticate("bound").await.unwrap(), "node-1");
+    assert_eq!(server.reviews().len(), 1);
+    // Unless caching is off.
+    let uncached = TokenReviewer::new(server.client()).with_cache_ttl(Duration::ZERO);
+    uncached.review("bound").await.unwrap();
+    uncached.review("bound").await.unwrap();
+    assert_eq!(server.reviews().len(), 3);
+}
+
+#[tokio::test]
+async fn without_the_node_name_the_bound_pod_says_where_it_runs() {
+    let server = ApiServer::start().await;
+    let mut ztunnel = pod("weft-system", "ztunnel-abcde", "node-7", "10.0.0.7", json!({"app": "ztunnel"}));
+    ztunnel["metadata"]["uid"] = json!("pod-uid-1");
+    server.apply(ztunnel);
+    let pod_only = |uid: &str| {
+        ztunnel_user(json!({"authentication.kubernetes.io/pod-name": ["ztunnel-abcde"],
+                            "authentication.kubernetes.io/pod-uid": [uid]}))
+    };
+    server.token("old-api-server", &["weft-controller"], pod_only("pod-uid-1"));
+    server.token("replaced-pod", &["weft-controller"], pod_only("pod-uid-0"));
+    server.token(
+        "gone-pod",
+        &["weft-controller"],
+        ztunnel_user(json!({"authentication.kubernetes.io/pod-name": ["ztunnel-zzzzz"]})),
+    );
+    server.token("unbound", &["weft-controller"], ztunnel_user(json!({})));
+    let reviewer = reviewer(&server);
+
+    assert_eq!(reviewer.review("old-api-server").await.unwrap().as_str(), "node-7");
+    for token in ["replaced-pod", "gone-pod", "unbound"] {
+        let err = reviewer.review(token).await.unwrap_err();
+        assert!(matches!(err, AuthError::TokenRefused(_)) && err.is_unauthenticated(), "{token}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn tokens_that_are_not_ztunnels_for_this_controller_are_refused() {
+    let server = ApiServer::start().await;
+    let node = json!({"authentication.kubernetes.io/node-name": ["node-1"]});
+    server.token("other-audience", &["https://kubernetes.default.svc"], ztunnel_user(node.clone()));
+    server.token(
+        "other-account",
+        &["weft-controller"],
+        json!({"username": "system:serviceaccount:shop:web", "extra": node.clone()}),
+    );
+    let reviewer = reviewer(&server);
+
+    let err = reviewer.review("expired-or-unknown").await.unwrap_err();
+    assert!(matches!(err, AuthError::TokenRefused(ref why) if why.contains("invalid bearer token")), "{err}");
+    let err = reviewer.review("other-audience").await.unwrap_err();
+    assert!(matches!(err, AuthError::TokenRefused(_)), "{err}");
+    let err = reviewer.review("other-account").await.unwrap_err();
+    assert!(
+        matches!(err, AuthError::NotZtunnel { ref username, .. } if username == "system:serviceaccount:shop:web"),
+        "{err}"
+    );
+    assert!(err.is_unauthenticated(), "a 401, not a failure of the controller");
+    assert_eq!(server.reviews().len(), 3, "refusals are not cached");
+    assert!(reviewer.review("other-account").await.is_err());
+    assert_eq!(server.reviews().len(), 4);
+
+    // The API server failing is not the caller's fault; one that keeps answering 503 (which
+    // the client retries for minutes) is given up on.
+    server.fail_reviews(Some(hyper::StatusCode::INTERNAL_SERVER_ERROR));
+    let err = reviewer.review("anything").await.unwrap_err();
+    assert!(matches!(err, AuthError::Review(_)) && !err.is_unauthenticated(), "{err}");
+    server.fail_reviews(Some(hyper::StatusCode::SERVICE_UNAVAILABLE));
+    let impatient = TokenReviewer::new(server.client()).with_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let err = impatient.review("anything").await.unwrap_err();
+    assert!(matches!(err, AuthError::Review(ref why) if why.contains("no answer")), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn in_a_cluster_node_tokens_and_service_account_tokens_both_work() {
+    let server = ApiServer::start().await;
+    server.token(
+        "bound",
+        &["weft-controller"],
+        ztunnel_user(json!({"authentication.kubernetes.io/node-name": ["node-1"]})),
+    );
+    let dir = TempDir::new("both-credentials");
+    let node_tokens = NodeTokens::open(dir.path()).unwrap();
+    let vm = node_tokens.issue(&controller::auth::NodeName::new("vm-1").unwrap());
+    let auth = KubernetesAuth { node_tokens, reviewer: reviewer(&server) };
+
+    assert_eq!(auth.authenticate(&vm).await.unwrap(), "vm-1");
+    assert_eq!(server.reviews().len(), 0, "a node token is never sent to the API server");
+    assert_eq!(auth.authenticate("bound").await.unwrap(), "node-1");
+    let forged = vm.replacen("vm-1", "vm-2", 1);
+    assert!(matches!(auth.authenticate(&forged).await, Err(AuthError::BadSignature { .. })));
+}
+
+/// An API server faked at the HTTP level: enough of list, watch and TokenReview for the
+/// controller's client, with knobs for what real ones do (history compaction, bookmarks,
+/// restarts, kinds not served).
+mod apiserver {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Channel, Full};
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper::{Method, Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use serde_json::{Value, json};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio::task::JoinHandle;
+
+    type Body = BoxBody<Bytes, Infallible>;
+
+    /// The kinds served: plural, apiVersion, kind, the collection's path.
+    const KINDS: [(&str, &str, &str, &str); 6] = [
+        ("namespaces", "v1", "Namespace", "/api/v1/namespaces"),
+        ("pods", "v1", "Pod", "/api/v1/pods"),
+        ("services", "v1", "Service", "/api/v1/services"),
+        ("gateways", "gateway.networking.k8s.io/v1", "Gateway", "/apis/gateway.networking.k8s.io/v1/gateways"),
+        ("httproutes", "gateway.networking.k8s.io/v1", "HTTPRoute", "/apis/gateway.networking.k8s.io/v1/httproutes"),
+        (
+            "authorizationpolicies",
+            "security.weft.dev/v1alpha1",
+            "AuthorizationPolicy",
+            "/apis/security.weft.dev/v1alpha1/authorizationpolicies",
+        ),
+    ];
+    const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+    pub struct ApiServer {
+        addr: SocketAddr,
+        state: Arc<Mutex<State>>,
+        accept: Mutex<Option<JoinHandle<()>>>,
+    }
+
+    /// What the server holds; tests change it directly inside [`ApiServer::disconnect`] and
+    /// [`ApiServer::expire_watches`].
+    #[derive(Default)]
+    pub struct State {
+        /// The cluster's resourceVersion: one more per change.
+        version: u64,
+        objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+        /// Every change, for watches resuming from a version.
+        log: Vec<Logged>,
+        /// Watches from a version older than this are refused with 410 (the history before
+        /// it is compacted away).
+        oldest: u64,
+        /// Answer a too-old watch with an HTTP 410 instead of an ERROR event.
+        pub gone_as_http_status: bool,
+        watches: Vec<Watch>,
+        unserved: BTreeSet<&'static str>,
+        review_failure: Option<StatusCode>,
+        lists: HashMap<&'static str, usize>,
+        watched_from: HashMap<&'static str, u64>,
+        tokens: HashMap<String, (Vec<String>, Value)>,
+        reviews: Vec<Value>,
+        connections: Vec<JoinHandle<()>>,
+    }
+
+    struct Logged {
+        version: u64,
+        plural: &'static str,
+        kind: &'static str,
+        object: Value,
+    }
+
+    struct Watch {
+        plural: &'static str,
+        lines: mpsc::UnboundedSender<Bytes>,
+    }
+
+    impl ApiServer {
+        pub async fn start() -> ApiServer {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let state = Arc::new(Mutex::new(State::default()));
+            let accept = tokio::spawn(accept(listener, state.clone()));
+            ApiServer { addr, state, accept: Mutex::new(Some(accept)) }
+        }
+
+        /// A client of this server: plain HTTP, no credentials.
+        pub fn client(&self) -> kube::Client {
+            let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+            kube::Client::try_from(config).unwrap()
+        }
+
+        fn state(&self) -> std::sync::MutexGuard<'_, State> {
+            self.state.lock().unwrap()
+        }
+
+        pub fn apply(&self, object: Value) {
+            self.state().apply(object);
+        }
+
+        pub fn delete(&self, kind: &str, namespace: Option<&str>, name: &str) {
+            self.state().delete(kind, namespace, name);
+        }
+
+        /// Ends every watch, changes what `change` does with no watch open, and only then
+        /// takes watch requests again.
+        pub fn disconnect(&self, change: impl FnOnce(&mut State)) {
+            let mut state = self.state();
+            state.watches.clear();
+            change(&mut state);
+        }
+
+        /// Changes what `change` does without telling the open watches (they fell behind),
+        /// compacts the history, and ends them with an ERROR event of code 410.
+        pub fn expire_watches(&self, change: impl FnOnce(&mut State)) {
+            let mut state = self.state();
+            let watches = std::mem::take(&mut state.watches);
+            change(&mut state);
+            state.compact();
+            let gone = format!("{}\n", json!({"type": "ERROR", "object": too_old()}));
+            for watch in watches {
+                let _ = watch.lines.send(Bytes::from(gone.clone()));
+            }
+        }
+
+        /// Waits until a watch of `plural` is open (the watcher opens it after its list).
+        pub async fn watching(&self, plural: &str) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !self.state().watches.iter().any(|w| w.plural == plural && !w.lines.is_closed()) {
+                assert!(tokio::time::Instant::now() < deadline, "no watch of {plural}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        /// Sends a BOOKMARK at the current version to the watches of `plural`; returns it.
+        pub fn bookmark(&self, plural: &str) -> u64 {
+            let state = self.state();
+            let (_, api_version, kind, _) = kind_of_plural(plural);
+            let line = json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": kind,
+                              "metadata": {"resourceVersion": state.version.to_string()}}});
+            for watch in state.watches.iter().filter(|w| w.plural == plural) {
+                let _ = watch.lines.send(Bytes::from(format!("{line}\n")));
+            }
+            state.version
+        }
+
+        /// Goes away for `down` (every connection cut, the port closed), with `change`
+        /// made meanwhile, and comes back on the same port with the same history.
+        pub async fn restart(&self, down: Duration, change: impl FnOnce(&mut State)) {
+            let accepting = self.accept.lock().unwrap().take();
+            if let Some(task) = accepting {
+                task.abort();
+                let _ = task.await;
+            }
+            {
+                let mut state = self.state();
+                state.watches.clear();
+                for connection in state.connections.drain(..) {
+                    connection.abort();
+                }
+                change(&mut state);
+            }
+            tokio::time::sleep(down).await;
+            let listener = TcpListener::bind(self.addr).await.unwrap();
+            *self.accept.lock().unwrap() = Some(tokio::spawn(accept(listener, self.state.clone())));
+        }
+
+        /// Answers 404 for `plural`, as for a CRD not installed.
+        pub fn unserve(&self, plural: &'static str) {
+            self.state().unserved.insert(plural);
+        }
+
+        pub fn serve(&self, plural: &'static str) {
+            self.state().unserved.remove(plural);
+        }
+
+        /// How many times `plural` was listed.
+        pub fn lists(&self, plural: &str) -> usize {
+            self.state().lists.get(plural).copied().unwrap_or(0)
+        }
+
+        /// The resourceVersion the last watch of `plural` started from.
+        pub fn watched_from(&self, plural: &str) -> Option<u64> {
+            self.state().watched_from.get(plural).copied()
+        }
+
+        /// A service-account token the server knows: its audiences and its user.
+        pub fn token(&self, token: &str, audiences: &[&str], user: Value) {
+            let audiences = audiences.iter().map(|a| a.to_string()).collect();
+            self.state().tokens.insert(token.to_owned(), (audiences, user));
+        }
+
+        /// Answers TokenReviews with this status (none: answers them).
+        pub fn fail_reviews(&self, status: Option<StatusCode>) {
+            self.state().review_failure = status;
+        }
+
+        /// Every TokenReview received.
+        pub fn reviews(&self) -> Vec<Value> {
+            self.state().reviews.clone()
+        }
+    }
+
+    impl Drop for ApiServer {
+        fn drop(&mut self) {
+            if let Some(accept) = self.accept.lock().unwrap().take() {
+                accept.abort();
+            }
+            for connection in self.state().connections.drain(..) {
+                connection.abort();
+            }
+        }
+    }
+
+    impl State {
+        pub fn apply(&mut self, mut object: Value) {
+            let (plural, ..) = kind_of(object["kind"].as_str().unwrap());
+            self.version += 1;
+            object["metadata"]["resourceVersion"] = json!(self.version.to_string());
+            let key = key(&object);
+            let objects = self.objects.entry(plural).or_default();
+            let kind = if objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+            objects.insert(key, object.clone());
+            self.record(plural, kind, object);
+        }
+
+        pub fn delete(&mut self, kind: &str, namespace: Option<&str>, name: &str) {
+            let (plural, ..) = kind_of(kind);
+            let key = (namespace.unwrap_or_default().to_owned(), name.to_owned());
+            let Some(mut object) = self.objects.entry(plural).or_default().remove(&key) else {
+                panic!("no {kind} {name} to delete");
+            };
+            self.version += 1;
+            object["metadata"]["resourceVersion"] = json!(self.version.to_string());
+            self.record(plural, "DELETED", object);
+        }
+
+        /// Forgets the history up to now: a watch from an older version gets 410.
+        pub fn compact(&mut self) {
+            self.oldest = self.version;
+        }
+
+        fn record(&mut self, plural: &'static str, kind: &'static str, object: Value) {
+            let line = Bytes::from(format!("{}\n", json!({"type": kind, "object": object})));
+            self.watches.retain(|w| w.plural != plural || w.lines.send(line.clone()).is_ok());
+            self.log.push(Logged { version: self.version, plural, kind, object });
+        }
+    }
+
+    fn key(object: &Value) -> (String, String) {
+        let meta = &object["metadata"];
+        (meta["namespace"].as_str().unwrap_or_default().to_owned(), meta["name"].as_str().unwrap().to_owned())
+    }
+
+    fn kind_of(kind: &str) -> (&'static str, &'static str, &'static str, &'static str) {
+        KINDS.into_iter().find(|k| k.2 == kind).unwrap_or_else(|| panic!("the fake does not serve {kind}"))
+    }
+
+    fn kind_of_plural(plural: &str) -> (&'static str, &'static str, &'static str, &'static str) {
+        KINDS.into_iter().find(|k| k.0 == plural).unwrap()
+    }
+
+    fn too_old() -> Value {
+        json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+               "message": "too old resource version", "reason": "Expired", "code": 410})
+    }
+
+    async fn accept(listener: TcpListener, state: Arc<Mutex<State>>) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let for_requests = state.clone();
+            let connection = tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let state = for_requests.clone();
+                    async move { Ok::<_, Infallible>(handle(req, state).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+            });
+            let mut state = state.lock().unwrap();
+            state.connections.retain(|c| !c.is_finished());
+            state.connections.push(connection);
+        }
+    }
+
+    fn full(status: StatusCode, body: Value) -> Response<Body> {
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+        *response.status_mut() = status;
+        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        response
+    }
+
+    fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+        let body = json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                          "message": message, "reason": reason, "code": code.as_u16()});
+        full(code, body)
+    }
+
+    async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let query: HashMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+
+        if req.method() == Method::POST && path == TOKEN_REVIEWS {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let review: Value = serde_json::from_slice(&body).unwrap();
+            return token_review(&mut state.lock().unwrap(), review);
+        }
+        let mut state = state.lock().unwrap();
+        if let Some(name) = path.strip_prefix("/api/v1/namespaces/weft-system/pods/") {
+            let key = ("weft-system".to_owned(), name.to_owned());
+            return match state.objects.get("pods").and_then(|p| p.get(&key)) {
+                Some(pod) => full(StatusCode::OK, pod.clone()),
+                None => status(StatusCode::NOT_FOUND, "NotFound", &format!("pods \"{name}\" not found")),
+            };
+        }
+        let Some((plural, api_version, kind, _)) = KINDS.into_iter().find(|k| k.3 == path) else {
+            return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
+        };
+        if state.unserved.contains(plural) {
+            return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
+        }
+        if !matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+            *state.lists.entry(plural).or_default() += 1;
+            // Items of a list of a core kind leave out apiVersion and kind, as the real one.
+            let items: Vec<Value> = state
+                .objects
+                .get(plural)
+                .map(|o| o.values().cloned().collect::<Vec<Value>>())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|mut item| {
+                    if api_version == "v1"
+                        && let Some(fields) = item.as_object_mut()
+                    {
+                        fields.remove("apiVersion");
+                        fields.remove("kind");
+                    }
+                    item
+                })
+                .collect();
+            let list = json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+                              "metadata": {"resourceVersion": state.version.to_string()}, "items": items});
+            return full(StatusCode::OK, list);
+        }
+
+        let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        state.watched_from.insert(plural, from);
+        if from < state.oldest {
+            if state.gone_as_http_status {
+                return status(StatusCode::GONE, "Expired", "too old resource version");
+            }
+            let line = format!("{}\n", json!({"type": "ERROR", "object": too_old()}));
+            return Response::new(Full::new(Bytes::from(line)).boxed());
+        }
+        let (lines, mut receiver) = mpsc::unbounded_channel();
+        for logged in state.log.iter().filter(|l| l.plural == plural && l.version > from) {
+            let line = json!({"type": logged.kind, "object": logged.object});
+            let _ = lines.send(Bytes::from(format!("{line}\n")));
+        }
+        state.watches.push(Watch { plural, lines });
+        let (mut sender, body) = Channel::<Bytes, Infallible>::new(16);
+        tokio::spawn(async move {
+            while let Some(line) = receiver.recv().await {
+                if sender.send_data(line).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Response::new(body.boxed())
+    }
+
+    /// Answers as the API server does: authenticated only for an audience both the token
+    /// and the review name, with those audiences in the status.
+    fn token_review(state: &mut State, review: Value) -> Response<Body> {
+        if let Some(code) = state.review_failure {
+            return status(code, "InternalError", "etcd is down");
+        }
+        state.reviews.push(review.clone());
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let asked: Vec<String> = serde_json::from_value(review["spec"]["audiences"].clone()).unwrap_or_default();
+        let status = match state.tokens.get(token) {
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            Some((audiences, user)) => {
+                let both: Vec<&String> = asked.iter().filter(|a| audiences.contains(a)).collect();
+                if both.is_empty() {
+                    json!({"authenticated": false, "error": "token audiences is invalid for the target audiences"})
+                } else {
+                    json!({"authenticated": true, "user": user, "audiences": both})
+                }
+            }
+        };
+        let answer = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {},
+                            "spec": review["spec"], "status": status});
+        full(StatusCode::CREATED, answer)
+    }
+}
