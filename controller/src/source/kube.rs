@@ -183,7 +183,11 @@ impl KubeSource {
                     self.receive(batch);
                     return true;
                 }
-                Err(mpsc::TryRecvError::Disconnected) => return false,
+                // The watchers end only when the source is dropped; never spin.
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    tokio::time::sleep_until(deadline).await;
+                    return false;
+                }
                 Err(mpsc::TryRecvError::Empty) => {}
             }
             let now = tokio::time::Instant::now();
