@@ -165,4 +165,3 @@ impl Config {
 }
 
 pub use hbone::config::parse_duration;
-
