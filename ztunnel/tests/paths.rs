@@ -726,7 +726,7 @@ async fn a_record_dropped_unfinished_is_closed_and_logged_without_byte_counts() 
 
 #[test]
 fn the_field_parser_reads_quoted_values_and_skips_the_message() {
-    let fields = parse_fields(r#"a=1 b.c="two words" d="q\"uote" access"#);
+    let fields = parse_fields(r#"message a=1 b.c="two words" d="q\"uote""#);
     let expected: HashMap<&str, &str> = [("a", "1"), ("b.c", "two words"), ("d", "q\"uote")].into();
     assert_eq!(fields.len(), 3);
     for (k, v) in expected {

@@ -17,7 +17,7 @@
 //!   dst.orig=10.96.0.10:80 dst.workload=api-0 dst.namespace=back
 //!   dst.identity=spiffe://cluster.local/ns/back/sa/api dst.service=api.back.svc.cluster.local
 //!   protocol="HBONE" direction="outbound" bytes_sent=512 bytes_received=2048 duration_ms=31
-//!   outcome="ok" access
+//!   outcome="ok"
 //! ```
 //!
 //! `bytes_sent` is what the source sent the destination and `bytes_received` what came back,
@@ -257,7 +257,6 @@ impl ConnectionRecord {
             duration_ms = self.started.elapsed().as_millis() as u64,
             outcome,
             reason,
-            "access"
         );
     }
 }
