@@ -74,27 +74,29 @@ async fn open(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) -> Optio
     let mut record = ConnectionRecord::new(&proxy.metrics, Direction::Outbound, Protocol::Tcp, peer, orig);
     record.original_destination(orig);
     record.source(state.peer_by_ip(pod.primary_ip()));
-    // Until a route is chosen: whoever holds the address dialed (nobody, for a VIP).
-    record.destination(state.unproved_peer_by_ip(orig.ip()), state.service_name_by_ip(orig.ip()));
+    // Refused before a route is chosen: the destination is whoever holds the address dialed
+    // (nobody, for a VIP).
+    let refuse = |mut record: Box<ConnectionRecord>, refusal, detail: String| {
+        record.destination(state.unproved_peer_by_ip(orig.ip()), state.service_name_by_ip(orig.ip()));
+        record.refuse(refusal, detail);
+        None
+    };
     let source_id = match state.identity_by_ip(pod.primary_ip()) {
         Some(Ok(id)) => id,
         None => {
-            record.refuse(Refusal::NotServed, format_args!("source pod {} is no longer in the config", pod.uid));
-            return None;
+            let detail = format!("source pod {} is no longer in the config", pod.uid);
+            return refuse(record, Refusal::NotServed, detail);
         }
         Some(Err(e)) => {
-            record.refuse(Refusal::NotServed, format_args!("source pod {} has no valid identity: {e}", pod.uid));
-            return None;
+            let detail = format!("source pod {} has no valid identity: {e}", pod.uid);
+            return refuse(record, Refusal::NotServed, detail);
         }
     };
 
     // Candidates in the order to try, with what metrics call the destination.
     let (routes, service) = match plan(&state, proxy, orig) {
         Ok(plan) => plan,
-        Err(why) => {
-            record.refuse(Refusal::NoRoute, why);
-            return None;
-        }
+        Err(why) => return refuse(record, Refusal::NoRoute, why),
     };
     drop(state);
 

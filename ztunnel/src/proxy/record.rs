@@ -26,7 +26,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use tracing::{Level, event};
@@ -126,7 +126,7 @@ impl ConnectionRecord {
             orig: None,
             src: unknown.clone(),
             dst: unknown,
-            service: Arc::from("unknown"),
+            service: unknown_service(),
             counters: None,
             finished: false,
         })
@@ -272,6 +272,12 @@ impl Drop for ConnectionRecord {
             self.write(None, "error", Some(reason));
         }
     }
+}
+
+/// "unknown", shared: a record is made for every connection, refused ones included.
+fn unknown_service() -> Arc<str> {
+    static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("unknown"));
+    UNKNOWN.clone()
 }
 
 /// A source address for the log: `ip:port`, or the IP alone when the port is unknown (0).
