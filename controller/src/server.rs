@@ -25,7 +25,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshapi::Kind;
 use meshapi::certificate::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorBody};
-use meshapi::watch::{ACK_PATH, Ack, Cursor, Message, Start, WATCH_PATH};
+use meshapi::watch::{ACK_PATH, Ack, Cursor, Message, WATCH_PATH};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_rustls::TlsAcceptor;
@@ -37,7 +37,7 @@ use crate::auth::Authenticator;
 use crate::ca::Authority;
 use crate::metrics::{CertificateLabels, Metrics, RequestLabels};
 use crate::source::Rejection;
-use crate::store::Store;
+use crate::store::{First, Store};
 
 /// Largest request body accepted (a CSR or an acknowledgement with rejections): 1 MiB.
 const MAX_BODY: usize = 1 << 20;
@@ -277,8 +277,8 @@ impl Api {
         };
         let sub = self.store.subscribe(caller, since.as_ref());
         let (first_kind, first) = match sub.first {
-            Start::Snapshot(line) => ("snapshot", vec![Bytes::from(line)]),
-            Start::Resume(lines) => ("resume", lines.into_iter().map(shared).collect()),
+            First::Snapshot(line) => ("snapshot", vec![shared(line)]),
+            First::Resume(lines) => ("resume", lines.into_iter().map(shared).collect()),
         };
         let start_bytes: usize = first.iter().map(Bytes::len).sum();
         self.metrics.start_bytes.inc_by(start_bytes as u64);

@@ -7,6 +7,10 @@
 //! costs each subscriber a few hundred bytes and no encoding. A subscriber is registered
 //! under the same lock as commits, so it never misses or repeats a delta between its first
 //! message and the live stream.
+//!
+//! A snapshot is encoded once per version and shared by every subscriber that starts from
+//! it: after a restart every node subscribes at once, and 100 copies of a 2.4 MiB snapshot
+//! (10,000 pods) were 240 MiB at the peak, most of which the allocator kept afterwards.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,6 +41,9 @@ struct Inner {
     workloads: HashMap<String, (String, SpiffeId)>,
     trust_domain: String,
     nodes: BTreeMap<String, NodeStatus>,
+    /// The snapshot line of the current version, once a subscriber asked for it; dropped at
+    /// the next commit.
+    snapshot: Option<Arc<str>>,
 }
 
 /// What the controller knows of one node's proxy.
@@ -58,11 +65,19 @@ pub type Delta = (u64, Arc<str>);
 
 /// A subscription: the lines to send first, then the live deltas.
 pub struct Subscription {
-    pub first: Start,
+    pub first: First,
     pub live: broadcast::Receiver<Delta>,
     /// The version the first lines bring the subscriber to.
     pub version: u64,
     pub epoch: String,
+}
+
+/// What a subscriber is sent first.
+pub enum First {
+    /// The whole model: one line, shared with the other subscribers starting at its version.
+    Snapshot(Arc<str>),
+    /// A `resumed` line, then every delta after the subscriber's version.
+    Resume(Vec<Arc<str>>),
 }
 
 impl Store {
@@ -76,6 +91,7 @@ impl Store {
                 workloads: HashMap::new(),
                 trust_domain,
                 nodes: BTreeMap::new(),
+                snapshot: None,
             }),
             live,
             metrics,
@@ -109,6 +125,7 @@ impl Store {
             }
         }
         let committed = inner.history.commit(changes)?;
+        inner.snapshot = None;
         self.metrics.version.set(committed.version as i64);
         self.metrics.resources.set(inner.history.len() as i64);
         // Sent under the lock, so that a subscriber registered by `subscribe` sees exactly
@@ -122,13 +139,20 @@ impl Store {
     /// Registers a subscriber of `node` that last applied `since`.
     pub fn subscribe(&self, node: &str, since: Option<&Cursor>) -> Subscription {
         let mut inner = self.lock();
-        let first = inner.history.start(since);
+        // Only a cursor of this epoch may resume; any other gets the shared snapshot without
+        // the history encoding one of its own.
+        let start = since.filter(|c| c.epoch == inner.history.epoch()).map(|c| inner.history.start(Some(c)));
+        let first = match start {
+            Some(Start::Resume(lines)) => First::Resume(lines),
+            Some(Start::Snapshot(line)) => First::Snapshot(inner.shared_snapshot(Some(line))),
+            None => First::Snapshot(inner.shared_snapshot(None)),
+        };
         let live = self.live.subscribe();
         inner.nodes.entry(node.to_owned()).or_default().subscribers += 1;
         self.metrics.subscribers.inc();
         match &first {
-            Start::Snapshot(_) => self.metrics.snapshots.inc(),
-            Start::Resume(_) => self.metrics.resumes.inc(),
+            First::Snapshot(_) => self.metrics.snapshots.inc(),
+            First::Resume(_) => self.metrics.resumes.inc(),
         };
         Subscription { first, live, version: inner.history.version(), epoch: inner.history.epoch().to_owned() }
     }
@@ -194,6 +218,15 @@ impl Store {
     }
 }
 
+impl Inner {
+    /// The snapshot line of the current version: the one made for an earlier subscriber,
+    /// else `built` or a new one, kept for the next.
+    fn shared_snapshot(&mut self, built: Option<String>) -> Arc<str> {
+        let history = &self.history;
+        self.snapshot.get_or_insert_with(|| Arc::from(built.unwrap_or_else(|| history.snapshot_line()))).clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,7 +248,7 @@ mod tests {
         let s = store();
         s.commit(vec![Change::Upsert(workload("a", "n1"))]).unwrap();
         let mut sub = s.subscribe("n1", None);
-        assert!(matches!(sub.first, Start::Snapshot(ref l) if l.contains("\"name\":\"ns/a\"")));
+        assert!(matches!(sub.first, First::Snapshot(ref l) if l.contains("\"name\":\"ns/a\"")));
         let c = s.commit(vec![Change::Upsert(workload("bb", "n2"))]).unwrap();
         assert_eq!(sub.live.recv().await.unwrap(), (c.version, c.line));
         assert!(s.commit(vec![Change::Upsert(workload("bb", "n2"))]).is_none(), "no change, no push");
@@ -223,6 +256,24 @@ mod tests {
         assert_eq!(s.nodes()["n1"].subscribers, 1);
         s.unsubscribe("n1");
         assert_eq!(s.nodes()["n1"].subscribers, 0);
+    }
+
+    #[test]
+    fn subscribers_at_one_version_share_its_snapshot() {
+        let s = store();
+        s.commit(vec![Change::Upsert(workload("a", "n1"))]).unwrap();
+        let line = |sub: Subscription| match sub.first {
+            First::Snapshot(line) => line,
+            First::Resume(_) => panic!("no cursor: a snapshot"),
+        };
+        let first = line(s.subscribe("n1", None));
+        let other_epoch = Cursor { epoch: "old".into(), version: 1 };
+        assert!(Arc::ptr_eq(&first, &line(s.subscribe("n2", Some(&other_epoch)))), "encoded once");
+        s.commit(vec![Change::Upsert(workload("bb", "n2"))]).unwrap();
+        let next = line(s.subscribe("n1", None));
+        assert!(!Arc::ptr_eq(&first, &next) && next.contains("\"name\":\"ns/bb\""), "a new version, a new snapshot");
+        let behind = Cursor { epoch: "e".into(), version: 1 };
+        assert!(matches!(s.subscribe("n1", Some(&behind)).first, First::Resume(ref l) if l.len() == 2));
     }
 
     #[test]
