@@ -188,9 +188,7 @@ impl Source {
     fn renew_server_cert(&self, now: bool) {
         let Some(cert) = &self.server_cert else { return };
         let current = cert.current();
-        let lifetime = current.not_after().duration_since(current.not_before()).unwrap_or_default();
-        let left = current.not_after().duration_since(std::time::SystemTime::now()).unwrap_or_default();
-        if !now && left > lifetime / 2 {
+        if !now && std::time::SystemTime::now() < current.renew_at() {
             return;
         }
         match self.authority.server_credentials(&self.server_names).map_err(|e| e.to_string()) {

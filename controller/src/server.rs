@@ -81,6 +81,8 @@ pub enum ApiError {
     Refused(String),
     #[error("the controller failed: {0}")]
     Internal(String),
+    #[error("the controller cannot check credentials right now: {0}; retry later")]
+    Unavailable(String),
     #[error("no such path; the API serves {WATCH_PATH}, {ACK_PATH} and {CERTIFICATES_PATH}")]
     NotFound,
     #[error("method not allowed here")]
@@ -96,6 +98,7 @@ impl ApiError {
             }
             ApiError::BadRequest(_) | ApiError::InvalidCsr(_) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -112,6 +115,7 @@ impl ApiError {
             ApiError::ForbiddenIdentity { .. } => "forbidden_identity",
             ApiError::Refused(_) => "refused",
             ApiError::Internal(_) => "internal",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::NotFound => "not_found",
             ApiError::Method => "method_not_allowed",
         }
@@ -253,10 +257,14 @@ impl Api {
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .ok_or(ApiError::NoCredential)?;
         self.authenticator.authenticate(token.trim()).await.map_err(|e| {
-            if !e.is_unauthenticated() {
+            if e.is_unauthenticated() {
+                ApiError::BadCredential(e.to_string())
+            } else {
+                // The controller could not check it (the API server is unreachable): the
+                // caller should retry, not conclude its credential is bad.
                 warn!(error = %e, "cannot check a node credential");
+                ApiError::Unavailable(e.to_string())
             }
-            ApiError::BadCredential(e.to_string())
         })
     }
 

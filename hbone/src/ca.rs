@@ -49,7 +49,7 @@ use crate::tls::{Credentials, TlsError};
 const DEFAULT_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Certificates are backdated by this much to tolerate clock skew between nodes.
-const BACKDATE: Duration = Duration::from_secs(5 * 60);
+pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
 /// Random bytes in a serial number: 16 (126 bits of entropy after fixing the top two bits),
 /// above the 64 bits the CA/Browser Forum requires and under RFC 5280's 20-octet limit.

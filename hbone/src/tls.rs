@@ -143,6 +143,15 @@ impl Credentials {
         self.not_after
     }
 
+    /// When to renew: half-way through the lifetime the certificate was issued with. Weft's
+    /// CA backdates `notBefore` by [`crate::ca::BACKDATE`] against clock skew, which is not
+    /// part of the lifetime: counting it would renew a 10-minute certificate after 2.5
+    /// minutes, and one of 5 minutes or less at once.
+    pub fn renew_at(&self) -> SystemTime {
+        let issued = (self.not_before + crate::ca::BACKDATE).min(self.not_after);
+        issued + self.not_after.duration_since(issued).unwrap_or_default() / 2
+    }
+
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.key.cert
     }
@@ -691,6 +700,17 @@ impl LeafInfo {
 mod tests {
     use super::*;
     use crate::ca::Ca;
+
+    #[test]
+    fn renewal_is_half_way_through_the_issued_lifetime_not_the_backdate() {
+        let root = Ca::new_root("renewal").expect("minting a root");
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().expect("an identity");
+        let creds = root.issue(&id, Duration::from_secs(20)).expect("a leaf");
+        let now = SystemTime::now();
+        let at = creds.renew_at().duration_since(now).unwrap_or_default();
+        // Half of 20 s, give or take the whole seconds the certificate is encoded with.
+        assert!(at >= Duration::from_secs(8) && at <= Duration::from_secs(11), "renew in {at:?}");
+    }
 
     fn bundle() -> TrustBundle {
         let root = Ca::new_root("trust domain test root").expect("minting a root");

@@ -155,11 +155,9 @@ impl CertManager {
         let mut renewed = 0;
         for cert in certs {
             let current = cert.current();
-            let left = current.not_after().duration_since(now).unwrap_or_default();
             // Half of the lifetime it was issued with (a kept or controller-shortened
             // certificate may differ from the configured one).
-            let lifetime = current.not_after().duration_since(current.not_before()).unwrap_or(self.ttl);
-            if left > lifetime / 2 {
+            if now < current.renew_at() {
                 continue;
             }
             let fresh = match &self.issuer {

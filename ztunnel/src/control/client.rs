@@ -165,17 +165,20 @@ impl Client {
         Ok(sender)
     }
 
-    fn request(&self, method: Method, path_and_query: &str, body: Bytes) -> Request<Full<Bytes>> {
+    fn request(&self, method: Method, path_and_query: &str, body: Bytes) -> Result<Request<Full<Bytes>>, ControlError> {
         let uri = format!("https://{}:{}{}", bracket(&self.endpoint.host), self.endpoint.port, path_and_query);
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri.parse().unwrap_or_default();
         let token = self.token.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {token}")) {
-            req.headers_mut().insert(header::AUTHORIZATION, v);
-        }
+        let value =
+            header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ControlError::Credential {
+                path: self.endpoint.token_file.clone(),
+                error: "the token holds characters an HTTP header cannot carry".into(),
+            })?;
+        req.headers_mut().insert(header::AUTHORIZATION, value);
         req.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-        req
+        Ok(req)
     }
 
     /// Sends `req` and returns the response if it is a success; a refusal becomes
@@ -208,7 +211,7 @@ impl Client {
         if let Some(c) = since.filter(|c| c.is_set()) {
             query.push_str(&format!("&epoch={}&since={}", c.epoch, c.version));
         }
-        let req = self.request(Method::GET, &query, Bytes::new());
+        let req = self.request(Method::GET, &query, Bytes::new())?;
         let resp = tokio::time::timeout(CALL_TIMEOUT, self.send("watch", req))
             .await
             .map_err(|_| ControlError::Timeout(CALL_TIMEOUT))??;
@@ -218,7 +221,7 @@ impl Client {
     /// Reports what this node applied.
     pub async fn ack(&self, ack: &Ack) -> Result<(), ControlError> {
         let body = serde_json::to_vec(ack).unwrap_or_default();
-        let req = self.request(Method::POST, ACK_PATH, Bytes::from(body));
+        let req = self.request(Method::POST, ACK_PATH, Bytes::from(body))?;
         tokio::time::timeout(CALL_TIMEOUT, self.send("ack", req))
             .await
             .map_err(|_| ControlError::Timeout(CALL_TIMEOUT))??;
@@ -228,7 +231,7 @@ impl Client {
     /// Asks for a certificate for the CSR's identity.
     pub async fn certificate(&self, request: &CertificateRequest) -> Result<CertificateResponse, ControlError> {
         let body = serde_json::to_vec(request).unwrap_or_default();
-        let req = self.request(Method::POST, CERTIFICATES_PATH, Bytes::from(body));
+        let req = self.request(Method::POST, CERTIFICATES_PATH, Bytes::from(body))?;
         let call = async {
             let resp = self.send("certificates", req).await?;
             let body = resp.into_body().collect().await?.to_bytes();
