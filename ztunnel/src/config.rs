@@ -156,7 +156,7 @@ impl Config {
                 trust_bundle: self.trust_bundle.clone(),
             }),
             (None, None) => Err(
-                "give --controller <ip:15012> (programmed by the controller) or --local-config <file> (no controller)"
+                "give --controller <host>:15012 (programmed by the controller) or --local-config <file> (no controller)"
                     .into(),
             ),
             (Some(_), Some(_)) => Err("--controller and --local-config exclude each other".into()),
