@@ -5,7 +5,7 @@
 #
 #   docker build -f docker/ztunnel.Dockerfile -t weft-ztunnel:dev .
 #
-# weft-cni is the `cni` crate: the image builds once it is a member of the workspace.
+# weft-cni is the binary of the workspace's `cni` crate, built beside ztunnel.
 
 ARG RUST_VERSION=1.95
 
