@@ -51,7 +51,7 @@ pub struct Config {
 
     /// A file holding this node's credential for the controller (a bearer token; on VMs and
     /// in the lab made with `weft-controller token --node <name>`; on Kubernetes a projected
-    /// service-account token). Read again at each reconnection, so a rotated token is used.
+    /// service-account token). Read again for each request, so a rotated token is used.
     #[arg(long, env = "WEFT_NODE_TOKEN_FILE")]
     pub node_token_file: Option<PathBuf>,
 

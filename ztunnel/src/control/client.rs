@@ -81,7 +81,7 @@ pub struct Endpoint {
     /// added as it arrives ([`Client::trust_also`]), so a controller that rotated to a new
     /// root is still trusted on the next connection.
     pub roots: Vec<CertificateDer<'static>>,
-    /// The file holding the node's bearer token, read again at each connection (a projected
+    /// The file holding the node's bearer token, read again for each request (a projected
     /// service-account token rotates).
     pub token_file: PathBuf,
     pub node: String,
@@ -128,11 +128,6 @@ impl Client {
         {
             return Ok(s.clone());
         }
-        // A rotated credential is picked up with each new connection.
-        match read_token(&self.endpoint.token_file) {
-            Ok(token) => *self.token.write().unwrap_or_else(|p| p.into_inner()) = token,
-            Err(e) => tracing::warn!(error = %e, "keeping the node credential read before"),
-        }
         let addr = format!("{}:{}", bracket(&self.endpoint.host), self.endpoint.port);
         let connect = async {
             let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
@@ -170,7 +165,18 @@ impl Client {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri.parse().unwrap_or_default();
-        let token = self.token.read().unwrap_or_else(|p| p.into_inner()).clone();
+        // Read for every request: a projected token rotates while one connection lasts for
+        // days, and the controller checks each request. A failed read keeps the last token.
+        let token = match read_token(&self.endpoint.token_file) {
+            Ok(token) => {
+                *self.token.write().unwrap_or_else(|p| p.into_inner()) = token.clone();
+                token
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the node credential read before");
+                self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
+            }
+        };
         let value =
             header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ControlError::Credential {
                 path: self.endpoint.token_file.clone(),
