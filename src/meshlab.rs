@@ -119,6 +119,20 @@ pub struct MeshLab {
 }
 
 impl MeshLab {
+    /// Whether a mesh lab can run on this machine (root, the `nft` program). When it cannot,
+    /// says why: a loud failure under `CI=true`, `SKIPPED` otherwise (`lab::skip_or_fail`).
+    pub fn ready_here() -> bool {
+        if let Err(e) = Lab::require_root() {
+            lab::skip_or_fail(e);
+            return false;
+        }
+        if Command::new("nft").arg("--version").output().is_err() {
+            lab::skip_or_fail("the `nft` program (Debian package nftables) is not installed");
+            return false;
+        }
+        true
+    }
+
     /// A lab of `nodes` nodes programmed by a controller, with a fresh CA; `weft` is the path
     /// of the `weft` binary.
     pub fn new(test_name: &str, nodes: usize, weft: &Path) -> anyhow::Result<MeshLab> {

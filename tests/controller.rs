@@ -39,12 +39,7 @@ fn weft() -> &'static Path {
 /// A mesh of `nodes` nodes programmed by a controller, or `None` (after a loud skip) when the
 /// lab cannot run here.
 fn mesh(test: &str, nodes: usize) -> Option<MeshLab> {
-    if let Err(e) = lab::Lab::require_root() {
-        lab::skip_or_fail(e);
-        return None;
-    }
-    if Command::new("nft").arg("--version").output().is_err() {
-        lab::skip_or_fail("the `nft` program (Debian package nftables) is not installed");
+    if !MeshLab::ready_here() {
         return None;
     }
     Some(MeshLab::new(test, nodes, weft()).expect("building the lab"))

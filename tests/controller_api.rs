@@ -44,12 +44,7 @@ fn weft() -> &'static Path {
 /// A two-node mesh programmed by a controller, or `None` (after a loud skip) when the lab
 /// cannot run here.
 fn mesh(test: &str) -> Option<MeshLab> {
-    if let Err(e) = lab::Lab::require_root() {
-        lab::skip_or_fail(e);
-        return None;
-    }
-    if Command::new("nft").arg("--version").output().is_err() {
-        lab::skip_or_fail("the `nft` program (Debian package nftables) is not installed");
+    if !MeshLab::ready_here() {
         return None;
     }
     Some(MeshLab::new(test, 2, weft()).expect("building the lab"))

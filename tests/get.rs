@@ -22,12 +22,7 @@ fn get(netns: &lab::Netns, args: &[&str]) -> String {
 
 #[test]
 fn weft_get_shows_what_ztunnel_and_the_controller_hold() {
-    if let Err(e) = lab::Lab::require_root() {
-        lab::skip_or_fail(e);
-        return;
-    }
-    if Command::new("nft").arg("--version").output().is_err() {
-        lab::skip_or_fail("the `nft` program (Debian package nftables) is not installed");
+    if !MeshLab::ready_here() {
         return;
     }
     let mut mesh = MeshLab::new("get", 2, weft()).expect("building the lab");

@@ -8,7 +8,6 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use weft::meshlab::{MeshLab, PodSpec};
@@ -20,12 +19,7 @@ fn weft() -> &'static Path {
 }
 
 fn mesh(test: &str) -> Option<MeshLab> {
-    if let Err(e) = lab::Lab::require_root() {
-        lab::skip_or_fail(e);
-        return None;
-    }
-    if Command::new("nft").arg("--version").output().is_err() {
-        lab::skip_or_fail("the `nft` program (Debian package nftables) is not installed");
+    if !MeshLab::ready_here() {
         return None;
     }
     let mesh = MeshLab::new(test, 2, weft()).expect("building the lab");

@@ -30,12 +30,7 @@ fn local_mesh(test: &str) -> Option<MeshLab> {
 
 /// Whether the lab can run here (root, `nft`); a loud skip (a failure under `CI=true`) if not.
 fn lab_ready() -> bool {
-    if let Err(e) = lab::Lab::require_root() {
-        lab::skip_or_fail(e);
-        return false;
-    }
-    if Command::new("nft").arg("--version").output().is_err() {
-        lab::skip_or_fail("the `nft` program (Debian package nftables) is not installed");
+    if !MeshLab::ready_here() {
         return false;
     }
     true
