@@ -68,6 +68,36 @@ const GOAL_APPLY_P99: Duration = Duration::from_millis(1);
 const GOAL_RSS_KIB: u64 = 300 * 1024;
 const GOAL_SNAPSHOT: Duration = Duration::from_secs(1);
 
+impl Settings {
+    /// `--poll-interval` as a duration (`<n>ms`, `<n>s` or `<n>m`; 1 s if unreadable).
+    fn poll_period(&self) -> Duration {
+        let p = self.poll.trim();
+        let number = |suffix: &str| p.strip_suffix(suffix).and_then(|n| n.parse::<u64>().ok());
+        if let Some(ms) = number("ms") {
+            Duration::from_millis(ms)
+        } else if let Some(s) = number("s") {
+            Duration::from_secs(s)
+        } else if let Some(m) = number("m") {
+            Duration::from_secs(m * 60)
+        } else {
+            Duration::from_secs(1)
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift64): pauses that are the same from run to run.
+struct Random(u64);
+
+impl Random {
+    /// A duration drawn evenly from `[0, below)`.
+    fn next(&mut self, below: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        below.mul_f64((self.0 >> 11) as f64 / (1u64 << 53) as f64)
+    }
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -272,16 +302,24 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
     let mut pushed_all = Vec::new();
     let mut line_bytes = Vec::new();
     let mut delta_lines = Vec::new();
+    let mut pause = Random(0x9E37_79B9_7F4A_7C15);
     for _ in 0..s.rounds {
         let ((written, written_wall), delivered) = change_pod(&cluster, s, &mut deliveries, round).await?;
         round += 1;
         // Split at the commit, as the controller logged it: finding the change, then pushing it.
         let last_wall = delivered.iter().map(|d| d.wall).max().unwrap_or(written_wall);
-        if let Some(committed) = controller.committed(delivered[0].version).await {
+        let last = delivered.iter().map(|d| d.at).max().unwrap_or(written);
+        let committed = controller.committed(delivered[0].version).await;
+        if let Some(committed) = committed {
             detected.push(committed.duration_since(written_wall).unwrap_or_default());
             pushed_all.push(last_wall.duration_since(committed).unwrap_or_default());
         }
-        let last = delivered.iter().map(|d| d.at).max().unwrap_or(written);
+        eprintln!(
+            "round {round}: version {}, written → committed {:?}, → all decoded {:?}",
+            delivered[0].version,
+            committed.and_then(|c| c.duration_since(written_wall).ok()),
+            last.saturating_duration_since(written)
+        );
         let earliest = delivered.iter().map(|d| d.at).min().unwrap_or(written);
         all_latency.push(last.saturating_duration_since(written));
         first_latency.push(earliest.saturating_duration_since(written));
@@ -289,8 +327,10 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
         line_bytes.push(delivered[0].bytes);
         // One subscriber's copy of each line (bounded by the rounds), for the apply costs.
         delta_lines.extend(delivered.into_iter().find_map(|d| d.line));
-        // Writes land at varying points of the poll cycle.
-        tokio::time::sleep(Duration::from_millis(100 + (round as u64 * 37) % 50)).await;
+        // The next write lands at a random point of the poll cycle: a round ends just after
+        // a scan, so a fixed pause would always write at the same phase of the next one.
+        tokio::time::sleep(Duration::from_millis(50) + pause.next(2 * s.poll_period() + Duration::from_millis(100)))
+            .await;
     }
     let wall = phase.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu0;
@@ -983,7 +1023,11 @@ fn kill_stale_controller(dir: &Path) {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        if std::env::var_os("WEFT_BENCH_KEEP").is_some() {
+            eprintln!("kept (until the next run): {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }
 
