@@ -221,7 +221,7 @@ impl Client {
         let resp = tokio::time::timeout(CALL_TIMEOUT, self.send("watch", req))
             .await
             .map_err(|_| ControlError::Timeout(CALL_TIMEOUT))??;
-        Ok(Lines { body: resp.into_body(), buf: BytesMut::new() })
+        Ok(Lines { body: resp.into_body(), buf: BytesMut::new(), searched: 0 })
     }
 
     /// Reports what this node applied.
@@ -294,17 +294,22 @@ fn tls_config(roots: &[CertificateDer<'static>], more: &[CertificateDer<'static>
 pub struct Lines {
     body: Incoming,
     buf: BytesMut,
+    /// How much of `buf` is known to hold no newline: a multi-megabyte snapshot arrives in
+    /// many frames, and searching it from the start after each would be quadratic.
+    searched: usize,
 }
 
 impl Lines {
     /// The next line (without its newline), or `None` when the stream ended.
     pub async fn next(&mut self) -> Result<Option<String>, ControlError> {
         loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+            if let Some(i) = self.buf[self.searched..].iter().position(|b| *b == b'\n').map(|i| i + self.searched) {
                 let line = self.buf.split_to(i + 1);
+                self.searched = 0;
                 let text = String::from_utf8_lossy(&line[..i]).into_owned();
                 return Ok(Some(text));
             }
+            self.searched = self.buf.len();
             if self.buf.len() > MAX_LINE {
                 return Err(ControlError::LineTooLong);
             }
