@@ -61,6 +61,9 @@ pub struct DirSource {
     duplicates: BTreeMap<ObjectRef, Vec<Rejection>>,
     /// Files and directories that could not be read at the last scan.
     unreadable: BTreeMap<PathBuf, Rejection>,
+    /// Inotify watches on the directory, set up at the first wait (`None` until then, or
+    /// without inotify).
+    notify: Option<Option<super::notify::Notify>>,
 }
 
 /// What one scan found.
@@ -142,6 +145,21 @@ impl DirSource {
             current: HashMap::new(),
             duplicates: BTreeMap::new(),
             unreadable: BTreeMap::new(),
+            notify: None,
+        }
+    }
+
+    /// Waits for a change reported by inotify, `timeout` at most. Returns `false` at once when
+    /// inotify is not available (the caller then polls), `true` otherwise (changed or timed
+    /// out: either way it is time to scan).
+    pub fn wait_for_change(&mut self, timeout: Duration) -> bool {
+        let root = self.root.clone();
+        match self.notify.get_or_insert_with(|| super::notify::Notify::new(&root)) {
+            Some(notify) => {
+                notify.wait(timeout);
+                true
+            }
+            None => false,
         }
     }
 

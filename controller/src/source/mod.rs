@@ -29,6 +29,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod dir;
+pub mod notify;
 pub mod kube;
 
 use std::collections::BTreeMap;
@@ -68,10 +69,14 @@ pub trait ObjectSource: Send {
     }
 }
 
-/// A directory changes silently: it is read again every `timeout`.
+/// A directory is read again as soon as inotify reports a change in it, and every `timeout`
+/// regardless (see `notify`).
 impl ObjectSource for dir::DirSource {
     fn wait(&mut self, timeout: Duration) {
-        std::thread::sleep(timeout);
+        if !self.wait_for_change(timeout) {
+            // Without inotify: poll.
+            std::thread::sleep(timeout);
+        }
     }
 
     fn scan(&mut self) -> Scan {
