@@ -29,8 +29,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod dir;
-pub mod notify;
 pub mod kube;
+pub mod notify;
 
 use std::collections::BTreeMap;
 use std::fmt;
