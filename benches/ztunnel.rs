@@ -1,4 +1,4 @@
-//! ztunnel in the lab (issue 3): the same client and server code, across two nodes, once
+//! ztunnel in the lab: the same client and server code, across two nodes, once
 //! between two pods outside the mesh (direct) and once between two enrolled pods (meshed:
 //! app → ztunnel node-0 → HBONE → ztunnel node-1 → app), in the same run, alternating.
 //!
