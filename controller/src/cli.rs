@@ -45,22 +45,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             runtime.block_on(async {
                 let bound = crate::app::build(*config).await?;
                 tracing::info!(api = %bound.api_addr, admin = %bound.admin_addr, metrics = %bound.metrics_addr, "controller serving");
-                wait_for_signal().await?;
+                hbone::drain::terminated().await?;
                 bound.shutdown().await;
                 tracing::info!("controller stopped");
                 anyhow::Ok(())
             })
         }
     }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    Ok(())
 }

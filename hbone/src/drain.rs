@@ -148,6 +148,18 @@ impl<F: Future<Output = ()>> Future for UntilClosing<F> {
     }
 }
 
+/// Waits for SIGTERM or SIGINT, the signals that start a program's drain, and logs which.
+pub async fn terminated() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

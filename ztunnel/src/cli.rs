@@ -57,7 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async {
         let bound = crate::build(args.config, Some(log_control)).await?;
         tracing::info!(admin = %bound.admin_addr, metrics = %bound.metrics_addr, readiness = %bound.readiness_addr, "ztunnel ready");
-        wait_for_signal().await?;
+        hbone::drain::terminated().await?;
         let outcome = bound.shutdown().await;
         tracing::info!(?outcome, "ztunnel stopped");
         anyhow::Ok(())
@@ -98,17 +98,6 @@ fn raise_fd_limit() {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
     }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    Ok(())
 }
 
 #[cfg(test)]
