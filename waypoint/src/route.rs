@@ -1,0 +1,1 @@
+//! Route matching and backend selection for the Gateway API `HTTPRoute`s of a service.
