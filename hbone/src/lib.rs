@@ -27,7 +27,7 @@ pub mod tunnel;
 
 pub use client::{Client, ConnectError, ConnectRequest};
 pub use config::Config;
-pub use server::{Handler, InboundRequest, Rejection, Server};
+pub use server::{Handler, InboundRequest, Rejection, Server, Upstream};
 /// The identity types live in the `spiffe` crate (shared with the model, which must not
 /// depend on a TLS stack); `hbone::identity` keeps their old path.
 pub use spiffe as identity;

@@ -84,18 +84,50 @@ impl Rejection {
     }
 }
 
+/// What an admitted tunnel is handed to once it is answered `200`.
+///
+/// ztunnel dials the target and the server copies bytes both ways ([`TcpStream`]); the
+/// waypoint serves HTTP on the tunnel itself.
+pub trait Upstream: Send + 'static {
+    /// Carries `tunnel` until both directions end; `copy_buffer` is the server's configured
+    /// buffer size for byte copies. (`&mut self`, so that the server's task holds the
+    /// upstream once and the future only borrows it: every open tunnel holds that task.)
+    fn run(
+        &mut self,
+        tunnel: Tunnel,
+        copy_buffer: usize,
+    ) -> impl Future<Output = Result<Transferred, CopyError>> + Send + '_;
+}
+
+impl Upstream for TcpStream {
+    fn run(
+        &mut self,
+        tunnel: Tunnel,
+        copy_buffer: usize,
+    ) -> impl Future<Output = Result<Transferred, CopyError>> + Send + '_ {
+        let _ = self.set_nodelay(true);
+        copy::bidirectional(self, tunnel, copy_buffer)
+    }
+}
+
 /// What the server asks its user for each CONNECT.
 pub trait Handler: Send + Sync + 'static {
     /// What the handler keeps about one open tunnel, from `dial` to `finished` (metrics
     /// handles, access-log fields). Held for the tunnel's whole life: keep it small.
     type Session: Send + 'static;
 
+    /// What carries an admitted tunnel (a TCP connection to the target, for ztunnel).
+    type Upstream: Upstream;
+
     /// Decides whether this peer may reach this target. Called on the connection's task, so
     /// it must not block.
     fn authorize(&self, request: &InboundRequest) -> Result<(), Rejection>;
 
     /// Connects to the target; an error answers 503.
-    fn dial(&self, request: &InboundRequest) -> impl Future<Output = io::Result<(TcpStream, Self::Session)>> + Send;
+    fn dial(
+        &self,
+        request: &InboundRequest,
+    ) -> impl Future<Output = io::Result<(Self::Upstream, Self::Session)>> + Send;
 
     /// Called when an accepted tunnel ends, with what it moved (access logs, metrics).
     fn finished(&self, _request: &InboundRequest, _session: Self::Session, _result: &Result<Transferred, CopyError>) {}
@@ -239,8 +271,8 @@ async fn lingering_close(mut tcp: TcpStream) {
 }
 
 /// An admitted stream whose target answered.
-struct Opened<S> {
-    upstream: TcpStream,
+struct Opened<U, S> {
+    upstream: U,
     session: S,
     send: h2::SendStream<Bytes>,
     inbound: Box<InboundRequest>,
@@ -387,7 +419,7 @@ impl<H: Handler> ServerInner<H> {
         self: Arc<Self>,
         inbound: Box<InboundRequest>,
         mut respond: SendResponse<Bytes>,
-    ) -> Option<Opened<H::Session>> {
+    ) -> Option<Opened<H::Upstream, H::Session>> {
         let dial = tokio::time::timeout(self.config.connect_timeout, self.handler.dial(&inbound));
         let dialed = dial.await.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out")));
         let (upstream, session) = match dialed {
@@ -398,7 +430,6 @@ impl<H: Handler> ServerInner<H> {
                 return None;
             }
         };
-        let _ = upstream.set_nodelay(true);
         let send = match respond.send_response(response(StatusCode::OK), false) {
             Ok(send) => send,
             Err(e) => {
@@ -419,7 +450,7 @@ impl<H: Handler> ServerInner<H> {
 
     async fn relay(
         self: Arc<Self>,
-        open: Pin<Box<impl Future<Output = Option<Opened<H::Session>>>>>,
+        open: Pin<Box<impl Future<Output = Option<Opened<H::Upstream, H::Session>>>>>,
         body: RecvStream,
         _alive: (drain::Watch, Arc<()>),
     ) {
@@ -427,7 +458,7 @@ impl<H: Handler> ServerInner<H> {
             return;
         };
         let tunnel = Tunnel::new(send, body, inbound.peer_identity.clone(), None);
-        let result = copy::bidirectional(&mut upstream, tunnel, self.config.copy_buffer).await;
+        let result = upstream.run(tunnel, self.config.copy_buffer).await;
         self.handler.finished(&inbound, session, &result);
     }
 
@@ -540,6 +571,7 @@ mod tests {
         struct Refuse;
         impl Handler for Refuse {
             type Session = ();
+            type Upstream = TcpStream;
             fn authorize(&self, _: &InboundRequest) -> Result<(), Rejection> {
                 Ok(())
             }

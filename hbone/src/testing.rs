@@ -64,6 +64,7 @@ pub struct AllowAll;
 
 impl Handler for AllowAll {
     type Session = ();
+    type Upstream = TcpStream;
 
     fn authorize(&self, _request: &InboundRequest) -> Result<(), Rejection> {
         Ok(())
@@ -82,6 +83,7 @@ where
     F: Fn(&InboundRequest) -> Result<(), Rejection> + Send + Sync + 'static,
 {
     type Session = ();
+    type Upstream = TcpStream;
 
     fn authorize(&self, request: &InboundRequest) -> Result<(), Rejection> {
         (self.0)(request)

@@ -134,6 +134,7 @@ impl Inbound {
 
 impl Handler for Inbound {
     type Session = Session;
+    type Upstream = TcpStream;
 
     fn authorize(&self, req: &InboundRequest) -> Result<(), Rejection> {
         let target = req.target;
