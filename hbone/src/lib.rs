@@ -10,6 +10,7 @@
 //! - [`copy`]: moving bytes between a socket and a tunnel with half-close and resets;
 //! - [`drain`]: the graceful-shutdown primitive every listener uses;
 //! - `testing` (feature `testing`): helpers shared by tests, benchmarks and the demo.
+//! - `fuzzing` (feature `fuzzing`): the crate's private parsers, for the fuzz targets.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,8 @@ pub mod client;
 pub mod config;
 pub mod copy;
 pub mod drain;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod server;
 pub mod socket;
 #[cfg(feature = "testing")]

@@ -32,6 +32,7 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use rustls::server::ResolvesServerCert;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -191,6 +192,31 @@ impl<H: Handler> Server<H> {
         &self.inner.handler
     }
 
+    /// Serves one connection whose TLS handshake is already done, as [`serve`](Self::serve)
+    /// does after it: the HTTP/2 handshake (within the handshake timeout), then its streams,
+    /// `identity` standing for the peer's proved identity. For the fuzz targets (`fuzz/`),
+    /// which feed HTTP/2 and CONNECT requests through the real path without TLS.
+    #[cfg(feature = "fuzzing")]
+    pub async fn serve_established<IO>(
+        &self,
+        io: IO,
+        identity: SpiffeId,
+        peer: SocketAddr,
+        local: SocketAddr,
+        drain: drain::Watch,
+    ) -> Result<(), HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let timeout = self.inner.config.handshake_timeout;
+        let conn = match tokio::time::timeout(timeout, self.inner.h2_builder().handshake::<_, Bytes>(io)).await {
+            Err(_) => return Err(HandshakeError::Timeout { peer, after: timeout }),
+            Ok(r) => r.map_err(|source| HandshakeError::Http2 { peer, source })?,
+        };
+        self.inner.serve_h2(conn, ConnContext { identity, peer, local }, &drain).await;
+        Ok(())
+    }
+
     /// Accepts connections until a drain starts. Connections run as their own tasks, each
     /// holding a clone of `drain`, so the drain waits for them.
     pub async fn serve(&self, listener: TcpListener, drain: drain::Watch) {
@@ -307,13 +333,8 @@ impl<H: Handler> ServerInner<H> {
         let timeout = self.config.handshake_timeout;
         let handshake = async {
             let (tls, identity) = accept_tls(&self.acceptor, tcp, timeout).await?;
-            let conn = h2::server::Builder::new()
-                .initial_window_size(self.config.stream_window)
-                .initial_connection_window_size(self.config.connection_window)
-                .max_frame_size(self.config.max_frame_size)
-                .max_concurrent_streams(self.config.max_streams_per_connection)
-                .max_header_list_size(self.config.max_header_list_size)
-                .max_send_buffer_size(self.config.copy_buffer * 2)
+            let conn = self
+                .h2_builder()
                 .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(|source| HandshakeError::Http2 { peer, source })?;
@@ -321,12 +342,40 @@ impl<H: Handler> ServerInner<H> {
         };
         // One deadline for TLS and HTTP/2 together: a client that stalls anywhere in the
         // handshake is dropped.
-        let (mut conn, identity) = match tokio::time::timeout(timeout, handshake).await {
+        let (conn, identity) = match tokio::time::timeout(timeout, handshake).await {
             Err(_) => return Err(HandshakeError::Timeout { peer, after: timeout }),
             Ok(r) => r?,
         };
-        debug!(%peer, %identity, "HBONE connection accepted");
-        let ctx = Arc::new(ConnContext { identity, peer, local });
+        self.serve_h2(conn, ConnContext { identity, peer, local }, drain).await;
+        Ok(())
+    }
+
+    /// HTTP/2 with the configured windows and limits.
+    fn h2_builder(&self) -> h2::server::Builder {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(self.config.stream_window)
+            .initial_connection_window_size(self.config.connection_window)
+            .max_frame_size(self.config.max_frame_size)
+            .max_concurrent_streams(self.config.max_streams_per_connection)
+            .max_header_list_size(self.config.max_header_list_size)
+            .max_send_buffer_size(self.config.copy_buffer * 2);
+        builder
+    }
+
+    /// Serves the streams of a handshaken connection until it ends, idles out or the drain
+    /// closes it. Generic over the transport so the fuzz targets reach it without TLS.
+    async fn serve_h2<IO>(
+        self: &Arc<Self>,
+        mut conn: h2::server::Connection<IO, Bytes>,
+        ctx: ConnContext,
+        drain: &drain::Watch,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let peer = ctx.peer;
+        debug!(%peer, identity = %ctx.identity, "HBONE connection accepted");
+        let ctx = Arc::new(ctx);
         let active = Arc::new(());
         let mut idle = tokio::time::interval(self.config.server_idle_timeout);
         idle.tick().await;
@@ -371,7 +420,6 @@ impl<H: Handler> ServerInner<H> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Parses and authorizes a CONNECT; answers and returns `None` if it is refused.
@@ -499,7 +547,7 @@ fn parse_request(request: &Request<RecvStream>, ctx: &ConnContext) -> Result<Inb
 /// allowed and ignored). `Ok(None)` when the first element has no `for=` or names no address
 /// (`unknown`, an obfuscated `_name`). Anything else is malformed, and the request with it
 /// (answered 400): a value we cannot read exactly must not be half-read into an address.
-fn parse_forwarded_for(value: &HeaderValue) -> Result<Option<IpAddr>, &'static str> {
+pub(crate) fn parse_forwarded_for(value: &HeaderValue) -> Result<Option<IpAddr>, &'static str> {
     let value = value.to_str().map_err(|_| "forwarded header is not visible ASCII")?;
     let first = value.split(',').next().unwrap_or_default();
     let Some(pair) =
