@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::limits::{Budget, Limits};
+
 /// HTTP/2 per-stream receive window: 4 MiB.
 ///
 /// One tunnel's throughput is capped at window / RTT. 4 MiB sustains ~32 Gbit/s at 1 ms RTT,
@@ -60,7 +62,92 @@ pub const DEFAULT_SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// more (docs/BENCHMARKS.md).
 pub const DEFAULT_COPY_BUFFER: usize = 256 * 1024;
 
+/// TLS + HTTP/2 handshakes in progress on one listener (in ztunnel: one pod's port 15008)
+/// before new connections are closed unread: 128.
+///
+/// A handshake takes a millisecond or two of CPU and holds a socket, a task and rustls' buffers
+/// (tens of KiB) for at most the handshake timeout (5 s), plus the 2 s lingering close of a
+/// refused one. Clients handshake once per pooled connection (one per source and destination
+/// pod), so even a pod that a thousand clients connect to at once sees a few pending at any
+/// instant; 128 bounds a slow-handshake flood against one pod to 128 sockets, and leaves the
+/// rest of the process budget to the other pods. Istio's ztunnel and Envoy set no such cap
+/// (Envoy leaves it to its overload manager's downstream-connection limit, unset by default).
+pub const DEFAULT_MAX_PENDING_HANDSHAKES_PER_LISTENER: usize = 128;
+
+/// Handshakes in progress across every listener of the process: 512, about 15 MiB of
+/// handshake state at most, whatever number of pods are targeted.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 512;
+
+/// A connection with no stream for this long counts as idle: 10 s. A client sends its first
+/// CONNECT right after the handshake and the pool (60 s idle timeout) keeps connections for
+/// reuse, so a connection only counts once it has been unused for a while; checked on this beat.
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Idle connections kept on one listener: 256. A connection that becomes idle beyond it is
+/// closed at once (GOAWAY) instead of after the server idle timeout; a legitimate client then
+/// pays one handshake when it needs the connection again, nothing fails. 256 is one connection
+/// each from 256 client pods that talked to this pod in the last minute.
+pub const DEFAULT_MAX_IDLE_CONNECTIONS_PER_LISTENER: usize = 256;
+
+/// Idle connections kept across the process: 1024. Each holds about 40 KiB (HTTP/2 write and
+/// read buffers, HPACK and TLS state, docs/BENCHMARKS.md), so idle clients hold 40 MiB at
+/// most. This is Envoy's overload action `reduce_timeouts` made simple: past the budget, idle
+/// connections live `idle_after` instead of `server_idle_timeout`. Istio's ztunnel caps
+/// neither; its clients release an unused pooled connection after 5 minutes.
+pub const DEFAULT_MAX_IDLE_CONNECTIONS: usize = 1024;
+
+/// Dials to the target in flight for one HTTP/2 connection: 32. A dial to a local app takes
+/// well under a millisecond, so a burst of 100 new streams waits microseconds for a permit; a
+/// client that opens streams and resets them cannot make the server connect to the app more
+/// than this many times at once, nor can a stuck app take every stream's task.
+pub const DEFAULT_MAX_DIALS_PER_CONNECTION: usize = 32;
+
+/// Dials in flight for one peer address, across its connections: 128, four connections' worth,
+/// so a client cannot multiply the per-connection bound by opening connections.
+pub const DEFAULT_MAX_DIALS_PER_PEER: usize = 128;
+
+/// A client reset of a stream within 1 s of its CONNECT (or before our answer) is premature, as
+/// in Envoy's `overload.premature_reset_min_stream_lifetime_seconds`.
+pub const DEFAULT_PREMATURE_RESET: Duration = Duration::from_secs(1);
+
+/// 100 premature resets within 10 s, if they are also more than half the streams of those 10 s,
+/// close the connection with GOAWAY(ENHANCE_YOUR_CALM). Envoy closes a connection once more
+/// than half of its streams (checked from 500 on) were reset prematurely; a window instead of
+/// the connection's whole life catches a long-lived pooled connection that turns bad, and the
+/// majority rule spares a busy connection whose apps sometimes give up. Each premature reset
+/// may have cost a dial and an access line: this caps it at 100 per connection per 10 s.
+pub const DEFAULT_RESET_FLOOD: crate::limits::Rate = crate::limits::Rate { count: 100, per: Duration::from_secs(10) };
+
+/// Streams the server resets because the client broke HTTP/2, over a connection's life, before
+/// h2 closes it with ENHANCE_YOUR_CALM: 64 (h2's default is 1024). A correct HBONE client
+/// causes none.
+pub const DEFAULT_MAX_LOCAL_ERROR_RESETS: usize = 64;
+
+/// Log lines of one kind (a failed handshake, a refused tunnel, ...) per second: 10; the rest
+/// are counted and summarized ("N similar lines suppressed") once per interval. Metrics count
+/// every event; the log shows what kind of thing happens and to whom, and 10 lines a second of
+/// each kind (a few KB/s) is enough for that, where a refusal loop could write megabytes.
+pub const DEFAULT_LOG_LIMIT: crate::limits::Rate = crate::limits::Rate { count: 10, per: Duration::from_secs(1) };
+
+/// The abuse limits with their defaults.
+pub const DEFAULT_LIMITS: Limits = Limits {
+    pending_handshakes_per_listener: DEFAULT_MAX_PENDING_HANDSHAKES_PER_LISTENER,
+    pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
+    idle_after: DEFAULT_IDLE_AFTER,
+    idle_connections_per_listener: DEFAULT_MAX_IDLE_CONNECTIONS_PER_LISTENER,
+    idle_connections: DEFAULT_MAX_IDLE_CONNECTIONS,
+    dials_per_connection: DEFAULT_MAX_DIALS_PER_CONNECTION,
+    dials_per_peer: DEFAULT_MAX_DIALS_PER_PEER,
+    premature_reset: DEFAULT_PREMATURE_RESET,
+    reset_flood: DEFAULT_RESET_FLOOD,
+    local_error_resets: DEFAULT_MAX_LOCAL_ERROR_RESETS,
+    log: DEFAULT_LOG_LIMIT,
+};
+
 /// HBONE tunables. `Config::default()` is what production uses.
+///
+/// Servers built from clones of one `Config` share its [`Budget`]: the process-wide counts of
+/// the limits and the log gates. A `Config::default()` starts a new budget.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub stream_window: u32,
@@ -73,6 +160,10 @@ pub struct Config {
     pub pool_idle_timeout: Duration,
     pub server_idle_timeout: Duration,
     pub copy_buffer: usize,
+    /// What one client may cost the server ([`crate::limits`]).
+    pub limits: Limits,
+    /// The state those limits share across servers, and who is told about refusals.
+    pub budget: Budget,
 }
 
 impl Default for Config {
@@ -88,6 +179,8 @@ impl Default for Config {
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             server_idle_timeout: DEFAULT_SERVER_IDLE_TIMEOUT,
             copy_buffer: DEFAULT_COPY_BUFFER,
+            limits: DEFAULT_LIMITS,
+            budget: Budget::default(),
         }
     }
 }

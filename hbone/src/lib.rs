@@ -9,6 +9,7 @@
 //! - [`server`]: accepting tunnels, with a caller-supplied authorization and dialer;
 //! - [`copy`]: moving bytes between a socket and a tunnel with half-close and resets;
 //! - [`drain`]: the graceful-shutdown primitive every listener uses;
+//! - [`limits`]: what one hostile client may cost the server, and rate-limited log lines;
 //! - `testing` (feature `testing`): helpers shared by tests, benchmarks and the demo.
 //! - `fuzzing` (feature `fuzzing`): the crate's private parsers, for the fuzz targets.
 
@@ -21,6 +22,7 @@ pub mod copy;
 pub mod drain;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod limits;
 pub mod server;
 pub mod socket;
 #[cfg(feature = "testing")]

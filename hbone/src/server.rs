@@ -16,15 +16,18 @@
 //! handler, which decides whether the peer may make it.
 //!
 //! Limits: concurrent streams per connection, header block size, handshake timeout, and an
-//! idle timeout for connections without streams. Listeners stop on drain; connections send
-//! GOAWAY and finish their streams, or are closed when the drain deadline passes.
+//! idle timeout for connections without streams; against hostile clients ([`crate::limits`]):
+//! pending handshakes per listener and per process, idle connections, dials in flight per
+//! connection and per peer, premature stream resets (GOAWAY `ENHANCE_YOUR_CALM`), and
+//! rate-limited log lines. Listeners stop on drain; connections send GOAWAY and finish their
+//! streams, or are closed when the drain deadline passes.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -34,6 +37,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use rustls::server::ResolvesServerCert;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
@@ -42,6 +46,7 @@ use crate::config::Config;
 use crate::copy::{self, CopyCause, CopyError, Transferred};
 use crate::drain;
 use crate::identity::SpiffeId;
+use crate::limits::{Cause, ListenerCounts, Refusal, ResetWindow, ServerLog, Slot};
 use crate::socket;
 use crate::tls::{self, TrustStore, VerifyError};
 use crate::tunnel::Tunnel;
@@ -157,6 +162,16 @@ pub struct ServerStats {
     pub handshake_failures: AtomicU64,
     pub streams_accepted: AtomicU64,
     pub streams_rejected: AtomicU64,
+    /// Connections closed before TLS: too many handshakes pending.
+    pub handshakes_refused: AtomicU64,
+    /// Connections closed because they became idle with the idle budget spent.
+    pub idle_closed: AtomicU64,
+    /// Connections closed with GOAWAY(ENHANCE_YOUR_CALM) for resetting streams early.
+    pub reset_floods: AtomicU64,
+    /// Streams the client reset before our answer or within `premature_reset` of the CONNECT.
+    pub streams_reset_early: AtomicU64,
+    /// Calls of the handler's `dial`.
+    pub dials: AtomicU64,
 }
 
 /// An HBONE server. Cheap to clone; all clones share stats.
@@ -213,24 +228,35 @@ impl<H: Handler> Server<H> {
             Err(_) => return Err(HandshakeError::Timeout { peer, after: timeout }),
             Ok(r) => r.map_err(|source| HandshakeError::Http2 { peer, source })?,
         };
-        self.inner.serve_h2(conn, ConnContext { identity, peer, local }, &drain).await;
+        self.inner.serve_h2(conn, ConnContext::new(identity, peer, local, &self.inner.config), &drain, None).await;
         Ok(())
     }
 
     /// Accepts connections until a drain starts. Connections run as their own tasks, each
     /// holding a clone of `drain`, so the drain waits for them.
+    ///
+    /// A connection arriving while the listener or the process has its full count of pending
+    /// handshakes is closed at once (RST), unread: counted, logged (rate-limited) and reported.
     pub async fn serve(&self, listener: TcpListener, drain: drain::Watch) {
+        let counts = Arc::new(ListenerCounts::default());
+        let (limits, budget) = (&self.inner.config.limits, &self.inner.config.budget);
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        let Some(slot) = budget.handshake_slot(&counts, limits) else {
+                            self.inner.refuse_handshake(tcp, peer);
+                            continue;
+                        };
                         let inner = self.inner.clone();
-                        let watch = drain.clone();
-                        tokio::spawn(async move { inner.serve_connection(tcp, peer, watch).await });
+                        let (watch, counts) = (drain.clone(), counts.clone());
+                        tokio::spawn(async move { inner.serve_connection(tcp, peer, watch, slot, counts).await });
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "HBONE accept failed");
+                        if budget.log(ServerLog::AcceptFailed, limits.log) {
+                            warn!(error = %e, "HBONE accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -247,12 +273,27 @@ pub async fn accept_tls(
     tcp: TcpStream,
     timeout: Duration,
 ) -> Result<(TlsStream<TcpStream>, SpiffeId), HandshakeError> {
+    accept_tls_holding(acceptor, tcp, timeout, &mut None::<()>).await
+}
+
+/// [`accept_tls`], handing `hold` (a pending-handshake slot) to the lingering close of a
+/// refused handshake, so that lingering sockets count as pending too.
+async fn accept_tls_holding<T: Send + 'static>(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    timeout: Duration,
+    hold: &mut Option<T>,
+) -> Result<(TlsStream<TcpStream>, SpiffeId), HandshakeError> {
     let peer = tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp).into_fallible()).await {
         Err(_) => return Err(HandshakeError::Timeout { peer, after: timeout }),
         Ok(Err((e, tcp))) => {
             // rustls has written the alert that says why; let the client read it.
-            tokio::spawn(lingering_close(tcp));
+            let held = hold.take();
+            tokio::spawn(async move {
+                lingering_close(tcp).await;
+                drop(held);
+            });
             if let Some(reason) = tls::verify_error(&e) {
                 return Err(HandshakeError::Refused { peer, reason });
             }
@@ -304,35 +345,101 @@ struct Opened<U, S> {
     inbound: Box<InboundRequest>,
 }
 
-/// The parts of a connection every stream on it shares.
+/// The parts of a connection every stream on it shares. Each stream's task holds a reference,
+/// so the count of references is the count of open streams (plus the connection's own).
 struct ConnContext {
     identity: SpiffeId,
     peer: SocketAddr,
     local: SocketAddr,
+    /// Dials in flight for this connection ([`crate::limits::Limits::dials_per_connection`]).
+    dials: Semaphore,
+    /// Premature resets and the streams they are measured against.
+    resets: Mutex<ResetWindow>,
+    /// Woken once, when `resets` crosses the flood threshold.
+    flood: Notify,
+}
+
+impl ConnContext {
+    fn new(identity: SpiffeId, peer: SocketAddr, local: SocketAddr, config: &Config) -> ConnContext {
+        let dials = config.limits.dials_per_connection.clamp(1, Semaphore::MAX_PERMITS);
+        ConnContext {
+            identity,
+            peer,
+            local,
+            dials: Semaphore::new(dials),
+            resets: Mutex::new(ResetWindow::default()),
+            flood: Notify::new(),
+        }
+    }
+}
+
+/// Whether the tunnel failed because the client reset the stream (RST_STREAM it sent).
+fn reset_by_client(result: &Result<Transferred, CopyError>) -> bool {
+    let Err(CopyError { cause: CopyCause::Tunnel(e), .. }) = result else {
+        return false;
+    };
+    e.get_ref().and_then(|inner| inner.downcast_ref::<h2::Error>()).is_some_and(|h| h.is_reset() && h.is_remote())
 }
 
 impl<H: Handler> ServerInner<H> {
-    async fn serve_connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, drain: drain::Watch) {
+    async fn serve_connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        drain: drain::Watch,
+        slot: Slot,
+        counts: Arc<ListenerCounts>,
+    ) {
         self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.connections_active.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.run_connection(tcp, peer, &drain).await {
+        let local = tcp.local_addr().unwrap_or(peer);
+        if let Err(e) = self.run_connection(tcp, peer, local, &drain, slot, &counts).await {
             self.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "HBONE connection refused");
+            self.config.budget.refused(Refusal { cause: Cause::HandshakeFailed, local, peer });
+            let kind = match &e {
+                HandshakeError::Timeout { .. } => ServerLog::HandshakeTimeout,
+                HandshakeError::NoCertificate { .. } => ServerLog::NoCertificate,
+                HandshakeError::Refused { .. } => ServerLog::CertificateRefused,
+                HandshakeError::Tls { .. } => ServerLog::TlsFailed,
+                HandshakeError::Http2 { .. } => ServerLog::Http2Failed,
+            };
+            if self.config.budget.log(kind, self.config.limits.log) {
+                warn!(error = %e, "HBONE connection refused");
+            }
         }
         self.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Closes a connection the pending-handshake budget has no room for.
+    fn refuse_handshake(&self, tcp: TcpStream, peer: SocketAddr) {
+        self.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+        let local = tcp.local_addr().unwrap_or(peer);
+        // RST: the socket is released at once, without TIME_WAIT, and the client is not left
+        // waiting for a handshake that will not come.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        drop(tcp);
+        let budget = &self.config.budget;
+        budget.refused(Refusal { cause: Cause::HandshakeLimit, local, peer });
+        if budget.log(ServerLog::HandshakeLimit, self.config.limits.log) {
+            let pending = budget.pending_handshakes();
+            warn!(%peer, %local, pending, "HBONE connection refused: too many TLS handshakes pending");
+        }
     }
 
     async fn run_connection(
         self: &Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
+        local: SocketAddr,
         drain: &drain::Watch,
+        slot: Slot,
+        counts: &Arc<ListenerCounts>,
     ) -> Result<(), HandshakeError> {
         socket::tune(&tcp);
-        let local = tcp.local_addr().unwrap_or(peer);
         let timeout = self.config.handshake_timeout;
+        let mut slot = Some(slot);
         let handshake = async {
-            let (tls, identity) = accept_tls(&self.acceptor, tcp, timeout).await?;
+            let (tls, identity) = accept_tls_holding(&self.acceptor, tcp, timeout, &mut slot).await?;
             let conn = self
                 .h2_builder()
                 .handshake::<_, Bytes>(tls)
@@ -346,7 +453,9 @@ impl<H: Handler> ServerInner<H> {
             Err(_) => return Err(HandshakeError::Timeout { peer, after: timeout }),
             Ok(r) => r?,
         };
-        self.serve_h2(conn, ConnContext { identity, peer, local }, drain).await;
+        // No longer pending.
+        drop(slot);
+        self.serve_h2(conn, ConnContext::new(identity, peer, local, &self.config), drain, Some(counts)).await;
         Ok(())
     }
 
@@ -359,40 +468,55 @@ impl<H: Handler> ServerInner<H> {
             .max_frame_size(self.config.max_frame_size)
             .max_concurrent_streams(self.config.max_streams_per_connection)
             .max_header_list_size(self.config.max_header_list_size)
+            .max_local_error_reset_streams(Some(self.config.limits.local_error_resets))
             .max_send_buffer_size(self.config.copy_buffer * 2);
         builder
     }
 
-    /// Serves the streams of a handshaken connection until it ends, idles out or the drain
-    /// closes it. Generic over the transport so the fuzz targets reach it without TLS.
+    /// Serves the streams of a handshaken connection until it ends, idles out, floods or the
+    /// drain closes it. Generic over the transport so the fuzz targets reach it without TLS;
+    /// `counts` is the listener's share of the idle budget (none: the process' alone).
+    ///
+    /// Idle: checked every `idle_after` (or server idle timeout, if shorter). A connection
+    /// with no stream since the last check takes an idle slot, or gets GOAWAY when there is
+    /// none; it gives the slot back when a stream starts, and is closed after the server idle
+    /// timeout anyway.
     async fn serve_h2<IO>(
         self: &Arc<Self>,
         mut conn: h2::server::Connection<IO, Bytes>,
         ctx: ConnContext,
         drain: &drain::Watch,
+        counts: Option<&Arc<ListenerCounts>>,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let peer = ctx.peer;
+        let (peer, local) = (ctx.peer, ctx.local);
         debug!(%peer, identity = %ctx.identity, "HBONE connection accepted");
         let ctx = Arc::new(ctx);
-        let active = Arc::new(());
-        let mut idle = tokio::time::interval(self.config.server_idle_timeout);
+        let limits = &self.config.limits;
+        let beat = limits.idle_after.min(self.config.server_idle_timeout).max(Duration::from_millis(1));
+        let mut idle = tokio::time::interval(beat);
         idle.tick().await;
-        let mut used_since_tick = false;
+        let (mut used_since_tick, mut idle_for, mut idle_slot) = (false, Duration::ZERO, None);
+        let counts = counts.cloned().unwrap_or_default();
         let mut draining = false;
         // Created once: this loop wakes for every frame the connection reads.
         let drain_started = drain.draining();
         let drain_closing = drain.closing();
-        tokio::pin!(drain_started, drain_closing);
+        let flood = ctx.flood.notified();
+        tokio::pin!(drain_started, drain_closing, flood);
+        let mut flooded = false;
         loop {
             tokio::select! {
                 next = conn.accept() => match next {
                     Some(Ok((request, mut respond))) => {
                         used_since_tick = true;
+                        idle_for = Duration::ZERO;
+                        idle_slot = None;
                         // Checked here, without a task: a refused stream costs no task.
                         if let Some(inbound) = self.admit(&request, &mut respond, &ctx) {
-                            let alive = (drain.clone(), active.clone());
+                            ctx.resets.lock().unwrap_or_else(|p| p.into_inner()).stream(Instant::now(), limits.reset_flood);
+                            let alive = (drain.clone(), ctx.clone());
                             tokio::spawn(self.clone().tunnel(inbound, request.into_body(), respond, alive));
                         }
                     }
@@ -404,21 +528,58 @@ impl<H: Handler> ServerInner<H> {
                     }
                     None => break,
                 },
+                _ = &mut flood, if !flooded => {
+                    flooded = true;
+                    draining = true;
+                    self.stats.reset_floods.fetch_add(1, Ordering::Relaxed);
+                    let budget = &self.config.budget;
+                    budget.refused(Refusal { cause: Cause::ResetFlood, local, peer });
+                    if budget.log(ServerLog::ResetFlood, limits.log) {
+                        let rate = limits.reset_flood;
+                        warn!(%peer, identity = %ctx.identity, %rate, "HBONE connection closed: the client reset too many streams early");
+                    }
+                    // Its streams are all the flooding client's: end them with it.
+                    conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                }
                 _ = &mut drain_started, if !draining => {
                     draining = true;
                     conn.graceful_shutdown();
                 }
                 _ = &mut drain_closing => break,
                 _ = idle.tick() => {
-                    // `active` has one reference per running stream plus ours.
-                    if Arc::strong_count(&active) == 1 && !used_since_tick && !draining {
+                    // `ctx` has one reference per running stream plus ours.
+                    if Arc::strong_count(&ctx) > 1 || used_since_tick || draining {
+                        used_since_tick = false;
+                        idle_for = Duration::ZERO;
+                        idle_slot = None;
+                        continue;
+                    }
+                    idle_for += beat;
+                    if idle_for >= self.config.server_idle_timeout {
                         debug!(%peer, "HBONE connection idle, closing");
                         draining = true;
                         conn.graceful_shutdown();
+                    } else if idle_for >= limits.idle_after && idle_slot.is_none() {
+                        idle_slot = self.config.budget.idle_slot(&counts, limits);
+                        if idle_slot.is_none() {
+                            self.refuse_idle(peer, local, &ctx.identity);
+                            draining = true;
+                            conn.graceful_shutdown();
+                        }
                     }
-                    used_since_tick = false;
                 }
             }
+        }
+    }
+
+    /// Counts and logs an idle connection closed for want of an idle slot.
+    fn refuse_idle(&self, peer: SocketAddr, local: SocketAddr, identity: &SpiffeId) {
+        self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+        let budget = &self.config.budget;
+        budget.refused(Refusal { cause: Cause::IdleLimit, local, peer });
+        if budget.log(ServerLog::IdleLimit, self.config.limits.log) {
+            let idle = budget.idle_connections();
+            warn!(%peer, %identity, idle, "HBONE connection closed: too many idle connections");
         }
     }
 
@@ -438,7 +599,9 @@ impl<H: Handler> ServerInner<H> {
             }
         };
         if let Err(rejection) = self.handler.authorize(&inbound) {
-            info!(peer = %ctx.peer, identity = %ctx.identity, target = %inbound.target, %rejection, "HBONE tunnel refused");
+            if self.config.budget.log(ServerLog::TunnelRefused, self.config.limits.log) {
+                info!(peer = %ctx.peer, identity = %ctx.identity, target = %inbound.target, %rejection, "HBONE tunnel refused");
+            }
             self.reject(respond, rejection.status());
             return None;
         }
@@ -446,34 +609,68 @@ impl<H: Handler> ServerInner<H> {
     }
 
     /// An admitted stream's task: dials the target, answers, and copies until the tunnel
-    /// ends. `alive` holds the drain and the connection's stream count for as long.
+    /// ends. `alive` holds the drain and the connection (its stream count) for as long.
     fn tunnel(
         self: Arc<Self>,
         inbound: Box<InboundRequest>,
         body: RecvStream,
         respond: SendResponse<Bytes>,
-        alive: (drain::Watch, Arc<()>),
+        alive: (drain::Watch, Arc<ConnContext>),
     ) -> impl Future<Output = ()> + Send {
         // Boxed, and made here rather than inside an `async fn`: the dial is over once the
         // tunnel opens, and the task should keep room for neither it nor its arguments while
         // copying (every open tunnel holds this task).
-        let open = Box::pin(self.clone().open(inbound, respond));
+        let open = Box::pin(self.clone().open(inbound, respond, alive.1.clone()));
         self.relay(open, body, alive)
     }
 
-    /// Dials the target (bounded like the client's wait for our answer: a target that never
-    /// answers the SYN must not hold the stream forever) and answers `200` or `503`.
+    /// Takes a dial permit (the connection's, then the peer's), dials the target and answers
+    /// `200` or `503`, all within the CONNECT answer timeout counted from the request (the
+    /// client's own wait for our answer: a target that never answers the SYN must not hold the
+    /// stream forever). A client reset while waiting or dialing ends the stream there: a reset
+    /// stream is never dialed, and a dial it interrupts is abandoned.
     async fn open(
         self: Arc<Self>,
         inbound: Box<InboundRequest>,
         mut respond: SendResponse<Bytes>,
+        conn: Arc<ConnContext>,
     ) -> Option<Opened<H::Upstream, H::Session>> {
-        let dial = tokio::time::timeout(self.config.connect_timeout, self.handler.dial(&inbound));
-        let dialed = dial.await.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out")));
+        let deadline = tokio::time::Instant::from_std(inbound.received_at) + self.config.connect_timeout;
+        let permits = async {
+            // The semaphore is never closed, so this is never an error.
+            let own = conn.dials.acquire().await.ok();
+            let peer = self.config.budget.peer_dial(conn.peer.ip(), self.config.limits.dials_per_peer).await;
+            (own, peer)
+        };
+        let permits = tokio::select! {
+            biased;
+            reset = poll_fn(|cx| respond.poll_reset(cx)) => {
+                self.reset_early(&conn, reset.is_ok());
+                return None;
+            }
+            permits = tokio::time::timeout_at(deadline, permits) => permits,
+        };
+        let Ok(permits) = permits else {
+            self.refuse_dial(&inbound, &mut respond);
+            return None;
+        };
+        self.stats.dials.fetch_add(1, Ordering::Relaxed);
+        let dialed = tokio::select! {
+            biased;
+            reset = poll_fn(|cx| respond.poll_reset(cx)) => {
+                self.reset_early(&conn, reset.is_ok());
+                return None;
+            }
+            dialed = tokio::time::timeout_at(deadline, self.handler.dial(&inbound)) => dialed,
+        };
+        drop(permits);
+        let dialed = dialed.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out")));
         let (upstream, session) = match dialed {
             Ok(dialed) => dialed,
             Err(e) => {
-                info!(identity = %inbound.peer_identity, target = %inbound.target, error = %e, "HBONE target unreachable");
+                if self.config.budget.log(ServerLog::TargetUnreachable, self.config.limits.log) {
+                    info!(identity = %inbound.peer_identity, target = %inbound.target, error = %e, "HBONE target unreachable");
+                }
                 self.reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 return None;
             }
@@ -482,6 +679,7 @@ impl<H: Handler> ServerInner<H> {
             Ok(send) => send,
             Err(e) => {
                 debug!(error = %e, "HBONE client went away before the tunnel opened");
+                self.reset_early(&conn, e.is_reset() && e.is_remote());
                 // The handler opened a session at the dial: close it, with nothing moved.
                 let cause = CopyCause::Tunnel(io::Error::new(io::ErrorKind::ConnectionReset, e));
                 self.handler.finished(
@@ -500,14 +698,41 @@ impl<H: Handler> ServerInner<H> {
         self: Arc<Self>,
         open: Pin<Box<impl Future<Output = Option<Opened<H::Upstream, H::Session>>>>>,
         body: RecvStream,
-        _alive: (drain::Watch, Arc<()>),
+        alive: (drain::Watch, Arc<ConnContext>),
     ) {
         let Some(Opened { mut upstream, session, send, inbound }) = open.await else {
             return;
         };
         let tunnel = Tunnel::new(send, body, inbound.peer_identity.clone(), None);
         let result = upstream.run(tunnel, self.config.copy_buffer).await;
+        if reset_by_client(&result) && inbound.received_at.elapsed() < self.config.limits.premature_reset {
+            self.reset_early(&alive.1, true);
+        }
         self.handler.finished(&inbound, session, &result);
+    }
+
+    /// A stream ended by the client before its answer or soon after. Only a RST_STREAM the
+    /// client sent (`by_client`) counts towards a flood, not the connection failing.
+    fn reset_early(&self, conn: &ConnContext, by_client: bool) {
+        if !by_client {
+            return;
+        }
+        self.stats.streams_reset_early.fetch_add(1, Ordering::Relaxed);
+        let rate = self.config.limits.reset_flood;
+        if conn.resets.lock().unwrap_or_else(|p| p.into_inner()).premature(Instant::now(), rate) {
+            conn.flood.notify_one();
+        }
+    }
+
+    /// Answers 503 to a stream that found no dial permit before its deadline.
+    fn refuse_dial(&self, inbound: &InboundRequest, respond: &mut SendResponse<Bytes>) {
+        let budget = &self.config.budget;
+        budget.refused(Refusal { cause: Cause::DialLimit, local: inbound.local_addr, peer: inbound.peer_addr });
+        if budget.log(ServerLog::DialLimit, self.config.limits.log) {
+            let (peer, in_flight) = (inbound.peer_addr, budget.peer_dials(inbound.peer_addr.ip()));
+            warn!(%peer, identity = %inbound.peer_identity, target = %inbound.target, in_flight, "HBONE tunnel refused: too many dials in flight for its peer");
+        }
+        self.reject(respond, StatusCode::SERVICE_UNAVAILABLE);
     }
 
     fn reject(&self, respond: &mut SendResponse<Bytes>, status: StatusCode) {
@@ -630,8 +855,13 @@ mod tests {
                 Err(io::Error::other(format!("refused after {used} bytes of scratch")))
             }
         }
-        type Args =
-            (Arc<ServerInner<Refuse>>, Box<InboundRequest>, RecvStream, SendResponse<Bytes>, (drain::Watch, Arc<()>));
+        type Args = (
+            Arc<ServerInner<Refuse>>,
+            Box<InboundRequest>,
+            RecvStream,
+            SendResponse<Bytes>,
+            (drain::Watch, Arc<ConnContext>),
+        );
         fn future_size<F>(_f: impl FnOnce(Args) -> F) -> usize {
             std::mem::size_of::<F>()
         }
