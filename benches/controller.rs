@@ -205,7 +205,7 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
             port: controller.api.port(),
             roots: roots.clone(),
             token_file: token_file(node),
-            node: node_name(node),
+            subscriber: meshapi::watch::Subscriber::Node(node_name(node)),
         })?)
     };
 
@@ -647,7 +647,7 @@ async fn subscribe(node: usize, client: Client, keep_lines: bool, reports: mpsc:
                 Message::Resumed { .. } | Message::Heartbeat { .. } => continue,
             }
             let ack = Ack {
-                node: client.node().to_owned(),
+                subscriber: client.subscriber().clone(),
                 epoch: cursor.epoch.clone(),
                 version: cursor.version,
                 rejected: vec![],

@@ -23,6 +23,7 @@ use hbone::testing::{AllowAll, Pki, RunningServer, echo_server};
 use hbone::tls::VerifyError;
 use hbone::{ConnectError, ConnectRequest, Credentials, SpiffeId, TrustBundle, TrustStore, WorkloadCert};
 use meshapi::certificate::CertificateRequest;
+use meshapi::watch::Subscriber;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft::meshlab::{CONTROLLER_ADMIN_PORT, CONTROLLER_METRICS_PORT, MeshLab, PodSpec, ServiceSpec, sum_metric};
 use ztunnel::control::client::{Client, ControlError, Endpoint};
@@ -108,7 +109,7 @@ fn endpoint(mesh: &MeshLab, node: usize) -> Endpoint {
         server_name: addr.ip().into(),
         roots: vec![der(&root).into()],
         token_file: mesh.node_token_file(node).unwrap(),
-        node: MeshLab::node_name(node),
+        subscriber: Subscriber::Node(MeshLab::node_name(node)),
     }
 }
 
@@ -374,7 +375,7 @@ fn bad_input_is_refused_with_a_reason_and_nothing_else_is_lost() {
 
     // The API: each bad call refused with its reason, from node 1 with node 1's credential.
     let good = endpoint(&mesh, 1);
-    let other_node = Endpoint { node: MeshLab::node_name(0), ..good.clone() };
+    let other_node = Endpoint { subscriber: Subscriber::Node(MeshLab::node_name(0)), ..good.clone() };
     // Node 1's token with the last character of its MAC changed.
     let mut token = read(&good.token_file).trim().to_owned();
     let flipped = if token.ends_with('A') { 'B' } else { 'A' };

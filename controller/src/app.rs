@@ -1,4 +1,4 @@
-//! Wiring: `build(config)` opens the CA and the node tokens, starts the source loop (read the
+//! Wiring: `build(config)` opens the CA and the token key, starts the source loop (read the
 //! cluster, a directory or the Kubernetes API; translate; commit), and the API, admin, metrics
 //! and readiness servers; it returns a [`Bound`] with the addresses it bound and a shutdown
 //! handle.
@@ -15,7 +15,7 @@ use meshapi::{Resource, TrustBundle};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::auth::{Authenticator, NodeTokens};
+use crate::auth::{Authenticator, Tokens};
 use crate::ca::Authority;
 use crate::config::{Config, SourceSetting};
 use crate::metrics::Metrics;
@@ -43,21 +43,21 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
     let authority = Arc::new(Authority::open(config.authority()).context("opening the certificate authority")?);
-    let tokens = NodeTokens::open(&config.state_dir).context("opening the node token key")?;
+    let tokens = Tokens::open(&config.state_dir).context("opening the token key")?;
     let metrics = Arc::new(Metrics::new());
     let store =
         Arc::new(Store::new(epoch(), config.history_bytes, authority.trust_domain().to_owned(), metrics.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let rejections = Arc::new(Mutex::new(Vec::new()));
 
-    // The cluster: a directory, or the Kubernetes API, which then also reviews ztunnels'
+    // The cluster: a directory, or the Kubernetes API, which then also reviews proxies'
     // service-account tokens. The Kubernetes source returns once every kind is listed.
     let (cluster, authenticator): (Box<dyn ObjectSource>, Arc<dyn Authenticator>) = match config.source() {
         SourceSetting::Dir(dir) => (Box::new(DirSource::new(dir)), Arc::new(tokens)),
         SourceSetting::Kubernetes => {
             let client = kube_client().await?;
             let cluster = KubeSource::start(client.clone()).await;
-            (Box::new(cluster), Arc::new(KubernetesAuth { node_tokens: tokens, reviewer: TokenReviewer::new(client) }))
+            (Box::new(cluster), Arc::new(KubernetesAuth { tokens, reviewer: TokenReviewer::new(client) }))
         }
     };
     // The first scan runs before the servers answer, so the first subscriber already gets
@@ -208,7 +208,7 @@ impl Source {
 }
 
 /// The API's TLS (1.3 only, as everything in the mesh): its certificate, no client certificate
-/// (nodes authenticate with a token), HTTP/2 preferred.
+/// (proxies authenticate with a token), HTTP/2 preferred.
 fn tls_acceptor(cert: hbone::WorkloadCert) -> tokio_rustls::TlsAcceptor {
     let mut config = rustls::ServerConfig::builder_with_provider(hbone::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])

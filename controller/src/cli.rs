@@ -4,18 +4,27 @@
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
+use crate::auth::{Caller, NodeName, ServiceAccount, Tokens};
 use crate::config::Config;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Run the controller.
     Run(Box<Config>),
-    /// Print the credential of a node (a bearer token its ztunnel presents with
-    /// `--node-token-file`), made with the key in the state directory.
+    /// Print a controller token: a node's (the bearer token its ztunnel presents with
+    /// `--node-token-file`) or a service account's (a waypoint's), made with the key in the
+    /// state directory.
+    #[command(group(clap::ArgGroup::new("caller").required(true).args(["node", "service_account"])))]
     Token {
-        /// The node's name, as its ztunnel is started with (`--node`).
+        /// The node's name, as its ztunnel is started with (`--node`). Whoever holds this
+        /// token may obtain the certificates of every workload scheduled on the node.
         #[arg(long)]
-        node: String,
+        node: Option<String>,
+        /// A service account, `<namespace>/<name>`: the token of a waypoint run as it (the
+        /// Gateway's name). It obtains only that service account's identity, while a waypoint
+        /// of that namespace and service account is in the model.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service_account: Option<String>,
         /// The controller's state directory (`run --state-dir`).
         #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft/controller")]
         state_dir: std::path::PathBuf,
@@ -25,10 +34,15 @@ pub enum Command {
 /// Runs a command: the controller until SIGTERM or SIGINT, or a tool.
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Token { node, state_dir } => {
+        Command::Token { node, service_account, state_dir } => {
+            // The argument group lets exactly one through.
+            let caller = match (node, service_account) {
+                (Some(node), _) => Caller::Node(NodeName::new(&node)?),
+                (None, Some(account)) => Caller::ServiceAccount(ServiceAccount::parse(&account)?),
+                (None, None) => anyhow::bail!("name the token's holder: --node or --service-account"),
+            };
             std::fs::create_dir_all(&state_dir)?;
-            let tokens = crate::auth::NodeTokens::open(&state_dir)?;
-            println!("{}", tokens.issue(&crate::auth::NodeName::new(&node)?));
+            println!("{}", Tokens::open(&state_dir)?.issue(&caller));
             Ok(())
         }
         Command::Run(config) => {

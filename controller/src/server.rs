@@ -1,8 +1,11 @@
 //! The controller's HTTP servers.
 //!
 //! - **API** (`:15012`, TLS, HTTP/1.1 and HTTP/2): the watch stream, acknowledgements and
-//!   certificate signing (`docs/PROTOCOL.md`). Every call carries a node credential
-//!   (`authorization: Bearer <token>`), which [`Authenticator`] maps to a node name.
+//!   certificate signing (`docs/PROTOCOL.md`). Every call carries a credential
+//!   (`authorization: Bearer <token>`), which [`Authenticator`] maps to a [`Caller`]: a node
+//!   or a service account. A call acts for its caller only: a watch or acknowledgement names
+//!   the caller itself; a node obtains the identities of the workloads scheduled on it, a
+//!   service account its own identity while the model holds a waypoint run as it.
 //! - **admin** (`127.0.0.1:15000`): `GET /status` and `GET /resources[?kind=<Kind>]`, read by
 //!   `weft get`.
 //! - **metrics** (`:15020/metrics`) and **readiness** (`:15021/healthz/ready`).
@@ -25,7 +28,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshapi::Kind;
 use meshapi::certificate::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorBody};
-use meshapi::watch::{ACK_PATH, Ack, Cursor, Message, WATCH_PATH};
+use meshapi::watch::{ACK_PATH, Ack, Cursor, Message, Subscriber, WATCH_PATH};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_rustls::TlsAcceptor;
@@ -33,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use hbone::drain;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Caller};
 use crate::ca::Authority;
 use crate::metrics::{CertificateLabels, Metrics, RequestLabels};
 use crate::source::Rejection;
@@ -63,12 +66,16 @@ type Body = BoxBody<Bytes, Infallible>;
 /// Why an API call failed; decides the status code and the error body's `reason`.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("no node credential: send `authorization: Bearer <token>`")]
+    #[error("no credential: send `authorization: Bearer <token>`")]
     NoCredential,
-    #[error("node credential refused: {0}")]
+    #[error("credential refused: {0}")]
     BadCredential(String),
-    #[error("node {caller} may not act for node {asked}")]
-    OtherNode { caller: String, asked: String },
+    /// A node named another subscriber.
+    #[error("{caller} may not act for {asked}")]
+    OtherNode { caller: Caller, asked: Subscriber },
+    /// A service account named another subscriber.
+    #[error("{caller} may act only for itself, not for {asked}")]
+    OtherCaller { caller: Caller, asked: Subscriber },
     #[error("{0}")]
     BadRequest(String),
     #[error("invalid CSR: {0}")]
@@ -77,6 +84,16 @@ pub enum ApiError {
         "node {node} runs no workload with identity {identity}; certificates are issued only for workloads scheduled on the calling node"
     )]
     ForbiddenIdentity { node: String, identity: String },
+    #[error(
+        "service account {account} may obtain only its own identity {own}, not {identity}; a node's \
+         proxy obtains the identities of the workloads on its node"
+    )]
+    NotOwnIdentity { account: String, own: String, identity: String },
+    #[error(
+        "service account {account} serves no waypoint: its identity {identity} is issued only while \
+         a Gateway of class weft-waypoint named {name} in namespace {namespace} has a pod with an address"
+    )]
+    NoWaypoint { account: String, namespace: String, name: String, identity: String },
     #[error("certificate refused: {0}")]
     Refused(String),
     #[error("the controller failed: {0}")]
@@ -93,9 +110,12 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NoCredential | ApiError::BadCredential(_) => StatusCode::UNAUTHORIZED,
-            ApiError::OtherNode { .. } | ApiError::ForbiddenIdentity { .. } | ApiError::Refused(_) => {
-                StatusCode::FORBIDDEN
-            }
+            ApiError::OtherNode { .. }
+            | ApiError::OtherCaller { .. }
+            | ApiError::ForbiddenIdentity { .. }
+            | ApiError::NotOwnIdentity { .. }
+            | ApiError::NoWaypoint { .. }
+            | ApiError::Refused(_) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) | ApiError::InvalidCsr(_) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -110,9 +130,12 @@ impl ApiError {
             ApiError::NoCredential => "unauthenticated",
             ApiError::BadCredential(_) => "bad_credential",
             ApiError::OtherNode { .. } => "other_node",
+            ApiError::OtherCaller { .. } => "other_caller",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::InvalidCsr(_) => "invalid_csr",
-            ApiError::ForbiddenIdentity { .. } => "forbidden_identity",
+            ApiError::ForbiddenIdentity { .. } | ApiError::NotOwnIdentity { .. } | ApiError::NoWaypoint { .. } => {
+                "forbidden_identity"
+            }
             ApiError::Refused(_) => "refused",
             ApiError::Internal(_) => "internal",
             ApiError::Unavailable(_) => "unavailable",
@@ -220,23 +243,21 @@ impl Api {
     }
 
     async fn route(self: &Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        let node = self.authenticate(&req).await?;
+        let caller = self.authenticate(&req).await?;
         match (req.method().clone(), req.uri().path()) {
-            (Method::GET, WATCH_PATH) => self.watch(&node, req.uri().query().unwrap_or("")),
+            (Method::GET, WATCH_PATH) => self.watch(&caller, req.uri().query().unwrap_or("")),
             (Method::POST, ACK_PATH) => {
                 let ack: Ack = read_json(req).await?;
-                if ack.node != node {
-                    return Err(ApiError::OtherNode { caller: node, asked: ack.node });
-                }
+                acting_for(&caller, ack.subscriber.clone())?;
                 if !ack.rejected.is_empty() {
-                    warn!(node = %ack.node, version = ack.version, rejected = ?ack.rejected, "a proxy rejected resources");
+                    warn!(caller = %ack.subscriber, version = ack.version, rejected = ?ack.rejected, "a proxy rejected resources");
                 }
                 self.store.ack(ack);
                 Ok(Response::builder().status(StatusCode::NO_CONTENT).body(empty()).unwrap_or_default())
             }
             (Method::POST, CERTIFICATES_PATH) => {
                 let request: CertificateRequest = read_json(req).await?;
-                let result = self.certificate(&node, request);
+                let result = self.certificate(&caller, request);
                 let label = match &result {
                     Ok(_) => "issued",
                     Err(e) => e.reason(),
@@ -249,7 +270,7 @@ impl Api {
         }
     }
 
-    async fn authenticate(&self, req: &Request<Incoming>) -> Result<String, ApiError> {
+    async fn authenticate(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
         let value = req.headers().get(header::AUTHORIZATION).ok_or(ApiError::NoCredential)?;
         let token = value
             .to_str()
@@ -262,19 +283,22 @@ impl Api {
             } else {
                 // The controller could not check it (the API server is unreachable): the
                 // caller should retry, not conclude its credential is bad.
-                warn!(error = %e, "cannot check a node credential");
+                warn!(error = %e, "cannot check a credential");
                 ApiError::Unavailable(e.to_string())
             }
         })
     }
 
-    /// `GET /v1/watch?node=<node>[&epoch=<epoch>&since=<version>]`.
-    fn watch(self: &Arc<Self>, caller: &str, query: &str) -> Result<Response<Body>, ApiError> {
+    /// `GET /v1/watch?node=<node>[&epoch=<epoch>&since=<version>]`, or
+    /// `?serviceAccount=<namespace>/<name>[...]`.
+    fn watch(self: &Arc<Self>, caller: &Caller, query: &str) -> Result<Response<Body>, ApiError> {
         let params = parse_query(query);
-        let asked = params.get("node").ok_or_else(|| ApiError::BadRequest("missing query parameter node".into()))?;
-        if asked != caller {
-            return Err(ApiError::OtherNode { caller: caller.to_owned(), asked: asked.clone() });
-        }
+        let asked = Subscriber::from_parts(
+            params.get("node").map(String::as_str),
+            params.get("serviceAccount").map(String::as_str),
+        )
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let subscriber = acting_for(caller, asked)?;
         let since = match (params.get("epoch"), params.get("since")) {
             (Some(epoch), Some(v)) => Some(Cursor {
                 epoch: epoch.clone(),
@@ -283,21 +307,21 @@ impl Api {
             (None, None) => None,
             _ => return Err(ApiError::BadRequest("epoch and since go together".into())),
         };
-        let sub = self.store.subscribe(caller, since.as_ref());
+        let sub = self.store.subscribe(&subscriber, since.as_ref());
         let (first_kind, first) = match sub.first {
             First::Snapshot(line) => ("snapshot", vec![shared(line)]),
             First::Resume(lines) => ("resume", lines.into_iter().map(shared).collect()),
         };
         let start_bytes: usize = first.iter().map(Bytes::len).sum();
         self.metrics.start_bytes.inc_by(start_bytes as u64);
-        info!(node = %caller, since = ?since, start = first_kind, bytes = start_bytes, "proxy subscribed");
+        info!(caller = %subscriber, since = ?since, start = first_kind, bytes = start_bytes, "proxy subscribed");
         let (mut tx, body) = Channel::<Bytes, Infallible>::new(16);
-        let (api, node, mut live, epoch) = (self.clone(), caller.to_owned(), sub.live, sub.epoch);
+        let (api, mut live, epoch) = (self.clone(), sub.live, sub.epoch);
         let mut version = sub.version;
         tokio::spawn(async move {
             for line in first {
                 if tx.send_data(line).await.is_err() {
-                    api.store.unsubscribe(&node);
+                    api.store.unsubscribe(&subscriber);
                     return;
                 }
             }
@@ -313,7 +337,7 @@ impl Api {
                             shared(line)
                         }
                         Err(RecvError::Lagged(n)) => {
-                            warn!(node = %node, missed = n, "subscriber too slow; closing its stream (it will resume)");
+                            warn!(caller = %subscriber, missed = n, "subscriber too slow; closing its stream (it will resume)");
                             break;
                         }
                         Err(RecvError::Closed) => break,
@@ -325,8 +349,8 @@ impl Api {
                 }
                 heartbeat.as_mut().reset(tokio::time::Instant::now() + api.heartbeat);
             }
-            api.store.unsubscribe(&node);
-            debug!(node = %node, "watch stream closed");
+            api.store.unsubscribe(&subscriber);
+            debug!(caller = %subscriber, "watch stream closed");
         });
         Ok(Response::builder()
             .header(header::CONTENT_TYPE, "application/x-ndjson")
@@ -335,19 +359,18 @@ impl Api {
             .unwrap_or_default())
     }
 
-    /// `POST /v1/certificates`: signs a CSR for an identity of a workload on the caller's node.
-    fn certificate(&self, node: &str, request: CertificateRequest) -> Result<Response<Body>, ApiError> {
+    /// `POST /v1/certificates`: signs a CSR for an identity the caller is entitled to (see
+    /// [`Api::authorize`]).
+    fn certificate(&self, caller: &Caller, request: CertificateRequest) -> Result<Response<Body>, ApiError> {
         let csr = hbone::ca::Csr::parse(request.csr.as_bytes()).map_err(|e| ApiError::InvalidCsr(e.to_string()))?;
         let identity = csr.identity().clone();
-        if !self.store.node_runs(node, &identity) {
-            return Err(ApiError::ForbiddenIdentity { node: node.to_owned(), identity: identity.to_string() });
-        }
+        self.authorize(caller, &identity)?;
         let ttl = request.ttl_seconds.map_or(self.cert_ttl, Duration::from_secs);
         let issued = self.authority.sign(&csr, ttl).map_err(|e| {
             if e.is_refused() { ApiError::Refused(e.to_string()) } else { ApiError::Internal(e.to_string()) }
         })?;
         let not_after = issued.not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        info!(node = %node, identity = %identity, not_after, "certificate issued");
+        info!(caller = %caller.subscriber(), identity = %identity, not_after, "certificate issued");
         Ok(json(
             StatusCode::OK,
             &CertificateResponse {
@@ -356,6 +379,47 @@ impl Api {
                 not_after,
             },
         ))
+    }
+
+    /// Whether `caller` may obtain `identity`:
+    ///
+    /// - a node: a workload with that identity is scheduled on it (enrolled or not);
+    /// - a service account: the identity is exactly its own, and the model holds a waypoint
+    ///   in its namespace run as it. A waypoint is in the model only while one of its pods has
+    ///   an address (translation), so its pods obtain their identity once they run, and not
+    ///   after the Gateway is deleted or changes class. Which of the pods asks is not checked:
+    ///   the identity is the service account's, as in Kubernetes.
+    fn authorize(&self, caller: &Caller, identity: &spiffe::SpiffeId) -> Result<(), ApiError> {
+        match caller {
+            Caller::Node(node) => {
+                if !self.store.node_runs(node.as_str(), identity) {
+                    return Err(ApiError::ForbiddenIdentity { node: node.to_string(), identity: identity.to_string() });
+                }
+            }
+            Caller::ServiceAccount(account) => {
+                let own = account.identity(self.authority.trust_domain()).map_err(|e| ApiError::NotOwnIdentity {
+                    account: account.to_string(),
+                    own: format!("(none: {e})"),
+                    identity: identity.to_string(),
+                })?;
+                if own != *identity {
+                    return Err(ApiError::NotOwnIdentity {
+                        account: account.to_string(),
+                        own: own.to_string(),
+                        identity: identity.to_string(),
+                    });
+                }
+                if !self.store.serves_waypoint(account.namespace(), account.name()) {
+                    return Err(ApiError::NoWaypoint {
+                        account: account.to_string(),
+                        namespace: account.namespace().to_owned(),
+                        name: account.name().to_owned(),
+                        identity: identity.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The admin routes: `/status` and `/resources`.
@@ -374,6 +438,7 @@ impl Api {
                         "ready": api.ready.load(Ordering::Acquire),
                         "trustDomain": api.authority.trust_domain(),
                         "nodes": api.store.nodes(),
+                        "serviceAccounts": api.store.service_accounts(),
                         "rejected": rejections.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
                     });
                     json(StatusCode::OK, &status)
@@ -437,17 +502,57 @@ fn parse_kind(text: &str) -> Option<Kind> {
     Kind::ALL.into_iter().find(|k| k.as_str().eq_ignore_ascii_case(text))
 }
 
-/// `a=1&b=2` → map. Values are not percent-decoded: node names, epochs and versions never
-/// need it.
+/// The subscriber a request of `caller` names, if the caller may act for it: itself only.
+fn acting_for(caller: &Caller, asked: Subscriber) -> Result<Subscriber, ApiError> {
+    if caller.subscriber() == asked {
+        return Ok(asked);
+    }
+    Err(match caller {
+        Caller::Node(_) => ApiError::OtherNode { caller: caller.clone(), asked },
+        Caller::ServiceAccount(_) => ApiError::OtherCaller { caller: caller.clone(), asked },
+    })
+}
+
+/// `a=1&b=2` → map, names and values percent-decoded (`serviceAccount=shop%2Fwp` is what
+/// most URL encoders write for `shop/wp`). Names, epochs and versions need no encoding; an
+/// escape that does not decode is kept as written (and then names nobody).
 fn parse_query(query: &str) -> HashMap<String, String> {
     query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (p.to_owned(), String::new()),
+            Some((k, v)) => (percent_decoded(k), percent_decoded(v)),
+            None => (percent_decoded(p), String::new()),
         })
         .collect()
+}
+
+/// `%2F` → `/`; `+` is left alone (it is a space only in HTML forms, and no name has one).
+fn percent_decoded(text: &str) -> String {
+    if !text.contains('%') {
+        return text.to_owned();
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| text.to_owned())
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
@@ -484,23 +589,80 @@ fn empty() -> Body {
 mod tests {
     use super::*;
 
+    use crate::auth::{NodeName, ServiceAccount};
+
     #[test]
     fn queries_and_kinds() {
         let q = parse_query("node=node-1&epoch=ab&since=4&flag");
         assert_eq!(q["node"], "node-1");
         assert_eq!(q["since"], "4");
         assert_eq!(q["flag"], "");
+        assert_eq!(parse_query("serviceAccount=shop%2Fwp")["serviceAccount"], "shop/wp", "percent-decoded");
+        assert_eq!(parse_query("serviceAccount=shop%2fwp")["serviceAccount"], "shop/wp");
+        assert_eq!(parse_query("a=100%&b=%zz&c=%E2%9C%93")["a"], "100%", "a bad escape is kept");
+        assert_eq!(parse_query("a=100%&b=%zz&c=%E2%9C%93")["b"], "%zz");
+        assert_eq!(parse_query("a=100%&b=%zz&c=%E2%9C%93")["c"], "\u{2713}");
+        assert_eq!(parse_query("a=%FF")["a"], "%FF", "not UTF-8 once decoded: kept as written");
         assert_eq!(parse_kind("workload"), Some(Kind::Workload));
         assert_eq!(parse_kind("Pod"), None);
     }
 
     #[test]
+    fn a_caller_acts_for_itself_only() {
+        let node = Caller::Node(NodeName::new("node-1").unwrap());
+        let waypoint = Caller::ServiceAccount(ServiceAccount::new("shop", "wp").unwrap());
+        let named = |text: &str| match text.split_once('=') {
+            Some(("node", n)) => Subscriber::Node(n.into()),
+            _ => Subscriber::service_account(text.trim_start_matches("serviceAccount=")).unwrap(),
+        };
+        assert_eq!(acting_for(&node, named("node=node-1")).unwrap(), named("node=node-1"));
+        assert_eq!(acting_for(&waypoint, named("serviceAccount=shop/wp")).unwrap(), named("serviceAccount=shop/wp"));
+        let cases = [
+            (&node, "node=node-2", "other_node", "node node-1 may not act for node node-2"),
+            (&node, "serviceAccount=shop/wp", "other_node", "node node-1 may not act for service account shop/wp"),
+            (
+                &waypoint,
+                "serviceAccount=shop/api",
+                "other_caller",
+                "service account shop/wp may act only for itself, not for service account shop/api",
+            ),
+            (
+                &waypoint,
+                "node=node-1",
+                "other_caller",
+                "service account shop/wp may act only for itself, not for node node-1",
+            ),
+        ];
+        for (caller, asked, reason, message) in cases {
+            let err = acting_for(caller, named(asked)).unwrap_err();
+            assert_eq!((err.status().as_u16(), err.reason(), err.to_string().as_str()), (403, reason, message));
+        }
+    }
+
+    #[test]
     fn every_error_has_a_status_and_a_reason() {
+        let node = Caller::Node(NodeName::new("a").unwrap());
         let cases = [
             (ApiError::NoCredential, 401, "unauthenticated"),
-            (ApiError::OtherNode { caller: "a".into(), asked: "b".into() }, 403, "other_node"),
+            (ApiError::OtherNode { caller: node.clone(), asked: Subscriber::Node("b".into()) }, 403, "other_node"),
+            (ApiError::OtherCaller { caller: node, asked: Subscriber::Node("b".into()) }, 403, "other_caller"),
             (ApiError::InvalidCsr("x".into()), 400, "invalid_csr"),
             (ApiError::ForbiddenIdentity { node: "n".into(), identity: "i".into() }, 403, "forbidden_identity"),
+            (
+                ApiError::NotOwnIdentity { account: "a/b".into(), own: "o".into(), identity: "i".into() },
+                403,
+                "forbidden_identity",
+            ),
+            (
+                ApiError::NoWaypoint {
+                    account: "a/b".into(),
+                    namespace: "a".into(),
+                    name: "b".into(),
+                    identity: "i".into(),
+                },
+                403,
+                "forbidden_identity",
+            ),
         ];
         for (e, status, reason) in cases {
             assert_eq!((e.status().as_u16(), e.reason()), (status, reason), "{e}");

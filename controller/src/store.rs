@@ -1,6 +1,7 @@
 //! The model as the controller serves it: the current resources and recent deltas
-//! ([`meshapi::watch::History`]), the subscribers they are pushed to, what each node last
-//! acknowledged, and the index node authorization needs (which identities run on which node).
+//! ([`meshapi::watch::History`]), the subscribers they are pushed to, what each subscriber (a
+//! node, or a service account) last acknowledged, and the indexes certificate authorization
+//! needs: which identities run on which node, and which service accounts serve a waypoint.
 //!
 //! One writer commits changes (the source loop); each commit is encoded once and the same
 //! bytes are handed to every subscriber through a broadcast channel, so a one-pod change
@@ -16,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use meshapi::watch::{Ack, Change, Committed, Cursor, History, Rejected, Start};
+use meshapi::watch::{Ack, Change, Committed, Cursor, History, Rejected, Start, Subscriber};
 use meshapi::{Key, Kind, Resource};
 use spiffe::SpiffeId;
 use tokio::sync::broadcast;
@@ -39,24 +40,27 @@ struct Inner {
     history: History,
     /// Workload uid → (node, identity), for node authorization.
     workloads: HashMap<String, (String, SpiffeId)>,
+    /// Waypoint key name (`<namespace>/<name>`) → (namespace, service account), for
+    /// service-account authorization.
+    waypoints: HashMap<String, (String, String)>,
     trust_domain: String,
-    nodes: BTreeMap<String, NodeStatus>,
+    subscribers: BTreeMap<Subscriber, SubscriberStatus>,
     /// The snapshot line of the current version, once a subscriber asked for it; dropped at
     /// the next commit.
     snapshot: Option<Arc<str>>,
 }
 
-/// What the controller knows of one node's proxy.
+/// What the controller knows of one subscriber's proxy (a node's ztunnel, a waypoint).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct NodeStatus {
-    /// Open watch streams of this node (normally one).
+pub struct SubscriberStatus {
+    /// Open watch streams of this subscriber (normally one per proxy).
     pub subscribers: usize,
-    /// The last version the node reported applied, with its epoch.
+    /// The last version it reported applied, with its epoch.
     pub acked: Option<Cursor>,
-    /// Resources the node rejected in its last report.
+    /// Resources it rejected in its last report.
     pub rejected: Vec<Rejected>,
-    /// When the node last reported (seconds since the Unix epoch).
+    /// When it last reported (seconds since the Unix epoch).
     pub last_ack_unix: Option<u64>,
 }
 
@@ -89,8 +93,9 @@ impl Store {
             inner: Mutex::new(Inner {
                 history: History::new(epoch, history_bytes),
                 workloads: HashMap::new(),
+                waypoints: HashMap::new(),
                 trust_domain,
-                nodes: BTreeMap::new(),
+                subscribers: BTreeMap::new(),
                 snapshot: None,
             }),
             live,
@@ -121,6 +126,13 @@ impl Store {
                 Change::Delete(Key { kind: Kind::Workload, name }) => {
                     inner.workloads.remove(name);
                 }
+                Change::Upsert(Resource::Waypoint(w)) => {
+                    let name = format!("{}/{}", w.namespace, w.name);
+                    inner.waypoints.insert(name, (w.namespace.clone(), w.service_account.clone()));
+                }
+                Change::Delete(Key { kind: Kind::Waypoint, name }) => {
+                    inner.waypoints.remove(name);
+                }
                 _ => {}
             }
         }
@@ -136,8 +148,8 @@ impl Store {
         Some(committed)
     }
 
-    /// Registers a subscriber of `node` that last applied `since`.
-    pub fn subscribe(&self, node: &str, since: Option<&Cursor>) -> Subscription {
+    /// Registers a watch stream of `subscriber`, which last applied `since`.
+    pub fn subscribe(&self, subscriber: &Subscriber, since: Option<&Cursor>) -> Subscription {
         let mut inner = self.lock();
         // Only a cursor of this epoch may resume; any other gets the shared snapshot without
         // the history encoding one of its own.
@@ -148,7 +160,7 @@ impl Store {
             None => First::Snapshot(inner.shared_snapshot(None)),
         };
         let live = self.live.subscribe();
-        inner.nodes.entry(node.to_owned()).or_default().subscribers += 1;
+        inner.subscribers.entry(subscriber.clone()).or_default().subscribers += 1;
         self.metrics.subscribers.inc();
         match &first {
             First::Snapshot(_) => self.metrics.snapshots.inc(),
@@ -157,16 +169,16 @@ impl Store {
         Subscription { first, live, version: inner.history.version(), epoch: inner.history.epoch().to_owned() }
     }
 
-    /// A subscriber of `node` went away.
-    pub fn unsubscribe(&self, node: &str) {
+    /// A watch stream of `subscriber` went away.
+    pub fn unsubscribe(&self, subscriber: &Subscriber) {
         let mut inner = self.lock();
-        if let Some(n) = inner.nodes.get_mut(node) {
-            n.subscribers = n.subscribers.saturating_sub(1);
+        if let Some(s) = inner.subscribers.get_mut(subscriber) {
+            s.subscribers = s.subscribers.saturating_sub(1);
         }
         self.metrics.subscribers.dec();
     }
 
-    /// Records a node's report of what it applied.
+    /// Records a subscriber's report of what it applied.
     pub fn ack(&self, ack: Ack) {
         let mut inner = self.lock();
         if ack.rejected.is_empty() {
@@ -176,7 +188,7 @@ impl Store {
             self.metrics.rejected_resources.inc_by(ack.rejected.len() as u64);
         }
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).ok();
-        let status = inner.nodes.entry(ack.node).or_default();
+        let status = inner.subscribers.entry(ack.subscriber).or_default();
         status.acked = Some(Cursor { epoch: ack.epoch, version: ack.version });
         status.rejected = ack.rejected;
         status.last_ack_unix = now;
@@ -186,6 +198,12 @@ impl Store {
     /// certificates.
     pub fn node_runs(&self, node: &str, id: &SpiffeId) -> bool {
         self.lock().workloads.values().any(|(n, i)| n == node && i == id)
+    }
+
+    /// Whether the model holds a waypoint in `namespace` run as `service_account`: the
+    /// service account's right to its own identity.
+    pub fn serves_waypoint(&self, namespace: &str, service_account: &str) -> bool {
+        self.lock().waypoints.values().any(|(ns, sa)| ns == namespace && sa == service_account)
     }
 
     /// The identities of the workloads on `node`.
@@ -202,8 +220,24 @@ impl Store {
     }
 
     /// Every node that subscribed or reported, with its status.
-    pub fn nodes(&self) -> BTreeMap<String, NodeStatus> {
-        self.lock().nodes.clone()
+    pub fn nodes(&self) -> BTreeMap<String, SubscriberStatus> {
+        let inner = self.lock();
+        let nodes = inner.subscribers.iter().filter_map(|(subscriber, status)| match subscriber {
+            Subscriber::Node(node) => Some((node.clone(), status.clone())),
+            Subscriber::ServiceAccount { .. } => None,
+        });
+        nodes.collect()
+    }
+
+    /// Every service account (`<namespace>/<name>`) that subscribed or reported, with its
+    /// status.
+    pub fn service_accounts(&self) -> BTreeMap<String, SubscriberStatus> {
+        let inner = self.lock();
+        let accounts = inner.subscribers.iter().filter_map(|(subscriber, status)| match subscriber {
+            Subscriber::ServiceAccount { namespace, name } => Some((format!("{namespace}/{name}"), status.clone())),
+            Subscriber::Node(_) => None,
+        });
+        accounts.collect()
     }
 
     /// The current resources of `kind` (all kinds if `None`), encoded, in key order.
@@ -231,6 +265,10 @@ impl Inner {
 mod tests {
     use super::*;
 
+    fn node(name: &str) -> Subscriber {
+        Subscriber::Node(name.to_owned())
+    }
+
     fn store() -> Store {
         Store::new("e".into(), 1 << 20, "cluster.local".into(), Arc::new(Metrics::new()))
     }
@@ -247,14 +285,14 @@ mod tests {
     async fn subscribers_get_a_snapshot_then_each_delta_once() {
         let s = store();
         s.commit(vec![Change::Upsert(workload("a", "n1"))]).unwrap();
-        let mut sub = s.subscribe("n1", None);
+        let mut sub = s.subscribe(&node("n1"), None);
         assert!(matches!(sub.first, First::Snapshot(ref l) if l.contains("\"name\":\"ns/a\"")));
         let c = s.commit(vec![Change::Upsert(workload("bb", "n2"))]).unwrap();
         assert_eq!(sub.live.recv().await.unwrap(), (c.version, c.line));
         assert!(s.commit(vec![Change::Upsert(workload("bb", "n2"))]).is_none(), "no change, no push");
         assert!(sub.live.try_recv().is_err());
         assert_eq!(s.nodes()["n1"].subscribers, 1);
-        s.unsubscribe("n1");
+        s.unsubscribe(&node("n1"));
         assert_eq!(s.nodes()["n1"].subscribers, 0);
     }
 
@@ -266,14 +304,14 @@ mod tests {
             First::Snapshot(line) => line,
             First::Resume(_) => panic!("no cursor: a snapshot"),
         };
-        let first = line(s.subscribe("n1", None));
+        let first = line(s.subscribe(&node("n1"), None));
         let other_epoch = Cursor { epoch: "old".into(), version: 1 };
-        assert!(Arc::ptr_eq(&first, &line(s.subscribe("n2", Some(&other_epoch)))), "encoded once");
+        assert!(Arc::ptr_eq(&first, &line(s.subscribe(&node("n2"), Some(&other_epoch)))), "encoded once");
         s.commit(vec![Change::Upsert(workload("bb", "n2"))]).unwrap();
-        let next = line(s.subscribe("n1", None));
+        let next = line(s.subscribe(&node("n1"), None));
         assert!(!Arc::ptr_eq(&first, &next) && next.contains("\"name\":\"ns/bb\""), "a new version, a new snapshot");
         let behind = Cursor { epoch: "e".into(), version: 1 };
-        assert!(matches!(s.subscribe("n1", Some(&behind)).first, First::Resume(ref l) if l.len() == 2));
+        assert!(matches!(s.subscribe(&node("n1"), Some(&behind)).first, First::Resume(ref l) if l.len() == 2));
     }
 
     #[test]
@@ -289,17 +327,48 @@ mod tests {
     }
 
     #[test]
-    fn acks_are_recorded_per_node() {
+    fn acks_are_recorded_per_subscriber() {
         let s = store();
-        s.ack(Ack { node: "n1".into(), epoch: "e".into(), version: 3, rejected: vec![] });
+        let waypoint = Subscriber::ServiceAccount { namespace: "ns".into(), name: "n1".into() };
+        s.ack(Ack { subscriber: node("n1"), epoch: "e".into(), version: 3, rejected: vec![] });
         s.ack(Ack {
-            node: "n2".into(),
+            subscriber: node("n2"),
             epoch: "e".into(),
             version: 3,
             rejected: vec![Rejected { kind: "Service".into(), name: "ns/s".into(), reason: "port 0".into() }],
         });
+        s.ack(Ack { subscriber: waypoint.clone(), epoch: "e".into(), version: 2, rejected: vec![] });
+        let _stream = s.subscribe(&waypoint, None);
         let nodes = s.nodes();
+        assert_eq!(
+            nodes.keys().collect::<Vec<_>>(),
+            ["n1", "n2"],
+            "a service account is no node, even of the same name"
+        );
         assert_eq!(nodes["n1"].acked, Some(Cursor { epoch: "e".into(), version: 3 }));
         assert_eq!(nodes["n2"].rejected.len(), 1);
+        let accounts = s.service_accounts();
+        assert_eq!(accounts.keys().collect::<Vec<_>>(), ["ns/n1"]);
+        assert_eq!((accounts["ns/n1"].acked.as_ref().map(|c| c.version), accounts["ns/n1"].subscribers), (Some(2), 1));
+    }
+
+    #[test]
+    fn service_account_authorization_follows_waypoints() {
+        let s = store();
+        let waypoint = |name: &str, account: &str| {
+            let doc = format!(
+                "waypoints: [{{name: {name}, namespace: ns, addresses: [10.244.0.9], serviceAccount: {account}}}]"
+            );
+            Resource::Waypoint(meshapi::Snapshot::from_yaml(&doc).unwrap().waypoints.remove(0))
+        };
+        assert!(!s.serves_waypoint("ns", "wp"));
+        s.commit(vec![Change::Upsert(waypoint("wp", "wp")), Change::Upsert(workload("a", "n1"))]).unwrap();
+        assert!(s.serves_waypoint("ns", "wp"));
+        assert!(!s.serves_waypoint("other", "wp"), "another namespace");
+        assert!(!s.serves_waypoint("ns", "a"), "a workload's service account serves no waypoint");
+        s.commit(vec![Change::Upsert(waypoint("wp", "wp-renamed"))]).unwrap();
+        assert!(!s.serves_waypoint("ns", "wp") && s.serves_waypoint("ns", "wp-renamed"), "the upsert replaces");
+        s.commit(vec![Change::Delete(Key::new(Kind::Waypoint, "ns/wp"))]).unwrap();
+        assert!(!s.serves_waypoint("ns", "wp-renamed"), "deleted");
     }
 }

@@ -1,6 +1,7 @@
-//! Kubernetes node credentials: a ztunnel presents its projected service-account token, the
-//! API server says whose it is (a `TokenReview`), and the pod the token is bound to says
-//! which node the ztunnel runs on.
+//! Kubernetes credentials: a proxy presents its projected service-account token and the API
+//! server says whose it is (a `TokenReview`). ztunnel's is a node's credential: the pod the
+//! token is bound to says which node the ztunnel runs on. Any other service account's is that
+//! service account's credential (a waypoint's), with none of a node's rights.
 //!
 //! ```text
 //!  ztunnel ── Bearer <token> ──► controller ── TokenReview {token, audiences: [weft-controller]} ──► API server
@@ -12,22 +13,27 @@
 //! ```
 //!
 //! A token is accepted when the API server authenticates it **for the audience
-//! `weft-controller`** (ztunnel's DaemonSet mounts a token with that audience, so a token
-//! stolen from another workload or meant for another service is refused, and ours is useless
-//! elsewhere), it belongs to **ztunnel's service account** (`weft-system/ztunnel`), and it is
-//! **bound to a pod**. The node is the binding's `node-name` (set for bound tokens since
-//! Kubernetes 1.30); on older API servers, the `spec.nodeName` of the pod named by
-//! `pod-name` (checked against `pod-uid`, so a pod recreated under the same name elsewhere is
-//! not mistaken for it).
+//! `weft-controller`** (ztunnel's DaemonSet and waypoints mount a token with that audience, so
+//! a token stolen from another workload or meant for another service is refused, and ours is
+//! useless elsewhere) and it is a **service account's** (`system:serviceaccount:<ns>:<name>`;
+//! a user's or a node's is refused). Then:
 //!
-//! Positive answers are cached for [`CACHE_TTL`] (60 s) by the token's SHA-256: a ztunnel
+//! - **ztunnel's service account** (`weft-system/ztunnel`): the token must be **bound to a
+//!   pod**, and the caller is that pod's node: the binding's `node-name` (set for bound tokens
+//!   since Kubernetes 1.30); on older API servers, the `spec.nodeName` of the pod named by
+//!   `pod-name` (checked against `pod-uid`, so a pod recreated under the same name elsewhere
+//!   is not mistaken for it).
+//! - **any other service account**: the caller is that service account. What it may do is
+//!   decided per request (its own identity, while it serves a waypoint: `crate::server`).
+//!
+//! Positive answers are cached for [`CACHE_TTL`] (60 s) by the token's SHA-256: a proxy
 //! authenticates every watch, acknowledgement and certificate request, and a call to the API
 //! server for each would put the cluster's busiest dependency on the mesh's hot path. A
 //! minute bounds how long a revoked token (its pod deleted) keeps working, as kubelet's own
 //! caches do. Refusals are not cached: a ztunnel whose token was just fixed gets in at once.
 //!
-//! [`KubernetesAuth`] takes both kinds of credential in a cluster: node tokens
-//! (`weftnode.v1...`, for VMs joined to it) and service-account tokens.
+//! [`KubernetesAuth`] takes both kinds of credential in a cluster: controller tokens
+//! (`weftnode.v1...`, `weftsa.v1...`, for VMs joined to it) and service-account tokens.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -39,17 +45,17 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, PostParams};
 
-use crate::auth::{AuthError, AuthFuture, Authenticator, NodeName, NodeTokens};
+use crate::auth::{AuthError, AuthFuture, Authenticator, Caller, NodeName, ServiceAccount, Tokens};
 
-/// The audience ztunnel's projected token is minted for.
+/// The audience proxies' projected tokens are minted for.
 pub const AUDIENCE: &str = "weft-controller";
 /// ztunnel's namespace and service account.
 pub const ZTUNNEL_NAMESPACE: &str = "weft-system";
 pub const ZTUNNEL_SERVICE_ACCOUNT: &str = "ztunnel";
 /// How long a positive review is trusted (see the module docs).
 pub const CACHE_TTL: Duration = Duration::from_secs(60);
-/// How long a ztunnel's request waits for the API server's answer: 5 s. The client retries
-/// an API server that answers 429 or 503 for minutes; a ztunnel would rather be told to
+/// How long a proxy's request waits for the API server's answer: 5 s. The client retries
+/// an API server that answers 429 or 503 for minutes; a proxy would rather be told to
 /// come back (it retries with backoff) than hold its request open meanwhile.
 pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -59,22 +65,25 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 
-/// Tokens held in the cache at most: several per node (tokens rotate) in the largest
-/// clusters. Past it, expired entries go, then all: a bound that costs a few reviews.
+/// Tokens held in the cache at most: several per node and per waypoint (tokens rotate) in
+/// the largest clusters. Past it, expired entries go, then all: a bound that costs a few reviews.
 const MAX_CACHED: usize = 16_384;
 
 /// A service-account token is a JWT of one or two KiB; anything much longer is not one and
 /// is refused before it is sent anywhere.
 const MAX_TOKEN: usize = 16 * 1024;
 
-/// Checks ztunnels' service-account tokens with the API server's TokenReview.
+/// What a service-account username starts with, before `<namespace>:<name>`.
+const SERVICE_ACCOUNT_USER: &str = "system:serviceaccount:";
+
+/// Checks proxies' service-account tokens with the API server's TokenReview.
 pub struct TokenReviewer {
     reviews: Api<TokenReview>,
     /// Pods of ztunnel's namespace: the node of a token bound to one, on API servers older
     /// than 1.30.
     pods: Api<Pod>,
-    /// `system:serviceaccount:<namespace>:<name>`.
-    username: String,
+    /// ztunnel's: `system:serviceaccount:weft-system:ztunnel`.
+    ztunnel: String,
     ttl: Duration,
     timeout: Duration,
     /// By the token's SHA-256: the token itself is never kept.
@@ -82,24 +91,24 @@ pub struct TokenReviewer {
 }
 
 struct Cached {
-    node: NodeName,
+    caller: Caller,
     until: Instant,
 }
 
-/// The credentials a controller in a Kubernetes cluster accepts: node tokens (which it
-/// issues) and ztunnels' service-account tokens.
+/// The credentials a controller in a Kubernetes cluster accepts: controller tokens (which it
+/// issues) and proxies' service-account tokens.
 pub struct KubernetesAuth {
-    pub node_tokens: NodeTokens,
+    pub tokens: Tokens,
     pub reviewer: TokenReviewer,
 }
 
 impl TokenReviewer {
-    /// Reviews with `client`, for ztunnel's service account `weft-system/ztunnel`.
+    /// Reviews with `client`; ztunnel's service account is `weft-system/ztunnel`.
     pub fn new(client: Client) -> TokenReviewer {
         TokenReviewer {
             reviews: Api::all(client.clone()),
             pods: Api::namespaced(client, ZTUNNEL_NAMESPACE),
-            username: format!("system:serviceaccount:{ZTUNNEL_NAMESPACE}:{ZTUNNEL_SERVICE_ACCOUNT}"),
+            ztunnel: format!("{SERVICE_ACCOUNT_USER}{ZTUNNEL_NAMESPACE}:{ZTUNNEL_SERVICE_ACCOUNT}"),
             ttl: CACHE_TTL,
             timeout: REVIEW_TIMEOUT,
             cache: Mutex::new(HashMap::new()),
@@ -118,21 +127,21 @@ impl TokenReviewer {
         self
     }
 
-    /// The node whose ztunnel holds `token`.
-    pub async fn review(&self, token: &str) -> Result<NodeName, AuthError> {
+    /// Who holds `token`: the node whose ztunnel it is, or another service account.
+    pub async fn review(&self, token: &str) -> Result<Caller, AuthError> {
         match tokio::time::timeout(self.timeout, self.review_now(token)).await {
             Ok(result) => result,
             Err(_) => Err(AuthError::Review(format!("no answer within {:?}", self.timeout))),
         }
     }
 
-    async fn review_now(&self, token: &str) -> Result<NodeName, AuthError> {
+    async fn review_now(&self, token: &str) -> Result<Caller, AuthError> {
         if token.is_empty() || token.len() > MAX_TOKEN {
             return Err(AuthError::TokenRefused("it is empty or too long to be a service-account token".into()));
         }
         let key = fingerprint(token);
-        if let Some(node) = self.cached(&key) {
-            return Ok(node);
+        if let Some(caller) = self.cached(&key) {
+            return Ok(caller);
         }
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![AUDIENCE.to_owned()]) },
@@ -141,13 +150,13 @@ impl TokenReviewer {
         let answer = self.reviews.create(&PostParams::default(), &review).await.map_err(review_error)?;
         let status =
             answer.status.ok_or_else(|| AuthError::Review("the TokenReview came back without a status".into()))?;
-        let node = self.node_of(status).await?;
-        self.remember(key, &node);
-        Ok(node)
+        let caller = self.caller_of(status).await?;
+        self.remember(key, &caller);
+        Ok(caller)
     }
 
-    /// Checks a review's answer and finds the node.
-    async fn node_of(&self, status: TokenReviewStatus) -> Result<NodeName, AuthError> {
+    /// Checks a review's answer and finds the caller.
+    async fn caller_of(&self, status: TokenReviewStatus) -> Result<Caller, AuthError> {
         if status.authenticated != Some(true) {
             let why = status.error.filter(|e| !e.is_empty()).unwrap_or_else(|| "not authenticated".into());
             return Err(AuthError::TokenRefused(why));
@@ -156,16 +165,24 @@ impl TokenReviewer {
         // anything; Kubernetes asks reviewers to check the audience came back.
         if !status.audiences.as_ref().is_some_and(|a| a.iter().any(|a| a == AUDIENCE)) {
             return Err(AuthError::TokenRefused(format!(
-                "the API server did not confirm the audience {AUDIENCE}: mount ztunnel's token with \
-                 `audience: {AUDIENCE}`"
+                "the API server did not confirm the audience {AUDIENCE}: mount the proxy's token \
+                 with `audience: {AUDIENCE}`"
             )));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        if username != self.username {
-            return Err(AuthError::NotZtunnel { username, expected: self.username.clone() });
+        if username != self.ztunnel {
+            let account = username.strip_prefix(SERVICE_ACCOUNT_USER).and_then(|rest| rest.split_once(':'));
+            return match account {
+                Some((namespace, name)) => Ok(Caller::ServiceAccount(ServiceAccount::new(namespace, name)?)),
+                None => Err(AuthError::NotServiceAccount { username }),
+            };
         }
-        let extra = user.extra.unwrap_or_default();
+        self.node_of(user.extra.unwrap_or_default()).await.map(Caller::Node)
+    }
+
+    /// The node of a ztunnel's token, from the review's extras.
+    async fn node_of(&self, extra: std::collections::BTreeMap<String, Vec<String>>) -> Result<NodeName, AuthError> {
         let first = |key: &str| extra.get(key).and_then(|v| v.first()).filter(|v| !v.is_empty()).cloned();
         if let Some(node) = first(NODE_NAME_EXTRA) {
             return NodeName::new(&node);
@@ -199,12 +216,12 @@ impl TokenReviewer {
         }
     }
 
-    fn cached(&self, key: &[u8; 32]) -> Option<NodeName> {
+    fn cached(&self, key: &[u8; 32]) -> Option<Caller> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(key).filter(|c| c.until > Instant::now()).map(|c| c.node.clone())
+        cache.get(key).filter(|c| c.until > Instant::now()).map(|c| c.caller.clone())
     }
 
-    fn remember(&self, key: [u8; 32], node: &NodeName) {
+    fn remember(&self, key: [u8; 32], caller: &Caller) {
         if self.ttl.is_zero() {
             return;
         }
@@ -216,20 +233,21 @@ impl TokenReviewer {
                 cache.clear();
             }
         }
-        cache.insert(key, Cached { node: node.clone(), until: now + self.ttl });
+        cache.insert(key, Cached { caller: caller.clone(), until: now + self.ttl });
     }
 }
 
 impl Authenticator for TokenReviewer {
     fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
-        Box::pin(async move { self.review(token).await.map(NodeName::into_string) })
+        Box::pin(self.review(token))
     }
 }
 
-/// A node token (`weftnode.`...) goes to the node tokens, anything else to the TokenReview.
+/// A controller token (`weftnode.`..., `weftsa.`...) is checked here and never sent to the
+/// API server; anything else goes to the TokenReview.
 impl Authenticator for KubernetesAuth {
     fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
-        if NodeTokens::claims(token) { self.node_tokens.authenticate(token) } else { self.reviewer.authenticate(token) }
+        if Tokens::claims(token) { self.tokens.authenticate(token) } else { self.reviewer.authenticate(token) }
     }
 }
 

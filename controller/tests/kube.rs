@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use controller::auth::{AuthError, Authenticator, NodeTokens};
+use controller::auth::{AuthError, Authenticator, Caller, NodeName, ServiceAccount, Tokens};
 use controller::source::kube::KubeSource;
 use controller::source::{ObjectSource, Rejection, dir::DirSource};
 use controller::tokenreview::{KubernetesAuth, TokenReviewer};
@@ -422,6 +422,14 @@ fn reviewer(server: &ApiServer) -> TokenReviewer {
     TokenReviewer::new(server.client())
 }
 
+fn node(name: &str) -> Caller {
+    Caller::Node(NodeName::new(name).unwrap())
+}
+
+fn account(namespace: &str, name: &str) -> Caller {
+    Caller::ServiceAccount(ServiceAccount::new(namespace, name).unwrap())
+}
+
 fn ztunnel_user(extra: Value) -> Value {
     json!({"username": "system:serviceaccount:weft-system:ztunnel", "uid": "u-1",
            "groups": ["system:serviceaccounts", "system:serviceaccounts:weft-system"], "extra": extra})
@@ -437,13 +445,13 @@ async fn a_ztunnel_token_bound_to_a_pod_names_its_node() {
                             "authentication.kubernetes.io/pod-name": ["ztunnel-abcde"]})),
     );
     let reviewer = reviewer(&server);
-    assert_eq!(reviewer.review("bound").await.unwrap().as_str(), "node-1");
+    assert_eq!(reviewer.review("bound").await.unwrap(), node("node-1"));
     let asked = server.reviews();
     assert_eq!(asked.len(), 1);
     assert_eq!(asked[0]["spec"], json!({"token": "bound", "audiences": ["weft-controller"]}));
 
     // Cached: the API server is not asked again.
-    assert_eq!(reviewer.authenticate("bound").await.unwrap(), "node-1");
+    assert_eq!(reviewer.authenticate("bound").await.unwrap(), node("node-1"));
     assert_eq!(server.reviews().len(), 1);
     // Unless caching is off.
     let uncached = TokenReviewer::new(server.client()).with_cache_ttl(Duration::ZERO);
@@ -472,7 +480,7 @@ async fn without_the_node_name_the_bound_pod_says_where_it_runs() {
     server.token("unbound", &["weft-controller"], ztunnel_user(json!({})));
     let reviewer = reviewer(&server);
 
-    assert_eq!(reviewer.review("old-api-server").await.unwrap().as_str(), "node-7");
+    assert_eq!(reviewer.review("old-api-server").await.unwrap(), node("node-7"));
     for token in ["replaced-pod", "gone-pod", "unbound"] {
         let err = reviewer.review(token).await.unwrap_err();
         assert!(matches!(err, AuthError::TokenRefused(_)) && err.is_unauthenticated(), "{token}: {err}");
@@ -480,14 +488,51 @@ async fn without_the_node_name_the_bound_pod_says_where_it_runs() {
 }
 
 #[tokio::test]
-async fn tokens_that_are_not_ztunnels_for_this_controller_are_refused() {
+async fn another_service_accounts_token_is_that_service_account_never_a_node() {
+    let server = ApiServer::start().await;
+    // A waypoint's token, bound to its pod on node-1: the binding does not make it node-1's.
+    let on_node_1 = json!({"authentication.kubernetes.io/node-name": ["node-1"],
+                           "authentication.kubernetes.io/pod-name": ["wp-0"]});
+    server.token(
+        "waypoint",
+        &["weft-controller"],
+        json!({"username": "system:serviceaccount:shop:wp", "extra": on_node_1.clone()}),
+    );
+    // ztunnel's service account name in another namespace is no ztunnel.
+    server.token(
+        "fake-ztunnel",
+        &["weft-controller"],
+        json!({"username": "system:serviceaccount:shop:ztunnel", "extra": on_node_1}),
+    );
+    server.token("unbound-waypoint", &["weft-controller"], json!({"username": "system:serviceaccount:shop:wp"}));
+    let reviewer = reviewer(&server);
+
+    let waypoint = reviewer.review("waypoint").await.unwrap();
+    assert_eq!(waypoint, account("shop", "wp"));
+    assert_eq!(waypoint.to_string(), "service account shop/wp");
+    assert_eq!(reviewer.review("fake-ztunnel").await.unwrap(), account("shop", "ztunnel"));
+    assert_eq!(reviewer.review("unbound-waypoint").await.unwrap(), account("shop", "wp"));
+    assert_eq!(server.reviews().len(), 3);
+    // Cached as a node's is.
+    assert_eq!(reviewer.authenticate("waypoint").await.unwrap(), account("shop", "wp"));
+    assert_eq!(server.reviews().len(), 3);
+}
+
+#[tokio::test]
+async fn tokens_that_are_not_proxies_for_this_controller_are_refused() {
     let server = ApiServer::start().await;
     let node = json!({"authentication.kubernetes.io/node-name": ["node-1"]});
     server.token("other-audience", &["https://kubernetes.default.svc"], ztunnel_user(node.clone()));
+    server.token("a-user", &["weft-controller"], json!({"username": "alice", "groups": ["system:authenticated"]}));
     server.token(
-        "other-account",
+        "a-node",
         &["weft-controller"],
-        json!({"username": "system:serviceaccount:shop:web", "extra": node.clone()}),
+        json!({"username": "system:node:node-1", "groups": ["system:nodes"], "extra": node.clone()}),
+    );
+    server.token(
+        "bad-account-name",
+        &["weft-controller"],
+        json!({"username": "system:serviceaccount:shop:Web_1", "extra": node.clone()}),
     );
     let reviewer = reviewer(&server);
 
@@ -495,15 +540,16 @@ async fn tokens_that_are_not_ztunnels_for_this_controller_are_refused() {
     assert!(matches!(err, AuthError::TokenRefused(ref why) if why.contains("invalid bearer token")), "{err}");
     let err = reviewer.review("other-audience").await.unwrap_err();
     assert!(matches!(err, AuthError::TokenRefused(_)), "{err}");
-    let err = reviewer.review("other-account").await.unwrap_err();
-    assert!(
-        matches!(err, AuthError::NotZtunnel { ref username, .. } if username == "system:serviceaccount:shop:web"),
-        "{err}"
-    );
-    assert!(err.is_unauthenticated(), "a 401, not a failure of the controller");
-    assert_eq!(server.reviews().len(), 3, "refusals are not cached");
-    assert!(reviewer.review("other-account").await.is_err());
-    assert_eq!(server.reviews().len(), 4);
+    for (token, username) in [("a-user", "alice"), ("a-node", "system:node:node-1")] {
+        let err = reviewer.review(token).await.unwrap_err();
+        assert!(matches!(err, AuthError::NotServiceAccount { username: ref u } if u == username), "{token}: {err}");
+        assert!(err.is_unauthenticated(), "a 401, not a failure of the controller");
+    }
+    let err = reviewer.review("bad-account-name").await.unwrap_err();
+    assert!(matches!(err, AuthError::InvalidServiceAccount { .. }) && err.is_unauthenticated(), "{err}");
+    assert_eq!(server.reviews().len(), 5, "refusals are not cached");
+    assert!(reviewer.review("a-user").await.is_err());
+    assert_eq!(server.reviews().len(), 6);
 
     // The API server failing is not the caller's fault; one that keeps answering 503 (which
     // the client retries for minutes) is given up on.
@@ -519,7 +565,7 @@ async fn tokens_that_are_not_ztunnels_for_this_controller_are_refused() {
 }
 
 #[tokio::test]
-async fn in_a_cluster_node_tokens_and_service_account_tokens_both_work() {
+async fn in_a_cluster_controller_tokens_and_service_account_tokens_both_work() {
     let server = ApiServer::start().await;
     server.token(
         "bound",
@@ -527,15 +573,20 @@ async fn in_a_cluster_node_tokens_and_service_account_tokens_both_work() {
         ztunnel_user(json!({"authentication.kubernetes.io/node-name": ["node-1"]})),
     );
     let dir = TempDir::new("both-credentials");
-    let node_tokens = NodeTokens::open(dir.path()).unwrap();
-    let vm = node_tokens.issue(&controller::auth::NodeName::new("vm-1").unwrap());
-    let auth = KubernetesAuth { node_tokens, reviewer: reviewer(&server) };
+    let tokens = Tokens::open(dir.path()).unwrap();
+    let vm = tokens.issue(&node("vm-1"));
+    let vm_waypoint = tokens.issue(&account("shop", "wp"));
+    let auth = KubernetesAuth { tokens, reviewer: reviewer(&server) };
 
-    assert_eq!(auth.authenticate(&vm).await.unwrap(), "vm-1");
-    assert_eq!(server.reviews().len(), 0, "a node token is never sent to the API server");
-    assert_eq!(auth.authenticate("bound").await.unwrap(), "node-1");
+    assert_eq!(auth.authenticate(&vm).await.unwrap(), node("vm-1"));
+    assert_eq!(auth.authenticate(&vm_waypoint).await.unwrap(), account("shop", "wp"));
+    assert_eq!(server.reviews().len(), 0, "a controller token is never sent to the API server");
+    assert_eq!(auth.authenticate("bound").await.unwrap(), node("node-1"));
     let forged = vm.replacen("vm-1", "vm-2", 1);
     assert!(matches!(auth.authenticate(&forged).await, Err(AuthError::BadSignature { .. })));
+    let forged = vm_waypoint.replacen("shop", "bank", 1);
+    assert!(matches!(auth.authenticate(&forged).await, Err(AuthError::BadSignature { .. })));
+    assert_eq!(server.reviews().len(), 1, "nor a forged one");
 }
 
 /// An API server faked at the HTTP level: enough of list, watch and TokenReview for the

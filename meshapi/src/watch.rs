@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::resource::{Key, Resource, Wire};
 
-/// Subscribing: `GET /v1/watch?node=<node>[&epoch=<epoch>&since=<version>]`.
+/// Subscribing: `GET /v1/watch?node=<node>[&epoch=<epoch>&since=<version>]`, or
+/// `?serviceAccount=<namespace>/<name>` for a proxy with its own identity ([`Subscriber`]).
 pub const WATCH_PATH: &str = "/v1/watch";
 /// Reporting what was applied: `POST /v1/ack` with an [`Ack`].
 pub const ACK_PATH: &str = "/v1/ack";
@@ -53,16 +54,120 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// What a proxy reports after applying a message: the version it now serves, and the
-/// resources of that message it rejected.
+/// Who a proxy acts for, as its watch request and acknowledgements name it: a node (ztunnel,
+/// which obtains the identities of every workload scheduled there), or a service account (a
+/// proxy that terminates HBONE with an identity of its own: a waypoint). The controller
+/// checks the name against the caller's credential.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subscriber {
+    /// The node's name.
+    Node(String),
+    /// `<namespace>/<name>`.
+    ServiceAccount { namespace: String, name: String },
+}
+
+/// What a proxy reports after applying a message: who it is, the version it now serves, and
+/// the resources of that message it rejected. On the wire the subscriber is exactly one of
+/// `node` and `serviceAccount`:
+///
+/// ```text
+/// {"node":"node-1","epoch":"6f1c..","version":42,"rejected":[]}
+/// {"serviceAccount":"shop/wp","epoch":"6f1c..","version":42,"rejected":[]}
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(try_from = "WireAck", into = "WireAck")]
 pub struct Ack {
-    pub node: String,
+    pub subscriber: Subscriber,
     pub epoch: String,
     pub version: u64,
-    #[serde(default)]
     pub rejected: Vec<Rejected>,
+}
+
+/// An [`Ack`] as written: the subscriber as two optional fields, of which exactly one is set.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WireAck {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service_account: Option<String>,
+    epoch: String,
+    version: u64,
+    #[serde(default)]
+    rejected: Vec<Rejected>,
+}
+
+/// Why a name does not read as a [`Subscriber`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriberError {
+    #[error("name the subscriber: `node` (a node's proxy) or `serviceAccount` (a proxy with its own identity)")]
+    Missing,
+    #[error("`node` and `serviceAccount` exclude each other: name the subscriber once")]
+    Both,
+    #[error("serviceAccount {0:?} is not <namespace>/<name>")]
+    NotServiceAccount(String),
+}
+
+impl Subscriber {
+    /// `<namespace>/<name>` as a service account; only the shape is checked (the controller
+    /// compares it with the caller's credential, which it validated).
+    pub fn service_account(text: &str) -> Result<Subscriber, SubscriberError> {
+        match text.split_once('/') {
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Subscriber::ServiceAccount { namespace: namespace.to_owned(), name: name.to_owned() })
+            }
+            _ => Err(SubscriberError::NotServiceAccount(text.chars().take(300).collect())),
+        }
+    }
+
+    /// From the two ways of naming a subscriber (query parameters, acknowledgement fields),
+    /// exactly one of which must be given.
+    pub fn from_parts(node: Option<&str>, service_account: Option<&str>) -> Result<Subscriber, SubscriberError> {
+        match (node, service_account) {
+            (Some(node), None) => Ok(Subscriber::Node(node.to_owned())),
+            (None, Some(account)) => Subscriber::service_account(account),
+            (Some(_), Some(_)) => Err(SubscriberError::Both),
+            (None, None) => Err(SubscriberError::Missing),
+        }
+    }
+
+    /// The watch request's query naming this subscriber: `node=<node>` or
+    /// `serviceAccount=<namespace>/<name>` (names never need percent-encoding).
+    pub fn query(&self) -> String {
+        match self {
+            Subscriber::Node(node) => format!("node={node}"),
+            Subscriber::ServiceAccount { namespace, name } => format!("serviceAccount={namespace}/{name}"),
+        }
+    }
+}
+
+/// `node node-1`, `service account shop/wp`.
+impl std::fmt::Display for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subscriber::Node(node) => write!(f, "node {node}"),
+            Subscriber::ServiceAccount { namespace, name } => write!(f, "service account {namespace}/{name}"),
+        }
+    }
+}
+
+impl TryFrom<WireAck> for Ack {
+    type Error = SubscriberError;
+
+    fn try_from(wire: WireAck) -> Result<Ack, SubscriberError> {
+        let subscriber = Subscriber::from_parts(wire.node.as_deref(), wire.service_account.as_deref())?;
+        Ok(Ack { subscriber, epoch: wire.epoch, version: wire.version, rejected: wire.rejected })
+    }
+}
+
+impl From<Ack> for WireAck {
+    fn from(ack: Ack) -> WireAck {
+        let (node, service_account) = match ack.subscriber {
+            Subscriber::Node(node) => (Some(node), None),
+            Subscriber::ServiceAccount { namespace, name } => (None, Some(format!("{namespace}/{name}"))),
+        };
+        WireAck { node, service_account, epoch: ack.epoch, version: ack.version, rejected: ack.rejected }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -531,5 +636,52 @@ services:
         let l = Message::heartbeat_line("e", 3);
         assert!(l.ends_with('\n'));
         assert!(matches!(Message::decode(l.trim_end()).unwrap(), Message::Heartbeat { version: 3, .. }));
+    }
+
+    #[test]
+    fn an_ack_names_exactly_one_subscriber() {
+        let node =
+            Ack { subscriber: Subscriber::Node("node-1".into()), epoch: "e".into(), version: 4, rejected: vec![] };
+        // ztunnel's form, byte for byte as before service accounts existed.
+        let text = serde_json::to_string(&node).unwrap();
+        assert_eq!(text, r#"{"node":"node-1","epoch":"e","version":4,"rejected":[]}"#);
+        assert_eq!(serde_json::from_str::<Ack>(&text).unwrap(), node);
+
+        let waypoint = Ack {
+            subscriber: Subscriber::ServiceAccount { namespace: "shop".into(), name: "wp".into() },
+            ..node.clone()
+        };
+        let text = serde_json::to_string(&waypoint).unwrap();
+        assert_eq!(text, r#"{"serviceAccount":"shop/wp","epoch":"e","version":4,"rejected":[]}"#);
+        assert_eq!(serde_json::from_str::<Ack>(&text).unwrap(), waypoint);
+        assert_eq!(
+            serde_json::from_str::<Ack>(r#"{"serviceAccount":"shop/wp","epoch":"e","version":4}"#).unwrap(),
+            waypoint,
+            "rejected may be absent"
+        );
+
+        for (body, why) in [
+            (r#"{"epoch":"e","version":4}"#, "name the subscriber"),
+            (r#"{"node":"n1","serviceAccount":"shop/wp","epoch":"e","version":4}"#, "exclude each other"),
+            (r#"{"serviceAccount":"wp","epoch":"e","version":4}"#, "not <namespace>/<name>"),
+            (r#"{"serviceAccount":"shop/wp/x","epoch":"e","version":4}"#, "not <namespace>/<name>"),
+            (r#"{"serviceAccount":"/wp","epoch":"e","version":4}"#, "not <namespace>/<name>"),
+            (r#"{"node":"n1","pod":"x","epoch":"e","version":4}"#, "unknown field"),
+        ] {
+            let err = serde_json::from_str::<Ack>(body).unwrap_err().to_string();
+            assert!(err.contains(why), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn subscribers_name_themselves_in_the_watch_query() {
+        assert_eq!(Subscriber::Node("node-1".into()).query(), "node=node-1");
+        let wp = Subscriber::service_account("shop/wp").unwrap();
+        assert_eq!(wp, Subscriber::ServiceAccount { namespace: "shop".into(), name: "wp".into() });
+        assert_eq!(wp.query(), "serviceAccount=shop/wp");
+        assert_eq!(wp.to_string(), "service account shop/wp");
+        assert_eq!(Subscriber::from_parts(Some("n1"), None).unwrap().to_string(), "node n1");
+        assert_eq!(Subscriber::from_parts(None, None), Err(SubscriberError::Missing));
+        assert_eq!(Subscriber::from_parts(Some("n1"), Some("shop/wp")), Err(SubscriberError::Both));
     }
 }

@@ -309,7 +309,7 @@ fn controller_endpoint(
         server_name,
         roots,
         token_file: token_file.to_owned(),
-        node: node.to_owned(),
+        subscriber: meshapi::watch::Subscriber::Node(node.to_owned()),
     })
 }
 

@@ -1,6 +1,7 @@
 //! The connection to the controller: one HTTP/2 connection over TLS, opened on first use and
 //! again after it fails, carrying the watch stream, acknowledgements and certificate requests
-//! (`docs/PROTOCOL.md`). Every request carries the node's credential.
+//! (`docs/PROTOCOL.md`). Every request carries the subscriber's credential: a node's (ztunnel)
+//! or a service account's (a waypoint, which reuses this client).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshapi::certificate::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorBody};
-use meshapi::watch::{ACK_PATH, Ack, Cursor, WATCH_PATH};
+use meshapi::watch::{ACK_PATH, Ack, Cursor, Subscriber, WATCH_PATH};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -35,7 +36,7 @@ pub enum ControlError {
         "cannot connect to the controller at {addr}: {error}; is it running, and is port 15012 reachable from this node?"
     )]
     Connect { addr: String, error: std::io::Error },
-    #[error("cannot read the node credential {path}: {error}")]
+    #[error("cannot read the controller credential {path}: {error}")]
     Credential { path: PathBuf, error: String },
     #[error(
         "TLS with the controller at {addr} failed: {error}; does --controller-ca hold the root that signed its certificate, and does --controller-name match it?"
@@ -81,10 +82,12 @@ pub struct Endpoint {
     /// added as it arrives ([`Client::trust_also`]), so a controller that rotated to a new
     /// root is still trusted on the next connection.
     pub roots: Vec<CertificateDer<'static>>,
-    /// The file holding the node's bearer token, read again for each request (a projected
+    /// The file holding the bearer token, read again for each request (a projected
     /// service-account token rotates).
     pub token_file: PathBuf,
-    pub node: String,
+    /// Who the watch and acknowledgements are for: the node (ztunnel) or the service account
+    /// (a waypoint) the token belongs to.
+    pub subscriber: Subscriber,
 }
 
 pub struct Client {
@@ -116,8 +119,8 @@ impl Client {
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
     }
 
-    pub fn node(&self) -> &str {
-        &self.endpoint.node
+    pub fn subscriber(&self) -> &Subscriber {
+        &self.endpoint.subscriber
     }
 
     /// The open connection, or a new one.
@@ -173,7 +176,7 @@ impl Client {
                 token
             }
             Err(e) => {
-                tracing::warn!(error = %e, "keeping the node credential read before");
+                tracing::warn!(error = %e, "keeping the controller credential read before");
                 self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
             }
         };
@@ -211,20 +214,16 @@ impl Client {
         Err(ControlError::Refused { path, status, reason, error })
     }
 
-    /// Subscribes for this node, resuming after `since` when given.
+    /// Subscribes for this subscriber, resuming after `since` when given.
     pub async fn watch(&self, since: Option<&Cursor>) -> Result<Lines, ControlError> {
-        let mut query = format!("{WATCH_PATH}?node={}", self.endpoint.node);
-        if let Some(c) = since.filter(|c| c.is_set()) {
-            query.push_str(&format!("&epoch={}&since={}", c.epoch, c.version));
-        }
-        let req = self.request(Method::GET, &query, Bytes::new())?;
+        let req = self.request(Method::GET, &watch_path(&self.endpoint.subscriber, since), Bytes::new())?;
         let resp = tokio::time::timeout(CALL_TIMEOUT, self.send("watch", req))
             .await
             .map_err(|_| ControlError::Timeout(CALL_TIMEOUT))??;
         Ok(Lines { body: resp.into_body(), buf: BytesMut::new(), searched: 0 })
     }
 
-    /// Reports what this node applied.
+    /// Reports what this subscriber applied.
     pub async fn ack(&self, ack: &Ack) -> Result<(), ControlError> {
         let body = serde_json::to_vec(ack).unwrap_or_default();
         let req = self.request(Method::POST, ACK_PATH, Bytes::from(body))?;
@@ -246,6 +245,16 @@ impl Client {
         };
         tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| ControlError::Timeout(CALL_TIMEOUT))?
     }
+}
+
+/// `/v1/watch?node=<node>` or `?serviceAccount=<namespace>/<name>`, with the cursor to resume
+/// from when one was ever set.
+fn watch_path(subscriber: &Subscriber, since: Option<&Cursor>) -> String {
+    let mut path = format!("{WATCH_PATH}?{}", subscriber.query());
+    if let Some(c) = since.filter(|c| c.is_set()) {
+        path.push_str(&format!("&epoch={}&since={}", c.epoch, c.version));
+    }
+    path
 }
 
 /// Splits `host:port` (IPv6 in brackets: `[fd00::1]:15012`).
@@ -347,5 +356,16 @@ mod tests {
         assert_eq!(split_host_port("host"), None);
         assert_eq!(split_host_port(":15012"), None);
         assert_eq!(bracket("fd00::5"), "[fd00::5]");
+    }
+
+    #[test]
+    fn the_watch_names_the_subscriber() {
+        let node = Subscriber::Node("node-1".into());
+        let cursor = Cursor { epoch: "e1".into(), version: 7 };
+        assert_eq!(watch_path(&node, None), "/v1/watch?node=node-1");
+        assert_eq!(watch_path(&node, Some(&cursor)), "/v1/watch?node=node-1&epoch=e1&since=7");
+        assert_eq!(watch_path(&node, Some(&Cursor::default())), "/v1/watch?node=node-1", "never synced");
+        let waypoint = Subscriber::ServiceAccount { namespace: "shop".into(), name: "wp".into() };
+        assert_eq!(watch_path(&waypoint, Some(&cursor)), "/v1/watch?serviceAccount=shop/wp&epoch=e1&since=7");
     }
 }

@@ -142,7 +142,7 @@ impl Watcher {
             }
         }
         let ack = Ack {
-            node: self.client.node().to_owned(),
+            subscriber: self.client.subscriber().clone(),
             epoch: self.cursor.epoch.clone(),
             version: self.cursor.version,
             rejected: outcome.rejected,
