@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certificate;
+pub mod httproute;
 pub mod model;
 pub mod node;
 pub mod resource;
