@@ -72,7 +72,7 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
                 &roots,
                 name.as_deref(),
                 token_file,
-                &config.node,
+                meshapi::watch::Subscriber::Node(config.node.clone()),
             )?)?);
             // Static stability: start from what was applied last, if it was kept.
             let config_file = config.state_dir.as_ref().map(|d| d.join("config.json"));
@@ -284,12 +284,14 @@ async fn reload_local(
 
 /// The controller client's settings: TLS that verifies the controller's certificate to
 /// `roots` by `name` (its IP address by default), HTTP/2.
-fn controller_endpoint(
+/// The controller at `address` (`<host>:<port>`), verified with `roots` (PEM) under `name`
+/// (default: the host), called with the token in `token_file` for `subscriber`.
+pub fn controller_endpoint(
     address: &str,
     roots: &str,
     name: Option<&str>,
     token_file: &std::path::Path,
-    node: &str,
+    subscriber: meshapi::watch::Subscriber,
 ) -> anyhow::Result<control::client::Endpoint> {
     use rustls::pki_types::pem::PemObject;
     let roots = rustls::pki_types::CertificateDer::pem_slice_iter(roots.as_bytes())
@@ -309,7 +311,7 @@ fn controller_endpoint(
         server_name,
         roots,
         token_file: token_file.to_owned(),
-        subscriber: meshapi::watch::Subscriber::Node(node.to_owned()),
+        subscriber,
     })
 }
 

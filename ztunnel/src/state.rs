@@ -568,6 +568,19 @@ impl State {
         self.authorizations.values().map(|a| &**a)
     }
 
+    /// The waypoint of key `<namespace>/<name>`.
+    pub fn waypoint(&self, key: &str) -> Option<&Waypoint> {
+        self.waypoints.get(key).map(|w| &**w)
+    }
+
+    /// The waypoint all traffic to `workload` must pass through, as `<namespace>/<name>`: its
+    /// own (the pod's or its namespace's label), else that of a service selecting it (the
+    /// first by key). A client that dials the pod directly must not skip the L7 policy its
+    /// service applies (ARCHITECTURE §4.4).
+    pub fn waypoint_of<'a>(&'a self, workload: &'a Workload) -> Option<&'a str> {
+        workload.waypoint.as_deref().or_else(|| self.services_of(workload).find_map(|s| s.service().waypoint.as_deref()))
+    }
+
     /// Every waypoint, by key.
     pub fn waypoints(&self) -> impl Iterator<Item = &Waypoint> {
         self.waypoints.values().map(|w| &**w)

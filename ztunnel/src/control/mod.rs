@@ -161,50 +161,11 @@ impl Watcher {
 
     /// Applies a decoded message to the proxy's state.
     fn apply(&mut self, message: Message) -> Outcome {
-        let mut rejected = Vec::new();
-        let mut changes = Vec::new();
-        match message {
-            Message::Snapshot { resources, .. } => {
-                let mut seen = std::collections::HashSet::new();
-                for r in resources {
-                    match r {
-                        Ok(resource) => {
-                            seen.insert(resource.key());
-                            changes.push(Change::Upsert(resource));
-                        }
-                        Err(rej) => rejected.push(rej),
-                    }
-                }
-                changes.extend(self.held.keys().filter(|k| !seen.contains(*k)).cloned().map(Change::Delete));
-            }
-            Message::Delta { upserts, deletes, .. } => {
-                for r in upserts {
-                    match r {
-                        Ok(resource) => changes.push(Change::Upsert(resource)),
-                        Err(rej) => rejected.push(rej),
-                    }
-                }
-                changes.extend(deletes.into_iter().map(Change::Delete));
-            }
-            Message::Resumed { .. } | Message::Heartbeat { .. } => {}
-        }
-        // Only what differs from what is held reaches the state.
-        changes.retain(|c| match c {
-            Change::Upsert(r) => self.held.get(&r.key()).is_none_or(|held| *held != r.encode()),
-            Change::Delete(k) => self.held.contains_key(k),
-        });
+        let (changes, rejected) = changes_of(&mut self.held, message);
         for c in &changes {
-            match c {
-                Change::Upsert(r) => {
-                    self.held.insert(r.key(), r.encode());
-                    if let Resource::TrustBundle(bundle) = r {
-                        install_bundle(&self.proxy, bundle);
-                        self.client.trust_also(self.proxy.trust.bundle().roots());
-                    }
-                }
-                Change::Delete(k) => {
-                    self.held.remove(k);
-                }
+            if let Change::Upsert(Resource::TrustBundle(bundle)) = c {
+                install_bundle(&self.proxy, bundle);
+                self.client.trust_also(self.proxy.trust.bundle().roots());
             }
         }
         let n = changes.len();
@@ -215,12 +176,66 @@ impl Watcher {
     }
 }
 
+/// The changes a decoded message makes to what is `held` (each resource in its wire form),
+/// and the resources it carried that could not be used. A snapshot becomes the changes
+/// against what is held; only what differs is returned; `held` is updated to match.
+pub fn changes_of(held: &mut BTreeMap<Key, String>, message: Message) -> (Vec<Change>, Vec<Rejected>) {
+    let mut rejected = Vec::new();
+    let mut changes = Vec::new();
+    match message {
+        Message::Snapshot { resources, .. } => {
+            let mut seen = std::collections::HashSet::new();
+            for r in resources {
+                match r {
+                    Ok(resource) => {
+                        seen.insert(resource.key());
+                        changes.push(Change::Upsert(resource));
+                    }
+                    Err(rej) => rejected.push(rej),
+                }
+            }
+            changes.extend(held.keys().filter(|k| !seen.contains(*k)).cloned().map(Change::Delete));
+        }
+        Message::Delta { upserts, deletes, .. } => {
+            for r in upserts {
+                match r {
+                    Ok(resource) => changes.push(Change::Upsert(resource)),
+                    Err(rej) => rejected.push(rej),
+                }
+            }
+            changes.extend(deletes.into_iter().map(Change::Delete));
+        }
+        Message::Resumed { .. } | Message::Heartbeat { .. } => {}
+    }
+    // Only what differs from what is held reaches the state.
+    changes.retain(|c| match c {
+        Change::Upsert(r) => held.get(&r.key()).is_none_or(|h| *h != r.encode()),
+        Change::Delete(k) => held.contains_key(k),
+    });
+    for c in &changes {
+        match c {
+            Change::Upsert(r) => {
+                held.insert(r.key(), r.encode());
+            }
+            Change::Delete(k) => {
+                held.remove(k);
+            }
+        }
+    }
+    (changes, rejected)
+}
+
 /// Makes `bundle` the roots peers must chain to. New handshakes use it at once; established
 /// connections stay up.
 pub fn install_bundle(proxy: &Proxy, bundle: &meshapi::TrustBundle) {
+    install_trust(&proxy.trust, bundle)
+}
+
+/// Makes `bundle` the roots `trust` holds (any proxy's trust store).
+pub fn install_trust(trust: &hbone::TrustStore, bundle: &meshapi::TrustBundle) {
     match hbone::TrustBundle::from_pem(&bundle.roots.concat()).and_then(|b| b.with_trust_domain(&bundle.trust_domain)) {
         Ok(b) => {
-            proxy.trust.replace(b);
+            trust.replace(b);
             info!(trust_domain = %bundle.trust_domain, roots = bundle.roots.len(), "trust bundle installed");
         }
         Err(e) => warn!(error = %e, "trust bundle from the controller is unusable; keeping the current one"),

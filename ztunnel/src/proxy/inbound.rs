@@ -151,6 +151,18 @@ impl Handler for Inbound {
             let detail = format!("{target} is no longer a known workload");
             return Err(self.refuse(&state, req, Refusal::NotServed, detail));
         };
+        // A workload behind a waypoint accepts tunnels only from it: a client that dials the
+        // pod directly (or a peer that is not captured) must not skip the waypoint's policy.
+        if let Some(waypoint) = state.waypoint_of(workload) {
+            let through = state.waypoint(waypoint).and_then(|w| w.identity(state.trust_domain()).ok());
+            if through.as_ref() != Some(&req.peer_identity) {
+                let detail = format!(
+                    "workload {} is reached only through its waypoint {waypoint}; {} is not it",
+                    workload.uid, req.peer_identity
+                );
+                return Err(self.refuse(&state, req, Refusal::Policy, detail));
+            }
+        }
         let peer = req.peer_addr.ip();
         // A forged claim is refused as a policy matter (403): the request is well-formed, the
         // mesh's rule forbids it.

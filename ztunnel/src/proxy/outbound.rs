@@ -1,8 +1,9 @@
 //! Outbound: a connection captured at :15001 inside the source pod.
 //!
 //! 1. read the original destination (SO_ORIGINAL_DST);
-//! 2. resolve it: a service VIP → an endpoint (load balanced), a workload address → that
-//!    workload, anything else → passthrough;
+//! 2. resolve it: a service VIP → its waypoint if it has one, else an endpoint (load
+//!    balanced); a workload address → its waypoint if it has one, else that workload;
+//!    anything else → passthrough;
 //! 3. an enrolled destination → HBONE to `<endpoint>:15008` with the source's certificate,
 //!    expecting the destination's identity; a non-enrolled one → plain TCP from the pod;
 //! 4. copy until both sides are done; the connection's record writes its access line and
@@ -157,6 +158,18 @@ fn plan(
         }
     };
     match state.resolve(orig) {
+        Resolved::Service { service, .. } if service.service().waypoint.is_some() => {
+            let waypoint = service.service().waypoint.as_deref().unwrap_or_default();
+            let routes = via_waypoint(state, proxy, waypoint, orig)
+                .map_err(|why| format!("service {} uses waypoint {waypoint}, {why}", service.key()))?;
+            Ok((routes, Some(service.hostname().clone())))
+        }
+        Resolved::Workload(w) if w.workload().enrolled && state.waypoint_of(w.workload()).is_some() => {
+            let waypoint = state.waypoint_of(w.workload()).unwrap_or_default();
+            let routes = via_waypoint(state, proxy, waypoint, orig)
+                .map_err(|why| format!("workload {} uses waypoint {waypoint}, {why}", w.uid()))?;
+            Ok((routes, None))
+        }
         Resolved::Service { service, port, endpoints } => {
             let key = service.key();
             let order = proxy
@@ -181,6 +194,27 @@ fn plan(
         }
         Resolved::Unknown => Ok((vec![(Route::Direct { target: orig }, orig)], None)),
     }
+}
+
+/// Routes through the waypoint `key` (each of its addresses, balanced): HBONE to its 15008,
+/// CONNECT target the original destination, the waypoint's identity expected. A waypoint
+/// that does not exist or has no address refuses the connection: going around it would skip
+/// its policy.
+fn via_waypoint(state: &State, proxy: &Proxy, key: &str, orig: SocketAddr) -> Result<Vec<(Route, SocketAddr)>, String> {
+    let waypoint = state.waypoint(key).ok_or("which does not exist")?;
+    let identity = waypoint.identity(state.trust_domain()).map_err(|e| format!("whose identity is invalid: {e}"))?;
+    let addresses = &waypoint.addresses;
+    if addresses.is_empty() {
+        return Err("which has no ready address".into());
+    }
+    let order = proxy.balancer.order(key, addresses.len(), |i| addresses[i]);
+    Ok(order
+        .into_iter()
+        .map(|i| {
+            let endpoint = SocketAddr::new(addresses[i], HBONE_PORT);
+            (Route::Hbone { endpoint, target: orig, identity: identity.clone() }, orig)
+        })
+        .collect())
 }
 
 struct ConnectFailure {
