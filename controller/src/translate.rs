@@ -8,13 +8,17 @@
 //! | --- | --- |
 //! | a Pod | its Workload; the Waypoint it serves (label `gateway.networking.k8s.io/gateway-name`); Services of its namespace whose named `targetPort` it could answer |
 //! | a Namespace | the Workloads and Services of that namespace (its labels decide enrollment, mTLS mode, waypoint) |
-//! | a Service, Gateway, AuthorizationPolicy, HTTPRoute | its own Service, Waypoint, Authorization, HttpRoute |
+//! | a Gateway | its Waypoint; when it becomes or stops being a waypoint, the Workloads of the pods labelled with its name |
+//! | a Service, AuthorizationPolicy, HTTPRoute | its own Service, Authorization, HttpRoute |
 //!
 //! The rules:
 //!
 //! - **Enrollment**: a pod is captured when its namespace has `weft.dev/mesh=enabled`, it
-//!   does not have `weft.dev/mesh=disabled`, and it is not `hostNetwork`. A pod with no IP
-//!   or no node yet, or that has finished (`Succeeded`, `Failed`), has no workload.
+//!   does not have `weft.dev/mesh=disabled`, it is not `hostNetwork`, and it does not serve
+//!   a waypoint (label `gateway.networking.k8s.io/gateway-name` naming a Gateway of class
+//!   `weft-waypoint` in its namespace: a waypoint terminates HBONE itself, and capturing it
+//!   would wrap its tunnels in ztunnel's a second time). A pod with no IP or no node yet, or
+//!   that has finished (`Succeeded`, `Failed`), has no workload.
 //! - **Workload**: uid `<namespace>/<name>`, its pod IPs, service account (`default` when
 //!   unset), labels; mTLS mode from `weft.dev/mtls` on the pod, else its namespace, else
 //!   PERMISSIVE; waypoint from `weft.dev/use-waypoint` on the pod, else its namespace. An
@@ -266,8 +270,11 @@ impl Translator {
                 self.put(&r, Translated { resource: None, problem: None }, changes);
             }
             ObjectKind::Gateway => {
-                self.waypoints.remove(&(namespace, name));
+                let was_waypoint = self.waypoints.remove(&(namespace.clone(), name.clone()));
                 self.put(&r, Translated { resource: None, problem: None }, changes);
+                if was_waypoint {
+                    self.waypoint_pods_changed(&namespace, &name, changes);
+                }
             }
             ObjectKind::AuthorizationPolicy | ObjectKind::HttpRoute => {
                 self.put(&r, Translated { resource: None, problem: None }, changes);
@@ -320,12 +327,34 @@ impl Translator {
 
     fn gateway_applied(&mut self, gateway: &Gateway, namespace: &str, name: &str, changes: &mut Vec<Change>) {
         let key = (namespace.to_owned(), name.to_owned());
-        if gateway.spec.gateway_class_name == WAYPOINT_CLASS {
-            self.waypoints.insert(key);
+        let changed = if gateway.spec.gateway_class_name == WAYPOINT_CLASS {
+            self.waypoints.insert(key)
         } else {
-            self.waypoints.remove(&key);
-        }
+            self.waypoints.remove(&key)
+        };
         self.translate_waypoint(namespace, name, changes);
+        if changed {
+            self.waypoint_pods_changed(namespace, name, changes);
+        }
+    }
+
+    /// The Gateway `name` became or stopped being a waypoint: the pods labelled with its name
+    /// are enrolled or not accordingly.
+    fn waypoint_pods_changed(&mut self, namespace: &str, name: &str, changes: &mut Vec<Change>) {
+        let pods: Vec<String> = self
+            .in_namespace(&self.pods, namespace)
+            .filter(|(_, p)| p.labels.get(GATEWAY_NAME_LABEL).map(String::as_str) == Some(name))
+            .map(|(pod, _)| pod.to_owned())
+            .collect();
+        for pod in pods {
+            self.translate_pod(namespace, &pod, changes);
+        }
+    }
+
+    /// Whether `pod` serves a waypoint: its Gateway label names a Gateway of the waypoint
+    /// class in its namespace.
+    fn serves_waypoint(&self, namespace: &str, pod: &PodFacts) -> bool {
+        pod.labels.get(GATEWAY_NAME_LABEL).is_some_and(|g| self.waypoints.contains(&(namespace.to_owned(), g.clone())))
     }
 
     fn translate_pod(&mut self, namespace: &str, name: &str, changes: &mut Vec<Change>) {
@@ -347,7 +376,8 @@ impl Translator {
                         labels: pod.labels.clone(),
                         enrolled: ns.enrolled
                             && pod.labels.get(MESH_LABEL).map(String::as_str) != Some("disabled")
-                            && !pod.host_network,
+                            && !pod.host_network
+                            && !self.serves_waypoint(namespace, pod),
                         mtls: pod.mtls.or(ns.mtls).unwrap_or(MtlsMode::Permissive),
                         waypoint: pod.waypoint.clone().or(ns.waypoint).map(|w| format!("{namespace}/{w}")),
                     };
@@ -1388,6 +1418,77 @@ spec:
         apply(&mut t, &pod("{phase: Running, podIP: 10.244.1.9}"));
         let changes = apply(&mut t, &gateway.replace("weft-waypoint", "istio"));
         assert_eq!(summary(&changes), ["delete Waypoint shop/wp"], "another class is not a waypoint");
+    }
+
+    #[test]
+    fn a_waypoints_pods_are_not_captured() {
+        let mut t = Translator::new();
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {weft.dev/mesh: enabled}}\n";
+        let gateway = |class: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: shop}}\n\
+                 spec: {{gatewayClassName: {class}}}\n"
+            )
+        };
+        let pod = |name: &str, ip: &str, gateway: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\n\
+                 metadata: {{name: {name}, namespace: shop, labels: {{gateway.networking.k8s.io/gateway-name: {gateway}}}}}\n\
+                 spec: {{nodeName: n1, serviceAccountName: {gateway}, containers: []}}\n\
+                 status: {{phase: Running, podIP: {ip}}}\n"
+            )
+        };
+        let enrolled = |changes: &[Change]| -> Vec<(String, bool)> {
+            changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Upsert(Resource::Workload(w)) => Some((w.name.clone(), w.enrolled)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(apply(&mut t, ns).is_empty());
+        // Before its Gateway is known, the label alone changes nothing: a pod of an enrolled
+        // namespace.
+        let changes = apply(&mut t, &pod("wp-0", "10.244.1.9", "wp"));
+        assert_eq!(enrolled(&changes), [("wp-0".to_owned(), true)]);
+
+        // The Gateway arrives: its waypoint, and its pod no longer captured, with its identity
+        // and addresses still in the model (peers reach it, and it obtains its certificate).
+        let changes = apply(&mut t, &gateway("weft-waypoint"));
+        assert_eq!(summary(&changes), ["upsert Waypoint shop/wp", "upsert Workload shop/wp-0"]);
+        let [_, Change::Upsert(Resource::Workload(w))] = changes.as_slice() else { panic!("{changes:?}") };
+        assert_eq!(
+            (w.enrolled, w.service_account.as_str(), w.addresses.as_slice()),
+            (false, "wp", [ip("10.244.1.9")].as_slice())
+        );
+
+        // A pod arriving later is not captured from the start; one labelled for a Gateway
+        // that is not a waypoint is.
+        let changes = apply(&mut t, &pod("wp-1", "10.244.1.10", "wp"));
+        assert_eq!(summary(&changes), ["upsert Workload shop/wp-1", "upsert Waypoint shop/wp"]);
+        assert_eq!(enrolled(&changes), [("wp-1".to_owned(), false)]);
+        let changes = apply(&mut t, &pod("ingress-0", "10.244.1.11", "ingress"));
+        assert_eq!(enrolled(&changes), [("ingress-0".to_owned(), true)]);
+
+        // The Gateway changes class: no waypoint, its pods captured again; and back.
+        let changes = apply(&mut t, &gateway("istio"));
+        assert_eq!(
+            summary(&changes),
+            ["delete Waypoint shop/wp", "upsert Workload shop/wp-0", "upsert Workload shop/wp-1"]
+        );
+        assert_eq!(enrolled(&changes), [("wp-0".to_owned(), true), ("wp-1".to_owned(), true)]);
+        assert!(apply(&mut t, &gateway("istio")).is_empty(), "no change of class, nothing re-translated");
+        let changes = apply(&mut t, &gateway("weft-waypoint"));
+        assert_eq!(enrolled(&changes), [("wp-0".to_owned(), false), ("wp-1".to_owned(), false)]);
+
+        // Deleted: the same.
+        let changes = t.apply(Event::Deleted(ObjectRef::new(ObjectKind::Gateway, Some("shop"), "wp")));
+        assert_eq!(
+            summary(&changes),
+            ["delete Waypoint shop/wp", "upsert Workload shop/wp-0", "upsert Workload shop/wp-1"]
+        );
+        assert_eq!(enrolled(&changes), [("wp-0".to_owned(), true), ("wp-1".to_owned(), true)]);
     }
 
     #[test]

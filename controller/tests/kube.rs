@@ -239,6 +239,7 @@ async fn the_initial_list_translates_exactly_as_the_yaml_directory() {
     assert_eq!(by_key(from_api.changes.clone()), by_key(from_dir), "the same resources, field for field");
     assert!(workload(&from_api.changes, "shop/web-0").enrolled);
     assert!(!workload(&from_api.changes, "plain/batch-0").enrolled);
+    assert!(!workload(&from_api.changes, "shop/waypoint-0").enrolled, "it serves the waypoint: not captured");
 
     assert_eq!(about(&from_api.rejected), about(&scan.rejected));
     let [typo] = from_api.rejected.as_slice() else { panic!("{:#?}", from_api.rejected) };
