@@ -35,6 +35,9 @@
 //!   cannot read (a principal, an IP block, port 0) keeps the policy but marks it broken,
 //!   so it fails closed, and is reported.
 //! - **HttpRoute**: an `HTTPRoute` with `parentRefs` of kind Service; its `spec` as written.
+//!   Its rules are read as the waypoint reads them (`meshapi::httproute`, regular expressions
+//!   compiled): a rule the waypoint would skip is reported, and the route is still emitted
+//!   (the waypoint skips that rule alone).
 //!
 //! Every resource is checked by the model's own decoder ([`Resource::from_wire`]) before it
 //! is emitted: what a proxy would refuse is a [`Rejection`] here instead. Rejections are kept
@@ -48,9 +51,11 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use meshapi::httproute::{self, ParsedRoute};
 use meshapi::resource::Wire;
 use meshapi::watch::Change;
 use meshapi::{HttpRoute, Key, Kind, ModelError, MtlsMode, Resource, Service, ServicePort, Waypoint, Workload};
+use regex::RegexBuilder;
 use serde_json::json;
 
 use crate::source::{AuthorizationPolicy, Event, Gateway, Object, ObjectKind, ObjectRef, PolicyAction, Rejection};
@@ -244,9 +249,8 @@ impl Translator {
                     .filter(|p| p.is_service())
                     .map(|p| format!("{}/{}", p.namespace.as_deref().unwrap_or(&namespace), p.name))
                     .collect();
-                let resource = (!parents.is_empty())
-                    .then(|| Resource::HttpRoute(HttpRoute { name, namespace, parents, spec: route.spec.clone() }));
-                self.put(&r, Translated { resource, problem: None }, changes);
+                let t = http_route(&r, name, namespace, parents, &route.spec);
+                self.put(&r, t, changes);
             }
         }
     }
@@ -831,6 +835,50 @@ fn authorization(policy: &AuthorizationPolicy, r: &ObjectRef) -> Translated {
             Translated { resource: None, problem: Some(model_rejection(&e, &key, r)) }
         }
     }
+}
+
+/// A route attached to Services, with its `spec` as written, and the problems the waypoint
+/// would find in it: each rule through the waypoint's reader, each regular expression compiled
+/// as it compiles them. A route with no Service parent is not the mesh's: nothing.
+fn http_route(
+    r: &ObjectRef,
+    name: String,
+    namespace: String,
+    parents: Vec<String>,
+    spec: &serde_json::Value,
+) -> Translated {
+    if parents.is_empty() {
+        return Translated { resource: None, problem: None };
+    }
+    let mut parsed = httproute::parse(&namespace, spec);
+    parsed.check_regexes(|pattern| {
+        RegexBuilder::new(pattern)
+            .size_limit(httproute::REGEX_SIZE_LIMIT)
+            .build()
+            .map(|_| ())
+            .map_err(|e| format!("not a regular expression: {e}"))
+    });
+    let problem = route_problem(r, &parsed);
+    let route = HttpRoute { name, namespace, parents, spec: spec.clone() };
+    Translated { resource: Some(Resource::HttpRoute(route)), problem }
+}
+
+/// A route's problems as one report (one per object): the first names the field, the others
+/// follow in the reason; each says what the waypoint does about it.
+fn route_problem(r: &ObjectRef, parsed: &ParsedRoute) -> Option<Rejection> {
+    let (first, rest) = parsed.problems.split_first()?;
+    let consequence = |p: &httproute::Problem| match p.rule {
+        Some(i) => format!(" (the waypoint skips rule {i} and applies the others)"),
+        None => " (ignored)".to_owned(),
+    };
+    let mut reason = format!("{}{}", first.reason, consequence(first));
+    for p in rest {
+        reason.push_str(&format!("; also {p}{}", consequence(p)));
+    }
+    if !parsed.rules.is_empty() && parsed.valid().next().is_none() {
+        reason.push_str("; no rule is left, so the route does not apply: the service is served as if it had no route");
+    }
+    Some(Rejection::new(reason).about(r.clone()).at(first.field.clone()))
 }
 
 #[cfg(test)]
@@ -1513,6 +1561,41 @@ spec:
         let ids: BTreeSet<String> =
             t.rejected().iter().filter_map(|r| r.object.as_ref()).map(ToString::to_string).collect();
         assert_eq!(ids.len(), 2);
+    }
+
+    #[test]
+    fn route_rules_the_waypoint_would_skip_are_reported_and_the_route_is_still_emitted() {
+        let mut t = Translator::new();
+        let route = |second_rule: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: canary, namespace: shop}}\n\
+                 spec: {{parentRefs: [{{group: '', kind: Service, name: api}}], \
+                 rules: [{{backendRefs: [{{name: api-v1, port: 80}}]}}, {second_rule}]}}\n"
+            )
+        };
+        let changes = apply(&mut t, &route("{filters: [{type: Rewrite}], backendRefs: [{name: api-v2, port: 80}]}"));
+        let [Change::Upsert(Resource::HttpRoute(emitted))] = changes.as_slice() else { panic!("{changes:?}") };
+        let rules = emitted.spec["rules"].as_array().unwrap();
+        assert_eq!(rules.len(), 2, "both rules travel, as written: the waypoint skips the bad one");
+        assert_eq!(rules[0]["backendRefs"][0]["name"], "api-v1");
+        assert_eq!(rules[1]["filters"][0]["type"], "Rewrite");
+        let [problem] = t.rejected().try_into().unwrap();
+        assert_eq!(problem.object, Some(ObjectRef::new(ObjectKind::HttpRoute, Some("shop"), "canary")));
+        assert_eq!(problem.field.as_deref(), Some("spec.rules[1].filters[0].type"));
+        assert!(problem.reason.starts_with("unknown filter type \"Rewrite\""), "{problem}");
+        assert!(problem.reason.contains("the waypoint skips rule 1 and applies the others"), "{problem}");
+
+        // A regular expression the waypoint could not compile is reported the same way.
+        let bad_regex = "{matches: [{headers: [{type: RegularExpression, name: x-user, value: '(admin'}]}], \
+                         backendRefs: [{name: api-v2, port: 80}]}";
+        assert_eq!(summary(&apply(&mut t, &route(bad_regex))), ["upsert HttpRoute shop/canary"]);
+        let [problem] = t.rejected().try_into().unwrap();
+        assert_eq!(problem.field.as_deref(), Some("spec.rules[1].matches[0].headers[0].value"));
+        assert!(problem.reason.starts_with("not a regular expression"), "{problem}");
+
+        // Fixed: the report goes.
+        apply(&mut t, &route("{backendRefs: [{name: api-v2, port: 80}]}"));
+        assert!(t.rejected().is_empty(), "{:?}", t.rejected());
     }
 
     #[test]
