@@ -5,6 +5,10 @@
 //!   the client does. Each accepted peer is printed, so tests can see who connected.
 //! - `sink`: reads and discards; on EOF answers the byte count (8 bytes, big-endian).
 //! - `http`: a minimal HTTP/1.1 keep-alive server answering every request `200 ok`.
+//! - `web`: HTTP/1.1 and HTTP/2 (hyper) answering its name, for the waypoint's tests and the
+//!   demo; fails a given share of requests with 503, spread evenly (at 50%, every other
+//!   request), and echoes the request's method, path and `x-*` headers in
+//!   response headers (`x-seen-*`).
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -33,6 +37,17 @@ pub enum App {
         #[arg(long)]
         port: u16,
     },
+    /// HTTP/1.1 and HTTP/2, answering its name.
+    Web {
+        #[arg(long)]
+        port: u16,
+        /// The response body (for example the version: v1).
+        #[arg(long)]
+        name: String,
+        /// Percent of requests answered 503 (0 to 100).
+        #[arg(long, default_value_t = 0)]
+        fail_percent: u32,
+    },
 }
 
 pub async fn run(app: App) -> anyhow::Result<()> {
@@ -40,6 +55,51 @@ pub async fn run(app: App) -> anyhow::Result<()> {
         App::Echo { port, banner } => echo(port, banner).await,
         App::Sink { port } => sink(port).await,
         App::Http { port } => http(port).await,
+        App::Web { port, name, fail_percent } => web(port, name, fail_percent).await,
+    }
+}
+
+async fn web(port: u16, name: String, fail_percent: u32) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let listener = listen(port).await?;
+    let name: Arc<str> = Arc::from(format!("{name}\n"));
+    let count = Arc::new(AtomicU32::new(0));
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let (name, count) = (name.clone(), count.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let n = count.fetch_add(1, Ordering::Relaxed);
+                // Spread evenly: at 50, every other request fails.
+                let failing =
+                    (u64::from(n) + 1) * u64::from(fail_percent) / 100 > u64::from(n) * u64::from(fail_percent) / 100;
+                let mut resp = hyper::Response::new(Full::new(Bytes::from(name.to_string())));
+                if failing {
+                    *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let h = resp.headers_mut();
+                h.insert("x-seen-method", req.method().as_str().parse().expect("a method is a header value"));
+                if let Ok(v) = req.uri().path().parse() {
+                    h.insert("x-seen-path", v);
+                }
+                for (k, v) in req.headers() {
+                    if let Some(rest) = k.as_str().strip_prefix("x-")
+                        && let Ok(key) = hyper::header::HeaderName::from_bytes(format!("x-seen-{rest}").as_bytes())
+                    {
+                        h.insert(key, v.clone());
+                    }
+                }
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let _ = builder.serve_connection(io, service).await;
+        });
     }
 }
 

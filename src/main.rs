@@ -1,8 +1,8 @@
 //! `weft`: the command-line entry point of the Weft mesh.
 //!
-//! `weft demo` shows the mesh at work on a cluster of network namespaces; `weft ztunnel` and
-//! `weft controller` run the two components (the same as their own binaries), so the lab and
-//! the demo need one binary.
+//! `weft demo` shows the mesh at work on a cluster of network namespaces; `weft ztunnel`,
+//! `weft controller` and `weft waypoint` run the components (the same as their own binaries),
+//! so the lab and the demo need one binary.
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +34,9 @@ enum Command {
     Get(get::Args),
     /// Run the node proxy (the same as the `ztunnel` binary).
     Ztunnel(Box<ztunnel::cli::Args>),
+    /// Run a waypoint, the L7 proxy of the services that use it (the same as the
+    /// `weft-waypoint` binary).
+    Waypoint(Box<waypoint::cli::Args>),
     /// Run the controller, or its tools (the same as the `weft-controller` binary).
     #[command(subcommand)]
     Controller(controller::cli::Command),
@@ -58,6 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Ztunnel(args) => return ztunnel::cli::run(*args),
         Command::Controller(cmd) => return controller::cli::run(cmd),
+        Command::Waypoint(args) => return waypoint::cli::run(*args),
         other => other,
     };
     // `RUST_LOG` as a level or per-target levels (`warn,weft=debug`); errors only by default.
@@ -74,6 +78,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::App(app) => runtime.block_on(apps::run(app)),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Get(args) => get::run(args),
-        Command::Ztunnel(_) | Command::Controller(_) => unreachable!("handled above"),
+        Command::Ztunnel(_) | Command::Controller(_) | Command::Waypoint(_) => unreachable!("handled above"),
     }
 }

@@ -116,6 +116,8 @@ pub struct MeshLab {
     controller_ca: Option<(PathBuf, PathBuf)>,
     /// Processes kept running for the lab's lifetime (see [`MeshLab::keep`]).
     kept: Vec<LabProcess>,
+    /// Further Kubernetes objects, by file name (see [`MeshLab::put_objects`]).
+    objects: BTreeMap<String, String>,
 }
 
 impl MeshLab {
@@ -175,6 +177,7 @@ impl MeshLab {
             controller_started: false,
             controller_ca: None,
             kept: Vec::new(),
+            objects: BTreeMap::new(),
         };
         mesh.write_config()?;
         Ok(mesh)
@@ -337,6 +340,68 @@ impl MeshLab {
         self.services.push(service);
     }
 
+    /// Puts further Kubernetes objects (Services with their own selectors and labels,
+    /// Gateways, HTTPRoutes) in the controller's directory as file `name`, replacing what that
+    /// file held; written with the next [`MeshLab::write_config`]. An empty list removes the
+    /// file.
+    pub fn put_objects(&mut self, name: &str, objects: &[serde_json::Value]) -> anyhow::Result<()> {
+        let name = format!("{name}.yaml");
+        if objects.is_empty() {
+            self.objects.remove(&name);
+        } else {
+            self.objects.insert(name, join_documents(objects)?);
+        }
+        Ok(())
+    }
+
+    /// The credential of service account `<namespace>/<name>` (a waypoint's), made with the
+    /// controller's tooling on first use.
+    pub fn service_account_token_file(&self, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!("sa-{namespace}-{name}.token"));
+        if !path.exists() {
+            let out = Command::new(&self.weft)
+                .args(["controller", "token", "--service-account", &format!("{namespace}/{name}"), "--state-dir"])
+                .arg(self.controller_state_dir())
+                .output()
+                .context("running weft controller token")?;
+            if !out.status.success() {
+                bail!("weft controller token: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::fs::write(&path, &out.stdout)?;
+        }
+        Ok(path)
+    }
+
+    /// Starts `weft waypoint` in `pod` for the Gateway `<namespace of the pod>/<gateway>`
+    /// (service account: the Gateway's name), and waits until it serves.
+    pub fn start_waypoint(&self, pod: &str, gateway: &str) -> anyhow::Result<LabProcess> {
+        let namespace = self.spec(pod).namespace.clone();
+        let mut cmd = Command::new(&self.weft);
+        cmd.arg("waypoint")
+            .arg("--controller")
+            .arg(self.controller_addr().to_string())
+            .arg("--controller-ca")
+            .arg(self.dir.join("ca.crt"))
+            .arg("--token-file")
+            .arg(self.service_account_token_file(&namespace, gateway)?)
+            .args(["--namespace", &namespace, "--name", gateway])
+            .env("WEFT_LOG", std::env::var("WEFT_LAB_WAYPOINT_LOG").unwrap_or_else(|_| "info".into()));
+        let process = self.pod(pod).netns().spawn(cmd)?;
+        process.wait_for_log("waypoint ready", STARTUP)?;
+        Ok(process)
+    }
+
+    /// Starts `weft app web` in `pod`: HTTP/1.1 and HTTP/2 answering `name` (and failing
+    /// `fail_percent` of requests with 503).
+    pub fn start_web(&self, pod: &str, port: u16, name: &str, fail_percent: u32) -> anyhow::Result<LabProcess> {
+        let mut cmd = Command::new(&self.weft);
+        cmd.args(["app", "web", "--port", &port.to_string(), "--name", name, "--fail-percent"])
+            .arg(fail_percent.to_string());
+        let process = self.pod(pod).netns().spawn(cmd)?;
+        process.wait_for_log("listening on", STARTUP)?;
+        Ok(process)
+    }
+
     /// Adds an authorization policy, as one YAML flow mapping (a line of the file).
     pub fn add_policy(&mut self, yaml: &str) {
         self.policies.push(yaml.to_owned());
@@ -439,6 +504,9 @@ impl MeshLab {
         let policies =
             self.policies.iter().map(|p| policy_object(p)).collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
         files.insert("policies.yaml".into(), join_documents(&policies)?);
+        for (name, text) in &self.objects {
+            files.insert(name.clone(), text.clone());
+        }
         Ok(files)
     }
 

@@ -31,14 +31,14 @@ pub struct Args {
     #[arg(long)]
     pub service_account: Option<String>,
     /// HBONE listener.
-    #[arg(long, default_value = "[::]:15008")]
+    #[arg(long, default_value = "0.0.0.0:15008")]
     pub hbone_addr: SocketAddr,
     /// Admin server (configuration dump, log level); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
-    #[arg(long, default_value = "[::]:15020")]
+    #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
-    #[arg(long, default_value = "[::]:15021")]
+    #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
     /// Lifetime asked for the waypoint's certificate (renewed at half-life).
     #[arg(long, default_value = "24h", value_parser = hbone::config::parse_duration)]

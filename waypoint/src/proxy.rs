@@ -40,7 +40,9 @@ pub struct Settings {
     /// Request bodies up to this size are kept so that a retry can send them again; a larger
     /// body is streamed and its request is not retried.
     pub retry_buffer: usize,
-    /// Retries may add at most this fraction of a service's requests...
+    /// Retries may add at most this fraction of a service's requests (1.0: an outage at most
+    /// doubles the attempts, whatever the routes' `attempts`; a backend failing half of its
+    /// requests still gets the retries that heal it)...
     pub retry_budget_ratio: f64,
     /// ...plus this many per second.
     pub retry_budget_min_per_sec: f64,
@@ -48,7 +50,7 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { retry_buffer: 64 * 1024, retry_budget_ratio: 0.2, retry_budget_min_per_sec: 10.0 }
+        Settings { retry_buffer: 64 * 1024, retry_budget_ratio: 1.0, retry_budget_min_per_sec: 10.0 }
     }
 }
 

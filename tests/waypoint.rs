@@ -1,0 +1,307 @@
+//! End-to-end tests of the waypoint in the network-namespace lab (tier 3): the real
+//! controller, ztunnels on two nodes, and `weft waypoint` in a pod of its own, programmed by a
+//! Gateway of class `weft-waypoint` and HTTPRoutes. They need root; under `CI=true` a test
+//! that cannot get it fails instead of skipping.
+//!
+//! What they prove: a client's requests to a service with a waypoint pass through it and are
+//! split by the route's weights per request (not per connection); a header match sends a
+//! request to v2 only; a weight change moves traffic within seconds with no failed request;
+//! retries heal a backend failing half of its requests, and without a retry stanza the client
+//! sees the failures; a client dialing a pod behind the waypoint directly still goes through
+//! the waypoint, and a client outside the mesh cannot reach that pod at all.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use weft::meshlab::{MeshLab, PodSpec, sum_metric};
+
+const APP_PORT: u16 = 8080;
+const SERVICE_PORT: u16 = 9080;
+/// How long a change in the cluster may take to reach the proxies.
+const PROPAGATION: Duration = Duration::from_secs(5);
+
+fn weft() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_weft"))
+}
+
+fn vip(n: u16) -> IpAddr {
+    IpAddr::V4(lab::addresses::service_vip(40 + n))
+}
+
+/// A Service with a selector of its own, optionally using the waypoint `wp`.
+fn service(name: &str, n: u16, selector: Value, waypoint: bool) -> Value {
+    let labels = if waypoint { json!({"weft.dev/use-waypoint": "wp"}) } else { json!({}) };
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop", "labels": labels},
+        "spec": {"clusterIP": vip(n).to_string(), "clusterIPs": [vip(n).to_string()],
+                 "ports": [{"port": SERVICE_PORT, "targetPort": APP_PORT}], "selector": selector},
+    })
+}
+
+fn route(name: &str, parent: &str, rules: Value) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent, "port": SERVICE_PORT}], "rules": rules},
+    })
+}
+
+fn backend(name: &str, weight: u32) -> Value {
+    json!({"name": name, "port": SERVICE_PORT, "weight": weight})
+}
+
+/// The reviews route: `x-canary: true` to v2, everything else split `v1`/`v2`.
+fn canary(v1: u32, v2: u32) -> Value {
+    route(
+        "reviews",
+        "reviews",
+        json!([
+            {"matches": [{"headers": [{"name": "x-canary", "value": "true"}]}], "backendRefs": [backend("reviews-v2", 1)]},
+            {"backendRefs": [backend("reviews-v1", v1), backend("reviews-v2", v2)]},
+        ]),
+    )
+}
+
+/// The ratings route, with or without a retry stanza.
+fn ratings(retry: bool) -> Value {
+    let mut rule = json!({"backendRefs": [backend("ratings", 1)]});
+    if retry {
+        rule["retry"] = json!({"attempts": 3, "codes": [503], "backoff": "1ms"});
+    }
+    route("ratings", "ratings", json!([rule]))
+}
+
+fn pod(node: usize, name: &str, app: &str, labels: &[(&str, &str)]) -> PodSpec {
+    let mut p = PodSpec::new(node, "shop", name, app);
+    p.labels.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    p
+}
+
+/// HTTP/1.1 requests on one keep-alive connection: each answer's status and body.
+struct Client {
+    reader: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Client {
+    fn new(stream: TcpStream, host: &str) -> Client {
+        Client { reader: BufReader::new(stream), host: host.to_owned() }
+    }
+
+    fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+        let mut req = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.host);
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.reader.get_mut().write_all(req.as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.reader.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).trim().to_owned()))
+    }
+}
+
+struct Setup {
+    mesh: MeshLab,
+}
+
+impl Setup {
+    fn new(test: &str) -> Option<Setup> {
+        if !MeshLab::ready_here() {
+            return None;
+        }
+        let mut mesh = MeshLab::new(test, 2, weft()).expect("building the lab");
+        mesh.add_pod(pod(0, "client", "client", &[])).expect("client pod");
+        mesh.add_pod(pod(0, "outsider", "outsider", &[]).not_enrolled()).expect("outsider pod");
+        mesh.add_pod(pod(1, "reviews-v1", "reviews", &[("version", "v1")])).expect("v1 pod");
+        mesh.add_pod(pod(1, "reviews-v2", "reviews", &[("version", "v2")])).expect("v2 pod");
+        mesh.add_pod(pod(1, "ratings", "ratings", &[("version", "v1")])).expect("ratings pod");
+        mesh.add_pod(pod(0, "wp", "wp", &[("gateway.networking.k8s.io/gateway-name", "wp")])).expect("waypoint pod");
+        mesh.put_objects(
+            "shop-services",
+            &[
+                service("reviews", 0, json!({"app": "reviews"}), true),
+                service("reviews-v1", 1, json!({"app": "reviews", "version": "v1"}), false),
+                service("reviews-v2", 2, json!({"app": "reviews", "version": "v2"}), false),
+                service("ratings", 3, json!({"app": "ratings"}), true),
+                json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                       "metadata": {"name": "wp", "namespace": "shop"},
+                       "spec": {"gatewayClassName": "weft-waypoint",
+                                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+            ],
+        )
+        .expect("services");
+        mesh.put_objects("shop-routes", &[canary(90, 10), ratings(true)]).expect("routes");
+        mesh.start_ztunnels().expect("starting the controller and ztunnels");
+        for (p, name, fail) in [("reviews-v1", "v1", 0), ("reviews-v2", "v2", 0), ("ratings", "ratings", 50)] {
+            let app = mesh.start_web(p, APP_PORT, name, fail).expect("starting an app");
+            mesh.keep(app);
+        }
+        let waypoint = mesh.start_waypoint("wp", "wp").expect("starting the waypoint");
+        mesh.keep(waypoint);
+        Some(Setup { mesh })
+    }
+
+    fn client(&self, from: &str, to: SocketAddr) -> Client {
+        let stream = self.mesh.connect(from, to).expect("connecting");
+        Client::new(stream, "reviews.shop")
+    }
+
+    /// Requests from the client pod on one connection: the bodies, by count.
+    fn tally(&self, to: SocketAddr, n: usize, headers: &[(&str, &str)]) -> std::collections::BTreeMap<String, usize> {
+        let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let pod = self.mesh.pod("client").netns().clone();
+        pod.run(move || {
+            let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connecting to the service");
+            stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            let mut client = Client::new(stream, "reviews.shop");
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut counts = std::collections::BTreeMap::new();
+            for _ in 0..n {
+                let (status, body) = client.get("/", &h).expect("a response");
+                let key = if status == 200 { body } else { format!("status {status}") };
+                *counts.entry(key).or_insert(0) += 1;
+            }
+            counts
+        })
+        .expect("running in the client pod")
+    }
+
+    fn waypoint_metrics(&self) -> String {
+        let pod = self.mesh.pod("wp").netns().clone();
+        let ip = self.mesh.pod("wp").ip();
+        pod.run(move || weft::meshlab::http_get(SocketAddr::new(ip.into(), 15020), "/metrics"))
+            .expect("in the waypoint pod")
+            .expect("the waypoint's metrics")
+    }
+}
+
+/// Waits until `f` holds, up to `limit`.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn canary_split_header_match_weight_change_and_bypass() {
+    let Some(mut s) = Setup::new("wp-canary") else { return };
+    let reviews = SocketAddr::new(vip(0), SERVICE_PORT);
+    // The route reaches every proxy: the first requests may race it.
+    assert!(
+        eventually(PROPAGATION * 2, || s.tally(reviews, 20, &[]).get("v1").copied().unwrap_or(0) > 0),
+        "requests to the service never reached v1 through the waypoint"
+    );
+
+    // 90/10, per request on one connection.
+    let counts = s.tally(reviews, 2000, &[]);
+    let (v1, v2) = (counts.get("v1").copied().unwrap_or(0), counts.get("v2").copied().unwrap_or(0));
+    assert_eq!(v1 + v2, 2000, "some requests failed: {counts:?}");
+    let share = v1 as f64 / 2000.0;
+    assert!((0.87..=0.93).contains(&share), "v1 got {:.1}% of 2000 requests: {counts:?}", share * 100.0);
+    let metrics = s.waypoint_metrics();
+    let via = sum_metric(
+        &metrics,
+        "istio_requests_total",
+        &[("destination_service_name", "reviews"), ("response_code", "200")],
+    );
+    assert!(via >= 2000.0, "the waypoint counted {via} requests to reviews");
+    let v2_counted =
+        sum_metric(&metrics, "istio_requests_total", &[("destination_version", "v2"), ("source_workload", "client")]);
+    assert!(
+        v2_counted >= v2 as f64,
+        "metrics name {v2_counted} requests to v2 from the client, {v2} were answered by it"
+    );
+
+    // The header match: v2 only.
+    let canary_counts = s.tally(reviews, 100, &[("x-canary", "true")]);
+    assert_eq!(canary_counts.get("v2"), Some(&100), "x-canary: true went elsewhere: {canary_counts:?}");
+
+    // A weight change moves traffic within seconds, with no failed request meanwhile.
+    s.mesh.put_objects("shop-routes", &[canary(0, 100), ratings(true)]).expect("routes");
+    s.mesh.write_config().expect("writing the new route");
+    let start = Instant::now();
+    let mut moved = None;
+    while start.elapsed() < PROPAGATION * 2 {
+        let c = s.tally(reviews, 50, &[]);
+        assert!(c.keys().all(|k| k == "v1" || k == "v2"), "a request failed during the weight change: {c:?}");
+        if c.get("v2") == Some(&50) {
+            moved = Some(start.elapsed());
+            break;
+        }
+    }
+    let moved = moved.expect("traffic did not move to v2 after the weight change");
+    eprintln!("weights 90/10 -> 0/100: all traffic on v2 after {moved:?}");
+
+    // A client dialing a pod behind the waypoint directly still passes through it.
+    let before = sum_metric(&s.waypoint_metrics(), "istio_requests_total", &[("destination_workload", "reviews-v1")]);
+    let direct = SocketAddr::new(s.mesh.pod("reviews-v1").ip().into(), APP_PORT);
+    let c = s.tally(direct, 10, &[]);
+    assert_eq!(c.get("v1"), Some(&10), "direct requests to reviews-v1: {c:?}");
+    let after = sum_metric(&s.waypoint_metrics(), "istio_requests_total", &[("destination_workload", "reviews-v1")]);
+    assert!(after >= before + 10.0, "direct requests to the pod skipped the waypoint ({before} -> {after})");
+
+    // A client outside the mesh cannot reach it at all (its plaintext would skip the waypoint).
+    let mut outsider = s.client("outsider", direct);
+    let refused = outsider.get("/", &[]);
+    assert!(
+        refused.is_err() || refused.as_ref().is_ok_and(|(st, _)| *st != 200),
+        "plaintext reached a pod behind the waypoint: {refused:?}"
+    );
+}
+
+#[test]
+fn retries_heal_a_backend_failing_half_of_its_requests() {
+    let Some(mut s) = Setup::new("wp-retry") else { return };
+    let ratings = SocketAddr::new(vip(3), SERVICE_PORT);
+    assert!(
+        eventually(PROPAGATION * 2, || s.tally(ratings, 4, &[]).contains_key("ratings")),
+        "requests to ratings never answered through the waypoint"
+    );
+    // attempts: 3 on a backend failing every other request.
+    let healed = s.tally(ratings, 400, &[]);
+    let ok = healed.get("ratings").copied().unwrap_or(0);
+    assert!(ok >= 396, "with retries, {ok} of 400 succeeded: {healed:?}");
+    let retries = sum_metric(&s.waypoint_metrics(), "weft_waypoint_retries_total", &[]);
+    assert!(retries >= 100.0, "the waypoint counted {retries} retries");
+
+    // Without the retry stanza the failures reach the client.
+    s.mesh.put_objects("shop-routes", &[canary(90, 10), ratings_route_without_retry()]).expect("routes");
+    s.mesh.write_config().expect("writing the new route");
+    assert!(
+        eventually(PROPAGATION * 2, || s.tally(ratings, 20, &[]).get("status 503").copied().unwrap_or(0) >= 5),
+        "without retries the client never saw a 503"
+    );
+    let raw = s.tally(ratings, 400, &[]);
+    let failed = raw.get("status 503").copied().unwrap_or(0);
+    assert!((150..=250).contains(&failed), "without retries {failed} of 400 failed: {raw:?}");
+}
+
+fn ratings_route_without_retry() -> Value {
+    ratings(false)
+}
