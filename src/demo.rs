@@ -5,15 +5,18 @@
 //! ```text
 //!  node-0                                     node-1
 //!  ├─ weft-system/weft-controller             ├─ back/api-1    (echo :8080)
-//!  ├─ front/web                               └─ legacy/old    (opted out, echo :8080)
-//!  ├─ front/batch
-//!  └─ back/api-0   (echo :8080)
+//!  ├─ front/web                               ├─ legacy/old    (opted out, echo :8080)
+//!  ├─ front/batch                             ├─ shop/reviews-v1, shop/reviews-v2 (HTTP :8080)
+//!  ├─ back/api-0   (echo :8080)               └─ shop/ratings  (HTTP :8080, fails every other request)
+//!  └─ shop/wp      (the waypoint)
 //!  service back/api: a VIP in 10.96.0.0/16, port 80 → api-0, api-1 :8080
+//!  services shop/reviews (→ v1 and v2) and shop/ratings, port 9080, through the waypoint
 //! ```
 //!
 //! The namespaces start without the mesh label: traffic is plain TCP. Labelling them
 //! `weft.dev/mesh=enabled` enrolls their running pods (no restart), and the same apps' next
-//! connections are mutual TLS.
+//! connections are mutual TLS. Last, the shop's services get a waypoint: a 90/10 canary split
+//! and retries that heal a failing backend.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -51,6 +54,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         mesh.add_pod(PodSpec::new(0, "back", "api-0", "api"))?;
         mesh.add_pod(PodSpec::new(1, "back", "api-1", "api"))?;
         mesh.add_pod(PodSpec::new(1, "legacy", "old", "old").not_enrolled())?;
+        for (node, name, app, labels) in [
+            (1, "reviews-v1", "reviews", [("version", "v1")]),
+            (1, "reviews-v2", "reviews", [("version", "v2")]),
+            (1, "ratings", "ratings", [("version", "v1")]),
+            (0, "wp", "wp", [("gateway.networking.k8s.io/gateway-name", "wp")]),
+        ] {
+            let mut spec = PodSpec::new(node, "shop", name, app);
+            spec.labels.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            mesh.add_pod(spec)?;
+        }
+        mesh.put_objects("shop", &shop_objects(90, 10, false))?;
         mesh.add_service(ServiceSpec {
             namespace: "back".into(),
             name: "api".into(),
@@ -60,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             app: "api".into(),
         });
         // The mesh starts off: no namespace carries the label yet.
-        for ns in ["front", "back"] {
+        for ns in ["front", "back", "shop"] {
             mesh.set_namespace_enrolled(ns, false);
         }
         for name in ["web", "batch", "api-0", "api-1", "old"] {
@@ -206,7 +220,124 @@ fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
     for line in metrics.lines().filter(|l| l.starts_with("weft_")) {
         println!("     {line}");
     }
+    canary(mesh)
+}
+
+const SHOP_PORT: u16 = 9080;
+
+fn shop_vip(n: u16) -> std::net::IpAddr {
+    std::net::IpAddr::V4(lab::addresses::service_vip(20 + n))
+}
+
+/// The shop's Kubernetes objects: services `reviews` (through the waypoint), `reviews-v1`,
+/// `reviews-v2`, `ratings` (through the waypoint), the Gateway `wp`, and the routes: reviews
+/// split `v1`/`v2`, ratings with or without retries.
+fn shop_objects(v1: u32, v2: u32, retry: bool) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let service = |name: &str, n: u16, selector: serde_json::Value, waypoint: bool| {
+        let labels = if waypoint { json!({"weft.dev/use-waypoint": "wp"}) } else { json!({}) };
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "shop", "labels": labels},
+               "spec": {"clusterIP": shop_vip(n).to_string(), "ports": [{"port": SHOP_PORT, "targetPort": APP_PORT}],
+                        "selector": selector}})
+    };
+    let route = |name: &str, rule: serde_json::Value| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": name, "namespace": "shop"},
+               "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": name, "port": SHOP_PORT}], "rules": [rule]}})
+    };
+    let mut ratings = json!({"backendRefs": [{"name": "ratings", "port": SHOP_PORT}]});
+    if retry {
+        ratings["retry"] = json!({"attempts": 3, "codes": [503], "backoff": "1ms"});
+    }
+    vec![
+        service("reviews", 0, json!({"app": "reviews"}), true),
+        service("reviews-v1", 1, json!({"app": "reviews", "version": "v1"}), false),
+        service("reviews-v2", 2, json!({"app": "reviews", "version": "v2"}), false),
+        service("ratings", 3, json!({"app": "ratings"}), true),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": {"name": "wp", "namespace": "shop"},
+               "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+        route(
+            "reviews",
+            json!({"backendRefs": [{"name": "reviews-v1", "port": SHOP_PORT, "weight": v1},
+                                                {"name": "reviews-v2", "port": SHOP_PORT, "weight": v2}]}),
+        ),
+        route("ratings", ratings),
+    ]
+}
+
+/// Step 10: the shop's services get a waypoint.
+fn canary(mesh: &mut MeshLab) -> anyhow::Result<()> {
+    println!("\n10. L7 for the shop: its services carry weft.dev/use-waypoint=wp, a Gateway of class weft-waypoint;");
+    println!("    an HTTPRoute splits reviews 90% to reviews-v1 and 10% to reviews-v2. Label the namespace shop.");
+    mesh.set_namespace_enrolled("shop", true);
+    mesh.write_config()?;
+    mesh.wait_enrolled(1, 4)?;
+    for (pod, name, fail) in [("reviews-v1", "v1", 0), ("reviews-v2", "v2", 0), ("ratings", "ratings", 50)] {
+        let app = mesh.start_web(pod, APP_PORT, name, fail)?;
+        mesh.keep(app);
+    }
+    let waypoint = mesh.start_waypoint("wp", "wp")?;
+    mesh.keep(waypoint);
+    let reviews = SocketAddr::new(shop_vip(0), SHOP_PORT);
+    // The waypoint's address reaches the ztunnels a moment after it starts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline
+        && mesh
+            .http_tally("web", reviews, "reviews.shop", 1, &[])
+            .map_or(true, |c| !c.contains_key("v1") && !c.contains_key("v2"))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let counts = mesh.http_tally("web", reviews, "reviews.shop", 1000, &[])?;
+    let count = |k: &str| counts.get(k).copied().unwrap_or(0);
+    println!(
+        "    front/web sent 1000 HTTP requests to reviews {reviews} on one connection: v1 answered {}, v2 answered {}, failed {}",
+        count("v1"),
+        count("v2"),
+        1000 - count("v1") - count("v2")
+    );
+    println!("    (the waypoint picks a backend per request, not per connection)");
+
+    let ratings = SocketAddr::new(shop_vip(3), SHOP_PORT);
+    let raw = mesh.http_tally("web", ratings, "ratings.shop", 200, &[])?;
+    println!(
+        "\n11. ratings fails every other request with 503. Without retries, of 200 requests: {} succeeded, {} failed.",
+        raw.get("ratings").copied().unwrap_or(0),
+        raw.get("status 503").copied().unwrap_or(0)
+    );
+    mesh.put_objects("shop", &shop_objects(90, 10, true))?;
+    mesh.write_config()?;
+    let metrics_before = waypoint_metric(mesh, "weft_waypoint_retries_total")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut healed = raw;
+    while std::time::Instant::now() < deadline {
+        healed = mesh.http_tally("web", ratings, "ratings.shop", 200, &[])?;
+        if healed.get("ratings") == Some(&200) {
+            break;
+        }
+    }
+    let retries = waypoint_metric(mesh, "weft_waypoint_retries_total")? - metrics_before;
+    println!(
+        "    With retry {{attempts: 3, codes: [503]}} on the route: {} of 200 succeeded; the waypoint retried {retries} times.",
+        healed.get("ratings").copied().unwrap_or(0)
+    );
+    println!("\n12. The waypoint's request metrics (:15020/metrics), as Istio dashboards and Kiali read them:");
+    let metrics = waypoint_metrics(mesh)?;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("destination_service_name=\"reviews\""))
+    {
+        println!("     {}", shorten(line));
+    }
     Ok(())
+}
+
+fn waypoint_metrics(mesh: &MeshLab) -> anyhow::Result<String> {
+    let ip = mesh.pod("wp").ip();
+    mesh.pod("wp").netns().run(move || weft::meshlab::http_get(SocketAddr::from((ip, 15020)), "/metrics"))?
+}
+
+fn waypoint_metric(mesh: &MeshLab, name: &str) -> anyhow::Result<f64> {
+    Ok(weft::meshlab::sum_metric(&waypoint_metrics(mesh)?, name, &[]))
 }
 
 /// Exchanges `msg` from `client` with `to` (pod `server`'s address) under a capture of the

@@ -24,7 +24,8 @@ struct Cli {
 enum Command {
     /// Show the mesh at work on this machine: a two-node cluster of network namespaces with a
     /// controller and a ztunnel per node, pods enrolled by a namespace label without restarts,
-    /// mutual-TLS tunnels, load balancing, passthrough, policy refusals and metrics.
+    /// mutual-TLS tunnels, load balancing, passthrough, policy refusals and metrics, then a
+    /// waypoint: a 90/10 canary split and retries healing a failing backend.
     Demo(demo::Args),
     /// Certificate authority tools.
     #[command(subcommand)]

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -389,6 +389,27 @@ impl MeshLab {
         let process = self.pod(pod).netns().spawn(cmd)?;
         process.wait_for_log("waypoint ready", STARTUP)?;
         Ok(process)
+    }
+
+    /// `n` GETs of `/` from `pod` to `to` on one keep-alive connection, with `host` and
+    /// `headers`: the bodies of `200` answers and `status <code>` for the others, by count.
+    pub fn http_tally(
+        &self,
+        pod: &str,
+        to: SocketAddr,
+        host: &str,
+        n: usize,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<BTreeMap<String, usize>> {
+        let stream = self.connect(pod, to)?;
+        let mut client = HttpClient::new(stream, host);
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let (status, body) = client.get("/", headers)?;
+            let key = if status == 200 { body } else { format!("status {status}") };
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        Ok(counts)
     }
 
     /// Starts `weft app web` in `pod`: HTTP/1.1 and HTTP/2 answering `name` (and failing
@@ -788,6 +809,48 @@ impl MeshLab {
     pub fn metric(&self, node: usize, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
         let text = self.node_http(node, 15020, "/metrics")?;
         Ok(sum_metric(&text, name, labels))
+    }
+}
+
+/// HTTP/1.1 requests on one keep-alive connection (a client in a pod, for the waypoint's
+/// tests and the demo): each answer's status and body.
+pub struct HttpClient {
+    reader: BufReader<TcpStream>,
+    host: String,
+}
+
+impl HttpClient {
+    pub fn new(stream: TcpStream, host: &str) -> HttpClient {
+        HttpClient { reader: BufReader::new(stream), host: host.to_owned() }
+    }
+
+    /// A GET of `path` with `headers`; the status and the body (trimmed).
+    pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+        let mut req = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.host);
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.reader.get_mut().write_all(req.as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.reader.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).trim().to_owned()))
     }
 }
 

@@ -25,6 +25,10 @@ fn weft_demo_runs_and_shows_the_mesh_at_work() {
         "front/web -> api-1: allowed",
         "front/batch -> api-1: refused",
         "istio_tcp_connections_opened_total{reporter=\"destination\"",
+        "1000 HTTP requests to reviews",
+        ", failed 0",
+        "With retry {attempts: 3, codes: [503]} on the route: 200 of 200 succeeded",
+        "istio_requests_total{reporter=\"waypoint\"",
         "Done: every namespace and process of the demo is gone.",
     ] {
         assert!(stdout.contains(expected), "demo output lacks {expected:?}:\n{stdout}");

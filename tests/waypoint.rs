@@ -10,13 +10,13 @@
 //! sees the failures; a client dialing a pod behind the waypoint directly still goes through
 //! the waypoint, and a client outside the mesh cannot reach that pod at all.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use weft::meshlab::{MeshLab, PodSpec, sum_metric};
+use weft::meshlab::{HttpClient, MeshLab, PodSpec, sum_metric};
 
 const APP_PORT: u16 = 8080;
 const SERVICE_PORT: u16 = 9080;
@@ -81,46 +81,6 @@ fn pod(node: usize, name: &str, app: &str, labels: &[(&str, &str)]) -> PodSpec {
     p
 }
 
-/// HTTP/1.1 requests on one keep-alive connection: each answer's status and body.
-struct Client {
-    reader: BufReader<TcpStream>,
-    host: String,
-}
-
-impl Client {
-    fn new(stream: TcpStream, host: &str) -> Client {
-        Client { reader: BufReader::new(stream), host: host.to_owned() }
-    }
-
-    fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
-        let mut req = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.host);
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        self.reader.get_mut().write_all(req.as_bytes())?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let mut length = 0usize;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                length = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0u8; length];
-        self.reader.read_exact(&mut body)?;
-        Ok((status, String::from_utf8_lossy(&body).trim().to_owned()))
-    }
-}
-
 struct Setup {
     mesh: MeshLab,
 }
@@ -162,29 +122,14 @@ impl Setup {
         Some(Setup { mesh })
     }
 
-    fn client(&self, from: &str, to: SocketAddr) -> Client {
+    fn client(&self, from: &str, to: SocketAddr) -> HttpClient {
         let stream = self.mesh.connect(from, to).expect("connecting");
-        Client::new(stream, "reviews.shop")
+        HttpClient::new(stream, "reviews.shop")
     }
 
     /// Requests from the client pod on one connection: the bodies, by count.
-    fn tally(&self, to: SocketAddr, n: usize, headers: &[(&str, &str)]) -> std::collections::BTreeMap<String, usize> {
-        let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let pod = self.mesh.pod("client").netns().clone();
-        pod.run(move || {
-            let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connecting to the service");
-            stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-            let mut client = Client::new(stream, "reviews.shop");
-            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let mut counts = std::collections::BTreeMap::new();
-            for _ in 0..n {
-                let (status, body) = client.get("/", &h).expect("a response");
-                let key = if status == 200 { body } else { format!("status {status}") };
-                *counts.entry(key).or_insert(0) += 1;
-            }
-            counts
-        })
-        .expect("running in the client pod")
+    fn tally(&self, to: SocketAddr, n: usize, headers: &[(&str, &str)]) -> BTreeMap<String, usize> {
+        self.mesh.http_tally("client", to, "reviews.shop", n, headers).expect("requests from the client pod")
     }
 
     fn waypoint_metrics(&self) -> String {
