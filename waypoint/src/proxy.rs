@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -64,7 +64,11 @@ pub struct Waypoint {
     pub balancer: Balancer,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
-    pub drain: hbone::drain::Watch,
+    /// Turns true when the drain starts: tunnels then send GOAWAY (HTTP/2) or close after the
+    /// request in flight (HTTP/1.1). Not the drain's `Watch` itself: the waypoint lives as
+    /// long as the process, and a `Watch` held that long would keep every drain waiting for
+    /// its deadline.
+    draining: tokio::sync::watch::Receiver<bool>,
     routes: Mutex<RouteCache>,
     budgets: Mutex<HashMap<Arc<str>, RetryBudget>>,
 }
@@ -72,11 +76,16 @@ pub struct Waypoint {
 /// Compiled route tables, per service, for one version of the state.
 #[derive(Default)]
 struct RouteCache {
-    state: usize,
+    /// The version they were compiled for. Weak, so that the version is not kept alive, but
+    /// its allocation is: a later version can never be allocated at the same address and be
+    /// taken for it.
+    state: Weak<State>,
     tables: HashMap<Arc<str>, Arc<RouteTable>>,
 }
 
 impl Waypoint {
+    /// `drain` is the tunnels' drain (the HBONE server's): a task of its own holds it until
+    /// the drain starts, then lets it go. Must be called within a Tokio runtime.
     pub fn new(
         key: String,
         state: StateStore,
@@ -86,6 +95,11 @@ impl Waypoint {
         settings: Settings,
         drain: hbone::drain::Watch,
     ) -> Waypoint {
+        let (started, draining) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            drain.draining().await;
+            let _ = started.send(true);
+        });
         Waypoint {
             key,
             state,
@@ -94,7 +108,7 @@ impl Waypoint {
             balancer: Balancer::default(),
             metrics,
             settings,
-            drain,
+            draining,
             routes: Mutex::new(RouteCache::default()),
             budgets: Mutex::new(HashMap::new()),
         }
@@ -132,9 +146,8 @@ impl Waypoint {
     /// The service's route table in `state`, compiled once per state version.
     fn routes(&self, state: &Arc<State>, service: &ServiceEntry) -> Arc<RouteTable> {
         let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let version = Arc::as_ptr(state) as usize;
-        if cache.state != version {
-            cache.state = version;
+        if !std::ptr::eq(cache.state.as_ptr(), Arc::as_ptr(state)) {
+            cache.state = Arc::downgrade(state);
             cache.tables.clear();
         }
         cache
@@ -311,7 +324,13 @@ impl hbone::Upstream for ServiceTunnel {
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         let conn = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
-        let draining = self.waypoint.drain.draining();
+        let mut started = self.waypoint.draining.clone();
+        let draining = async move {
+            // The sender's task ends only after sending true, or with the runtime.
+            if started.wait_for(|d| *d).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::pin!(draining);
         let mut drained = false;
         let result = loop {
