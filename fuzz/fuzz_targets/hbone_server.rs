@@ -127,7 +127,11 @@ impl Handler for EchoHandler {
 struct Echo;
 
 impl Upstream for Echo {
-    fn run(&mut self, tunnel: Tunnel, _copy_buffer: usize) -> impl Future<Output = Result<Transferred, CopyError>> + Send + '_ {
+    fn run(
+        &mut self,
+        tunnel: Tunnel,
+        _copy_buffer: usize,
+    ) -> impl Future<Output = Result<Transferred, CopyError>> + Send + '_ {
         async move {
             let failed = |cause| CopyError { cause: CopyCause::Tunnel(cause), transferred: Transferred::default() };
             let (mut read, mut write) = tokio::io::split(tunnel);

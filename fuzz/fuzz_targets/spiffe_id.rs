@@ -11,10 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(id) = text.parse::<SpiffeId>() else { return };
     assert_eq!(id.as_str(), text);
-    assert_eq!(
-        format!("spiffe://{}/ns/{}/sa/{}", id.trust_domain(), id.namespace(), id.service_account()),
-        text
-    );
+    assert_eq!(format!("spiffe://{}/ns/{}/sa/{}", id.trust_domain(), id.namespace(), id.service_account()), text);
     let rebuilt = SpiffeId::new(id.trust_domain(), id.namespace(), id.service_account())
         .expect("the parts of a valid ID make a valid ID");
     assert_eq!(rebuilt, id);
