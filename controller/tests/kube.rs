@@ -413,8 +413,13 @@ async fn a_kind_that_is_not_served_does_not_hold_up_start() {
     for object in cluster().into_iter().filter(|o| o["apiVersion"].as_str().unwrap().starts_with("gateway.")) {
         server.apply(object);
     }
-    let changes = mesh.changes(2).await;
-    assert_eq!(described(&changes), ["upsert HttpRoute shop/api-canary", "upsert Waypoint shop/waypoint"]);
+    // And the waypoint's pod, captured until then, is no longer.
+    let changes = mesh.changes(3).await;
+    assert_eq!(
+        described(&changes),
+        ["upsert HttpRoute shop/api-canary", "upsert Waypoint shop/waypoint", "upsert Workload shop/waypoint-0"]
+    );
+    assert!(!workload(&changes, "shop/waypoint-0").enrolled);
 }
 
 // ---- TokenReview ----
