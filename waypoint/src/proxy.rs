@@ -20,6 +20,7 @@ use bytes::Bytes;
 use hbone::copy::{CopyCause, CopyError, Transferred};
 use hbone::{InboundRequest, Rejection, SpiffeId, TrustStore, Tunnel};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -573,7 +574,9 @@ async fn route_and_forward(
     let policy = rule.as_ref().map(|r| r.policy().clone()).unwrap_or_default();
     let protocol = if parts.version == Version::HTTP_2 { Protocol::Http2 } else { Protocol::Http1 };
     let may_retry = policy.retry.as_ref().is_some_and(|r| r.attempts > 0) || !record.mirrors.is_empty();
-    let mut body = if may_retry {
+    // A body that has already ended (most GETs) is kept as well: it costs nothing, and a
+    // connect failure can then be retried without a retry policy.
+    let mut body = if may_retry || body.is_end_stream() {
         match Prepared::read(body, waypoint.settings.retry_buffer).await {
             Ok(b) => b,
             Err(e) => {
@@ -597,7 +600,12 @@ async fn route_and_forward(
     let targets: Vec<SocketAddr> = candidates.iter().map(|e| e.target).collect();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last: Option<Response<Body>> = None;
-    for attempt in 0..max_attempts.max(1) {
+    // One attempt more after a connect failure, when there is no retry policy (below).
+    let mut connect_retry = 0;
+    for attempt in 0..max_attempts + 1 {
+        if attempt >= max_attempts + connect_retry {
+            break;
+        }
         if attempt > 0 {
             if !waypoint.retry_allowed(service_key, false) {
                 waypoint
@@ -667,14 +675,10 @@ async fn route_and_forward(
                 } else {
                     local(StatusCode::BAD_GATEWAY, Flag::Reset, record, "upstream reset before the response")
                 });
-                // A connect failure is retried even without a retry policy: nothing was sent.
-                if connect
-                    && attempt + 1 >= max_attempts
-                    && attempt == 0
-                    && body.replayable()
-                    && tried.len() < targets.len()
-                {
-                    continue;
+                // A connect failure is retried once even without a retry policy: nothing was
+                // sent.
+                if connect && max_attempts == 1 && body.replayable() && tried.len() < targets.len() {
+                    connect_retry = 1;
                 }
             }
             Some(Ok(response)) => {

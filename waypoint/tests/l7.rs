@@ -184,6 +184,7 @@ async fn listed_codes_are_retried_on_another_endpoint() {
     assert!(failed_by_v3 >= 20, "the failing endpoint was tried: {:?}", mesh.counts());
     // Each 503 cost exactly one more request, to another endpoint.
     assert_eq!(mesh.total(), N + failed_by_v3, "{:?}", mesh.counts());
+    assert_eq!(mesh.retries(), failed_by_v3, "each retry counted");
 
     // Without a retry stanza the client sees every failure, and each request reaches one app.
     mesh.set_routes(vec![all_to_reviews(json!({}))]);
@@ -201,9 +202,11 @@ async fn listed_codes_are_retried_on_another_endpoint() {
     assert!(failed >= 20, "{failed} failures seen");
     assert_eq!(failed, v3 / 2 - v3_before / 2, "every 503 v3 answered reached the client");
     assert_eq!(mesh.total() - before, N, "no request was sent twice");
-    for pod in &mesh.pods {
-        assert_eq!(pod.stats().reset_floods.load(Ordering::Relaxed), 0, "the waypoint never looked like an attacker");
-    }
+    // Connections to the endpoints are kept and reused, also after an answer that was retried
+    // (its body unread).
+    let tunnels: Vec<u64> = mesh.pods.iter().map(|p| p.stats().streams_accepted.load(Ordering::Relaxed)).collect();
+    println!("tunnels per pod for {} requests: {tunnels:?}", mesh.total());
+    assert!(tunnels.iter().all(|t| *t <= 4), "{tunnels:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,6 +255,21 @@ async fn unlisted_codes_and_bodies_over_the_retry_buffer_are_not_retried() {
     *req.body_mut() = chunked(8, large / 8);
     assert_eq!(send2(&h2, req).await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(app.requests(), before + 1, "HTTP/2: one attempt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_refuses_tunnels_is_stepped_over_without_a_retry_policy() {
+    // No route: the service itself, no retry stanza.
+    let mesh = Mesh::start(Settings::default(), Vec::new()).await;
+    mesh.add_unreachable_endpoint();
+    let mut h1 = mesh.http1().await;
+    for _ in 0..40 {
+        let r = send1(&mut h1, get("/reviews")).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    }
+    println!("an unreachable endpoint: {} retries over 40 requests", mesh.retries());
+    assert_eq!(mesh.total(), 40);
+    assert!(mesh.retries() >= 1, "the unreachable endpoint was picked and stepped over");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,6 +396,11 @@ async fn during_an_outage_retries_stay_within_the_budget() {
     println!("outage: {N} requests, {retries} retries in {secs:.2}s (budget {bound}; without it {})", 3 * N);
     assert!(retries >= per_sec as u64, "retries were made: {retries}");
     assert!(retries <= bound, "{retries} retries, budget {bound}");
+    assert_eq!(mesh.retries(), retries, "each retry counted");
+    // A request is refused a retry at most once (then answered); only those that got all
+    // three were never refused.
+    let refused = mesh.retries_refused();
+    assert!(refused >= N - retries / 3 && refused <= N, "refusals counted: {refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

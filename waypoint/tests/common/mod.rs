@@ -23,7 +23,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshapi::{HttpRoute, MtlsMode, Service, ServicePort, Snapshot, Workload};
 use serde_json::Value;
 use tokio::net::TcpListener;
-use waypoint::metrics::Metrics;
+use waypoint::metrics::{Metrics, ServiceLabels};
 use waypoint::proxy::{Settings, Tunnels, Waypoint};
 use waypoint::upstream::Upstreams;
 use ztunnel::state::StateStore;
@@ -71,6 +71,8 @@ pub struct Mesh {
     pub waypoint_addr: SocketAddr,
     client: hbone::Client,
     client_cert: WorkloadCert,
+    /// What the state holds besides the fixed pods and services.
+    config: Mutex<Config>,
     /// The waypoint's drain (listener and tunnels), as the binary's.
     drain: Option<drain::Trigger>,
     _pods_drain: drain::Trigger,
@@ -108,7 +110,8 @@ impl Mesh {
         let pki = Pki::new();
         let state = StateStore::default();
         check_routes(&routes);
-        state.replace(snapshot(prefix, routes));
+        let config = Config { routes, unreachable: false };
+        state.replace(snapshot(prefix, &config));
 
         let (pods_drain, pods_watch) = drain::channel();
         let mut apps = Vec::new();
@@ -156,6 +159,7 @@ impl Mesh {
             waypoint_addr,
             client,
             client_cert,
+            config: Mutex::new(config),
             drain: Some(trigger),
             _pods_drain: pods_drain,
         })
@@ -184,7 +188,29 @@ impl Mesh {
     /// Makes `reviews` have exactly `routes` (the state replaced, as a controller update).
     pub fn set_routes(&self, routes: Vec<HttpRoute>) {
         check_routes(&routes);
-        self.state.replace(snapshot(self.prefix, routes));
+        self.update(|c| c.routes = routes);
+    }
+
+    /// Adds a fourth endpoint to `reviews`, `reviews-v4` at `P.4`, where nothing listens: a
+    /// tunnel to it is refused.
+    pub fn add_unreachable_endpoint(&self) {
+        self.update(|c| c.unreachable = true);
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Config)) {
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut config);
+        self.state.replace(snapshot(self.prefix, &config));
+    }
+
+    /// The waypoint's count of retries to `reviews` (and its subsets).
+    pub fn retries(&self) -> u64 {
+        self.waypoint.metrics.retries.get_or_create(&service_labels()).get()
+    }
+
+    /// The waypoint's count of retries refused by the budget.
+    pub fn retries_refused(&self) -> u64 {
+        self.waypoint.metrics.retries_budget_exhausted.get_or_create(&service_labels()).get()
     }
 
     /// A new HBONE tunnel to the `reviews` service through the waypoint.
@@ -451,10 +477,24 @@ fn check_routes(routes: &[HttpRoute]) {
     }
 }
 
-fn snapshot(prefix: [u8; 3], http_routes: Vec<HttpRoute>) -> Snapshot {
+/// What a test changes in the state.
+struct Config {
+    routes: Vec<HttpRoute>,
+    /// Whether `reviews-v4` (nothing listening) is an endpoint.
+    unreachable: bool,
+}
+
+fn service_labels() -> ServiceLabels {
+    ServiceLabels { destination_service: "reviews.shop.svc.cluster.local".into() }
+}
+
+fn snapshot(prefix: [u8; 3], config: &Config) -> Snapshot {
     let ip = |last: u8| IpAddr::V4(Ipv4Addr::new(prefix[0], prefix[1], prefix[2], last));
+    let unreachable = config.unreachable.then_some("v4");
     let workloads = VERSIONS
         .iter()
+        .copied()
+        .chain(unreachable)
         .zip(1u8..)
         .map(|(version, i)| Workload {
             uid: format!("shop/reviews-{version}"),
@@ -463,7 +503,7 @@ fn snapshot(prefix: [u8; 3], http_routes: Vec<HttpRoute>) -> Snapshot {
             node: "node-a".into(),
             addresses: vec![ip(i)],
             service_account: "reviews".into(),
-            labels: [("app".to_owned(), "reviews".to_owned()), ("version".to_owned(), (*version).to_owned())].into(),
+            labels: [("app".to_owned(), "reviews".to_owned()), ("version".to_owned(), version.to_owned())].into(),
             enrolled: true,
             mtls: MtlsMode::Strict,
             waypoint: None,
@@ -493,7 +533,7 @@ fn snapshot(prefix: [u8; 3], http_routes: Vec<HttpRoute>) -> Snapshot {
             addresses: vec![ip(100)],
             service_account: "wp".into(),
         }],
-        http_routes,
+        http_routes: config.routes.clone(),
     }
 }
 
