@@ -303,14 +303,18 @@ impl Cursor {
             return Err(WatchError::Epoch { have: self.epoch.clone(), got: message.epoch().to_owned() });
         }
         let expected = match message {
-            Message::Delta { .. } => self.version + 1,
-            _ => self.version,
+            // No delta follows the largest version: a stream that sends one is broken (it
+            // must not wrap around to 0, nor overflow).
+            Message::Delta { .. } => self.version.checked_add(1),
+            _ => Some(self.version),
         };
-        if message.version() != expected {
-            return Err(WatchError::Gap { have: self.version, got: message.version() });
+        match expected {
+            Some(version) if version == message.version() => {
+                self.version = version;
+                Ok(())
+            }
+            _ => Err(WatchError::Gap { have: self.version, got: message.version() }),
         }
-        self.version = expected;
-        Ok(())
     }
 }
 
@@ -612,6 +616,23 @@ services:
         c.advance(&delta("e", 6)).unwrap();
         c.advance(&Message::Heartbeat { epoch: "e".into(), version: 6 }).unwrap();
         assert_eq!(c.version, 6);
+    }
+
+    /// A crash input of the `watch_stream` fuzz target: a snapshot at the largest version, then a
+    /// delta, overflowed the cursor (a panic; in a release build, a wrap to version 0 that
+    /// accepted the delta).
+    #[test]
+    fn cursor_refuses_a_delta_past_the_largest_version() {
+        let stream = "{\"type\":\"snapshot\",\"epoch\":\"e\",\"version\":18446744073709551615,\"resources\":[]}\n\
+                      {\"type\":\"delta\",\"epoch\":\"e\",\"version\":0}";
+        let mut lines = stream.lines().map(|l| Message::decode(l).unwrap());
+        let mut c = Cursor::default();
+        c.advance(&lines.next().unwrap()).unwrap();
+        let wrapped = lines.next().unwrap();
+        assert!(matches!(c.advance(&wrapped), Err(WatchError::Gap { have: u64::MAX, got: 0 })));
+        let again = Message::Delta { epoch: "e".into(), version: u64::MAX, upserts: vec![], deletes: vec![] };
+        assert!(matches!(c.advance(&again), Err(WatchError::Gap { have: u64::MAX, got: u64::MAX })));
+        assert_eq!(c, Cursor { epoch: "e".into(), version: u64::MAX });
     }
 
     #[test]
