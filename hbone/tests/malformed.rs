@@ -108,22 +108,6 @@ async fn malformed_forwarded_header_is_400() {
 }
 
 #[tokio::test]
-async fn oversized_headers_are_refused() {
-    let pki = Pki::new();
-    let server = RunningServer::start(Config::default(), pki.workload("ns-b", "server"), &pki.trust, AllowAll).await;
-    let echo = echo_server().await;
-    let mut h2 = raw_h2(&pki, &server).await;
-    let big = "x".repeat(Config::default().max_header_list_size as usize * 2);
-    let req = Request::builder().method(Method::CONNECT).uri(echo.to_string()).header("baggage", big).body(()).unwrap();
-    match status_of(&mut h2, req).await {
-        Ok(status) => assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
-        Err(e) => assert_eq!(e.reason(), Some(h2::Reason::REFUSED_STREAM), "{e}"),
-    }
-    assert_eq!(server.server.stats().streams_accepted.load(Ordering::Relaxed), 0, "no tunnel was opened");
-    assert_still_serves(&pki, &server, echo).await;
-}
-
-#[tokio::test]
 async fn silent_clients_are_closed_within_the_handshake_timeout() {
     let pki = Pki::new();
     let timeout = Duration::from_millis(300);
@@ -171,4 +155,257 @@ async fn silent_clients_are_closed_within_the_handshake_timeout() {
     assert!(started.elapsed() < Duration::from_secs(3), "closed within the timeout, took {:?}", started.elapsed());
     assert_eq!(server.server.stats().handshake_failures.load(Ordering::Relaxed), 3);
     assert_still_serves(&pki, &server, echo).await;
+}
+
+/// A header block over the limit (16 KiB decoded) is answered `431` with END_STREAM, then the
+/// stream is reset with PROTOCOL_ERROR: h2 does both before the request reaches the server's
+/// code, so no tunnel, no handler call. The connection goes on serving.
+#[tokio::test]
+async fn oversized_headers_are_431_then_reset() {
+    let pki = Pki::new();
+    let server = RunningServer::start(Config::default(), pki.workload("ns-b", "server"), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let limit = Config::default().max_header_list_size as usize;
+    let mut raw = RawH2::connect(&pki, &server).await;
+    // 32 KiB in a HEADERS frame and a CONTINUATION (frames of 16 KiB: the default size).
+    raw.headers(1, &connect_block(echo, &[("x-big", &"x".repeat(2 * limit))]));
+    let frames = raw.read_until(|f| f.kind == RST_STREAM || f.kind == GOAWAY).await;
+    let on_stream: Vec<&Frame> = frames.iter().filter(|f| f.stream == 1).collect();
+    assert_eq!(on_stream.len(), 2, "an answer and a reset on stream 1: {frames:?}");
+    assert_eq!(
+        (on_stream[0].kind, on_stream[0].flags & END_STREAM),
+        (HEADERS, END_STREAM),
+        "an answer ending the stream"
+    );
+    assert_eq!(on_stream[1].kind, RST_STREAM);
+    assert_eq!(error_code(&on_stream[1].payload[..4]), h2::Reason::PROTOCOL_ERROR);
+    // The connection goes on.
+    raw.ping();
+    let frames = raw.read_until(|f| f.kind == PING && f.flags & ACK != 0).await;
+    assert!(frames.iter().all(|f| f.kind != GOAWAY), "the connection stays: {frames:?}");
+    assert_eq!(server.server.stats().streams_accepted.load(Ordering::Relaxed), 0, "no tunnel was opened");
+    assert_eq!(server.server.stats().streams_rejected.load(Ordering::Relaxed), 0, "the server's code never saw it");
+
+    // The answer is 431 (read here by an HTTP/2 client, which decodes the status).
+    let mut h2 = raw_h2(&pki, &server).await;
+    let big = "x".repeat(limit * 2);
+    let req = Request::builder().method(Method::CONNECT).uri(echo.to_string()).header("baggage", big).body(()).unwrap();
+    assert_eq!(status_of(&mut h2, req).await.unwrap(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_still_serves(&pki, &server, echo).await;
+}
+
+/// Header blocks h2 treats as abuse close the connection: one that decodes to more than four
+/// times the limit (64 KiB), or whose sixth CONTINUATION frame still does not end it, gets
+/// GOAWAY(ENHANCE_YOUR_CALM); a CONTINUATION frame bringing the limit's worth of bytes after
+/// the block is already over the limit gets GOAWAY(COMPRESSION_ERROR).
+#[tokio::test]
+async fn abusive_header_blocks_close_the_connection() {
+    let pki = Pki::new();
+    let server = RunningServer::start(Config::default(), pki.workload("ns-b", "server"), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let limit = Config::default().max_header_list_size as usize;
+
+    // 64 KiB and a little more decoded, in five frames: over four times the limit.
+    let mut raw = RawH2::connect(&pki, &server).await;
+    raw.headers(1, &connect_block(echo, &[("x-big", &"x".repeat(4 * limit + 1024))]));
+    let goaway = raw.goaway().await;
+    assert_eq!(goaway, (h2::Reason::ENHANCE_YOUR_CALM, b"header_list_way_too_large".to_vec()));
+
+    // A small block in HEADERS and seven CONTINUATION frames: five that do not end it are
+    // allowed, the sixth is not.
+    let mut raw = RawH2::connect(&pki, &server).await;
+    let block = connect_block(echo, &[("x-small", &"y".repeat(600))]);
+    let chunks: Vec<&[u8]> = block.chunks(block.len() / 8 + 1).collect();
+    assert_eq!(chunks.len(), 8);
+    raw.frame(HEADERS, 0, 1, chunks[0]);
+    for (i, chunk) in chunks[1..].iter().enumerate() {
+        raw.frame(CONTINUATION, if i == 6 { END_HEADERS } else { 0 }, 1, chunk);
+    }
+    assert_eq!(raw.goaway().await, (h2::Reason::ENHANCE_YOUR_CALM, b"too_many_continuations".to_vec()));
+
+    // Over the limit in its first frame (600 tiny headers: 20 KiB decoded from 3 KB), which
+    // ends inside a long header, then a full CONTINUATION frame of it.
+    let mut raw = RawH2::connect(&pki, &server).await;
+    let tiny: Vec<(String, String)> = (0..600).map(|i| (format!("h{i}"), "v".into())).collect();
+    let tiny: Vec<(&str, &str)> = tiny.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let mut block = connect_block(echo, &tiny);
+    let first = block.len() + 100;
+    block.extend(literal("x-more", &"z".repeat(2 * limit)));
+    raw.frame(HEADERS, 0, 1, &block[..first]);
+    raw.frame(CONTINUATION, 0, 1, &block[first..first + DEFAULT_FRAME]);
+    assert_eq!(raw.goaway().await.0, h2::Reason::COMPRESSION_ERROR);
+    assert_still_serves(&pki, &server, echo).await;
+}
+
+/// A client that makes the server reset its streams for protocol errors (here, a
+/// connection-specific header, forbidden in HTTP/2) is closed with GOAWAY(ENHANCE_YOUR_CALM)
+/// on the one after `local_error_resets` of them (64; h2's own default is 1024).
+#[tokio::test]
+async fn protocol_error_resets_are_capped() {
+    let pki = Pki::new();
+    let server = RunningServer::start(Config::default(), pki.workload("ns-b", "server"), &pki.trust, AllowAll).await;
+    let echo = echo_server().await;
+    let max = Config::default().limits.local_error_resets as u32;
+    assert_eq!(max, 64);
+    let mut raw = RawH2::connect(&pki, &server).await;
+    for i in 0..max {
+        raw.headers(2 * i + 1, &connect_block(echo, &[("connection", "close")]));
+    }
+    raw.ping();
+    let frames = raw.read_until(|f| f.kind == PING && f.flags & ACK != 0).await;
+    assert!(frames.iter().all(|f| f.kind != GOAWAY), "{max} are tolerated: {frames:?}");
+    raw.headers(2 * max + 1, &connect_block(echo, &[("connection", "close")]));
+    assert_eq!(raw.goaway().await, (h2::Reason::ENHANCE_YOUR_CALM, b"too_many_internal_resets".to_vec()));
+    assert_eq!(server.server.stats().streams_rejected.load(Ordering::Relaxed), 0, "the server's code never saw them");
+    assert_still_serves(&pki, &server, echo).await;
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+/// The largest frame a client may send before it knows the server's settings.
+const DEFAULT_FRAME: usize = 16 * 1024;
+
+/// One HTTP/2 frame as read.
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// HTTP/2 frames written by hand over valid mutual TLS, for what no HTTP/2 library sends.
+struct RawH2 {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    out: Vec<u8>,
+}
+
+impl RawH2 {
+    /// Connects, sends the preface and empty SETTINGS.
+    async fn connect(pki: &Pki, server: &RunningServer<AllowAll>) -> RawH2 {
+        let source = pki.workload("ns-a", "raw");
+        let config = tls::client_config(&source, &pki.trust, Arc::from(vec![server.identity.identity().clone()]));
+        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(server.addr.ip().into()), tcp)
+            .await
+            .unwrap();
+        let mut raw = RawH2 { tls, out: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec() };
+        raw.frame(SETTINGS, 0, 0, &[]);
+        raw
+    }
+
+    fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        assert!(payload.len() <= DEFAULT_FRAME, "frames of the default size only");
+        self.out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        self.out.extend_from_slice(&[kind, flags]);
+        self.out.extend_from_slice(&stream.to_be_bytes());
+        self.out.extend_from_slice(payload);
+    }
+
+    /// A header block as HEADERS and CONTINUATION frames of the default size.
+    fn headers(&mut self, stream: u32, block: &[u8]) {
+        let chunks: Vec<&[u8]> = block.chunks(DEFAULT_FRAME).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let kind = if i == 0 { HEADERS } else { CONTINUATION };
+            self.frame(kind, if i + 1 == chunks.len() { END_HEADERS } else { 0 }, stream, chunk);
+        }
+    }
+
+    fn ping(&mut self) {
+        self.frame(PING, 0, 0, &[7; 8]);
+    }
+
+    /// Sends what is queued, then reads frames until `last` matches one, the connection ends
+    /// or 5 s pass; acknowledges the server's SETTINGS on the way.
+    async fn read_until(&mut self, last: impl Fn(&Frame) -> bool) -> Vec<Frame> {
+        // The server may close before reading everything.
+        let _ = self.tls.write_all(&std::mem::take(&mut self.out)).await;
+        let mut frames = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let mut head = [0u8; 9];
+                if self.tls.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                if self.tls.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                let frame = Frame { kind: head[3], flags: head[4], stream, payload };
+                if frame.kind == SETTINGS && frame.flags & ACK == 0 {
+                    let mut ack = Vec::new();
+                    ack.extend_from_slice(&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0]);
+                    let _ = self.tls.write_all(&ack).await;
+                }
+                let done = last(&frame);
+                frames.push(frame);
+                if done {
+                    return;
+                }
+            }
+        });
+        read.await.unwrap_or_else(|_| panic!("no awaited frame within 5 s; got {frames:?}"));
+        frames
+    }
+
+    /// The GOAWAY that closes the connection: its error code and debug data.
+    async fn goaway(&mut self) -> (h2::Reason, Vec<u8>) {
+        let frames = self.read_until(|f| f.kind == GOAWAY).await;
+        let goaway = frames.last().filter(|f| f.kind == GOAWAY).unwrap_or_else(|| panic!("no GOAWAY in {frames:?}"));
+        (error_code(&goaway.payload[4..8]), goaway.payload[8..].to_vec())
+    }
+}
+
+fn error_code(bytes: &[u8]) -> h2::Reason {
+    h2::Reason::from(u32::from_be_bytes(bytes.try_into().expect("four bytes")))
+}
+
+/// HPACK for `CONNECT target` plus `headers`, all literals without indexing.
+fn connect_block(target: SocketAddr, headers: &[(&str, &str)]) -> Vec<u8> {
+    // Indexed names: 2 is `:method`, 1 is `:authority`.
+    let mut block = vec![0x02];
+    block.extend(hpack_string(b"CONNECT"));
+    block.push(0x01);
+    block.extend(hpack_string(target.to_string().as_bytes()));
+    for (name, value) in headers {
+        block.extend(literal(name, value));
+    }
+    block
+}
+
+/// A literal header field without indexing, with a literal name.
+fn literal(name: &str, value: &str) -> Vec<u8> {
+    let mut field = vec![0x00];
+    field.extend(hpack_string(name.as_bytes()));
+    field.extend(hpack_string(value.as_bytes()));
+    field
+}
+
+/// An HPACK string literal (not Huffman-coded): its length as a 7-bit-prefix integer.
+fn hpack_string(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut len = s.len();
+    if len < 127 {
+        out.push(len as u8);
+    } else {
+        out.push(127);
+        len -= 127;
+        while len >= 128 {
+            out.push((len % 128) as u8 | 0x80);
+            len /= 128;
+        }
+        out.push(len as u8);
+    }
+    out.extend_from_slice(s);
+    out
 }
