@@ -47,6 +47,9 @@ pub enum App {
         /// Percent of requests answered 503 (0 to 100).
         #[arg(long, default_value_t = 0)]
         fail_percent: u32,
+        /// Print `request <method> <path>` for each request (tests look for what the app saw).
+        #[arg(long)]
+        log_requests: bool,
     },
 }
 
@@ -55,11 +58,11 @@ pub async fn run(app: App) -> anyhow::Result<()> {
         App::Echo { port, banner } => echo(port, banner).await,
         App::Sink { port } => sink(port).await,
         App::Http { port } => http(port).await,
-        App::Web { port, name, fail_percent } => web(port, name, fail_percent).await,
+        App::Web { port, name, fail_percent, log_requests } => web(port, name, fail_percent, log_requests).await,
     }
 }
 
-async fn web(port: u16, name: String, fail_percent: u32) -> anyhow::Result<()> {
+async fn web(port: u16, name: String, fail_percent: u32, log_requests: bool) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -75,6 +78,9 @@ async fn web(port: u16, name: String, fail_percent: u32) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let n = count.fetch_add(1, Ordering::Relaxed);
+                if log_requests {
+                    println!("request {} {}", req.method(), req.uri().path());
+                }
                 // Spread evenly: at 50, every other request fails.
                 let failing =
                     (u64::from(n) + 1) * u64::from(fail_percent) / 100 > u64::from(n) * u64::from(fail_percent) / 100;

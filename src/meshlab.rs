@@ -413,10 +413,10 @@ impl MeshLab {
     }
 
     /// Starts `weft app web` in `pod`: HTTP/1.1 and HTTP/2 answering `name` (and failing
-    /// `fail_percent` of requests with 503).
+    /// `fail_percent` of requests with 503), printing each request it sees.
     pub fn start_web(&self, pod: &str, port: u16, name: &str, fail_percent: u32) -> anyhow::Result<LabProcess> {
         let mut cmd = Command::new(&self.weft);
-        cmd.args(["app", "web", "--port", &port.to_string(), "--name", name, "--fail-percent"])
+        cmd.args(["app", "web", "--port", &port.to_string(), "--name", name, "--log-requests", "--fail-percent"])
             .arg(fail_percent.to_string());
         let process = self.pod(pod).netns().spawn(cmd)?;
         process.wait_for_log("listening on", STARTUP)?;

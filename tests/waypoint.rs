@@ -8,7 +8,8 @@
 //! request to v2 only; a weight change moves traffic within seconds with no failed request;
 //! retries heal a backend failing half of its requests, and without a retry stanza the client
 //! sees the failures; a client dialing a pod behind the waypoint directly still goes through
-//! the waypoint, and a client outside the mesh cannot reach that pod at all.
+//! the waypoint, and a client outside the mesh cannot reach that pod at all; a policy
+//! targeting the service refuses a path with 403 before any app sees it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -83,6 +84,8 @@ fn pod(node: usize, name: &str, app: &str, labels: &[(&str, &str)]) -> PodSpec {
 
 struct Setup {
     mesh: MeshLab,
+    /// The apps, by pod.
+    apps: BTreeMap<&'static str, lab::LabProcess>,
 }
 
 impl Setup {
@@ -113,13 +116,18 @@ impl Setup {
         .expect("services");
         mesh.put_objects("shop-routes", &[canary(90, 10), ratings(true)]).expect("routes");
         mesh.start_ztunnels().expect("starting the controller and ztunnels");
+        let mut apps = BTreeMap::new();
         for (p, name, fail) in [("reviews-v1", "v1", 0), ("reviews-v2", "v2", 0), ("ratings", "ratings", 50)] {
-            let app = mesh.start_web(p, APP_PORT, name, fail).expect("starting an app");
-            mesh.keep(app);
+            apps.insert(p, mesh.start_web(p, APP_PORT, name, fail).expect("starting an app"));
         }
         let waypoint = mesh.start_waypoint("wp", "wp").expect("starting the waypoint");
         mesh.keep(waypoint);
-        Some(Setup { mesh })
+        Some(Setup { mesh, apps })
+    }
+
+    /// What the app in `pod` printed: a line per request it saw.
+    fn app_logs(&self, pod: &str) -> String {
+        self.apps[pod].logs().expect("the app's log")
     }
 
     fn client(&self, from: &str, to: SocketAddr) -> HttpClient {
@@ -186,6 +194,34 @@ fn canary_split_header_match_weight_change_and_bypass() {
     // The header match: v2 only.
     let canary_counts = s.tally(reviews, 100, &[("x-canary", "true")]);
     assert_eq!(canary_counts.get("v2"), Some(&100), "x-canary: true went elsewhere: {canary_counts:?}");
+
+    // L7 authorization on the service: a denied path gets 403 and no app sees it; the rest flows.
+    s.mesh
+        .put_objects(
+            "shop-policies",
+            &[json!({
+                "apiVersion": "security.weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "no-admin", "namespace": "shop"},
+                "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": "reviews"}], "action": "DENY",
+                         "rules": [{"to": [{"operation": {"paths": ["/admin/*"]}}]}]},
+            })],
+        )
+        .expect("policy");
+    s.mesh.write_config().expect("writing the policy");
+    let mut client = s.client("client", reviews);
+    assert!(
+        eventually(PROPAGATION, || client.get("/admin/probe", &[]).is_ok_and(|(status, _)| status == 403)),
+        "GET /admin/probe was never refused"
+    );
+    // In force: from now on no app may see an /admin/ request.
+    assert_eq!(client.get("/admin/secret", &[]).expect("an answer").0, 403);
+    assert_eq!(client.get("/", &[]).expect("an answer").0, 200, "the policy refuses only /admin/*");
+    for app in ["reviews-v1", "reviews-v2"] {
+        let seen = s.app_logs(app);
+        assert!(!seen.contains("request GET /admin/secret"), "{app} saw a denied request:\n{seen}");
+        assert!(seen.contains("request GET /"), "{app}'s log shows no request at all");
+    }
+    s.mesh.put_objects("shop-policies", &[]).expect("policy removed");
 
     // A weight change moves traffic within seconds, with no failed request meanwhile.
     s.mesh.put_objects("shop-routes", &[canary(0, 100), ratings(true)]).expect("routes");

@@ -81,7 +81,7 @@ pub enum ApiError {
     #[error("invalid CSR: {0}")]
     InvalidCsr(String),
     #[error(
-        "node {node} runs no workload with identity {identity}; certificates are issued only for workloads scheduled on the calling node"
+        "node {node} runs no workload with identity {identity}; certificates are issued only for workloads scheduled on the calling node and captured by the mesh"
     )]
     ForbiddenIdentity { node: String, identity: String },
     #[error(

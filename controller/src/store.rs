@@ -38,7 +38,7 @@ pub struct Store {
 
 struct Inner {
     history: History,
-    /// Workload uid → (node, identity), for node authorization.
+    /// Workload uid → (node, identity) of the captured workloads, for node authorization.
     workloads: HashMap<String, (String, SpiffeId)>,
     /// Waypoint key name (`<namespace>/<name>`) → (namespace, service account), for
     /// service-account authorization.
@@ -115,14 +115,19 @@ impl Store {
         let mut inner = self.lock();
         for change in &changes {
             match change {
-                Change::Upsert(Resource::Workload(w)) => match w.identity(&inner.trust_domain) {
-                    Ok(id) => {
-                        inner.workloads.insert(w.uid.clone(), (w.node.clone(), id));
+                // A node's ztunnel needs the identities of the pods it captures only: a pod
+                // it does not capture (a waypoint's, one opted out) keeps its identity from
+                // the node.
+                Change::Upsert(Resource::Workload(w)) => {
+                    match w.identity(&inner.trust_domain).ok().filter(|_| w.enrolled) {
+                        Some(id) => {
+                            inner.workloads.insert(w.uid.clone(), (w.node.clone(), id));
+                        }
+                        None => {
+                            inner.workloads.remove(&w.uid);
+                        }
                     }
-                    Err(_) => {
-                        inner.workloads.remove(&w.uid);
-                    }
-                },
+                }
                 Change::Delete(Key { kind: Kind::Workload, name }) => {
                     inner.workloads.remove(name);
                 }
@@ -194,8 +199,8 @@ impl Store {
         status.last_ack_unix = now;
     }
 
-    /// Whether a workload with identity `id` is scheduled on `node`: node authorization for
-    /// certificates.
+    /// Whether a workload with identity `id` is scheduled on `node` and captured there: node
+    /// authorization for certificates.
     pub fn node_runs(&self, node: &str, id: &SpiffeId) -> bool {
         self.lock().workloads.values().any(|(n, i)| n == node && i == id)
     }
@@ -275,7 +280,7 @@ mod tests {
 
     fn workload(name: &str, node: &str) -> Resource {
         let doc = format!(
-            "workloads: [{{name: {name}, namespace: ns, node: {node}, addresses: [10.244.0.{}], serviceAccount: {name}}}]",
+            "workloads: [{{name: {name}, namespace: ns, node: {node}, addresses: [10.244.0.{}], serviceAccount: {name}, enrolled: true}}]",
             name.len()
         );
         Resource::Workload(meshapi::Snapshot::from_yaml(&doc).unwrap().workloads.remove(0))
@@ -324,6 +329,11 @@ mod tests {
         s.commit(vec![Change::Delete(Key::new(Kind::Workload, "ns/a"))]).unwrap();
         assert!(!s.node_runs("n1", &a), "deleted");
         assert_eq!(s.identities_on("n2").len(), 1);
+        // A pod its node does not capture (a waypoint's) gives the node no right to its identity.
+        let Resource::Workload(mut uncaptured) = workload("a", "n1") else { unreachable!() };
+        uncaptured.enrolled = false;
+        s.commit(vec![Change::Upsert(Resource::Workload(uncaptured))]).unwrap();
+        assert!(!s.node_runs("n1", &a), "not captured: not the node's to obtain");
     }
 
     #[test]

@@ -598,6 +598,7 @@ fn object_field(kind: ObjectKind, model_field: &str) -> String {
         (ObjectKind::Service, "ports") => return "spec.ports".to_owned(),
         (ObjectKind::HttpRoute, "parents") => return "spec.parentRefs".to_owned(),
         (ObjectKind::AuthorizationPolicy, "rules") => "spec.rules",
+        (ObjectKind::AuthorizationPolicy, "targetServices") => "spec.targetRefs",
         _ => return model_field.to_owned(),
     };
     format!("{mapped}{rest}")
@@ -803,9 +804,32 @@ fn authorization(policy: &AuthorizationPolicy, r: &ObjectRef) -> Translated {
                 .iter()
                 .map(|s| json!({"principals": s.principals, "namespaces": s.namespaces, "ipBlocks": s.ip_blocks}))
                 .collect();
-            json!({"from": from, "ports": rule.ports})
+            let to: Vec<serde_json::Value> =
+                rule.to.iter().map(|t| json!({"methods": t.operation.methods, "paths": t.operation.paths})).collect();
+            json!({"from": from, "ports": rule.ports, "to": to})
         })
         .collect();
+    // Only Services can be targets: another kind is refused (the CRD's schema refuses it at
+    // apply time on Kubernetes).
+    let targets = match &spec.target_refs {
+        None => None,
+        Some(refs) => {
+            let mut names = Vec::new();
+            for (i, t) in refs.iter().enumerate() {
+                if t.kind != "Service" || !(t.group.is_empty() || t.group == "core") {
+                    let problem = Rejection::new(format!(
+                        "{}/{} is not a Service: only Services (group \"\") can be targets",
+                        t.group, t.kind
+                    ))
+                    .about(r.clone())
+                    .at(format!("spec.targetRefs[{i}]"));
+                    return Translated { resource: None, problem: Some(problem) };
+                }
+                names.push(t.name.clone());
+            }
+            Some(names)
+        }
+    };
     let wire = Wire {
         kind: Kind::Authorization,
         name: r.qualified_name(),
@@ -813,6 +837,7 @@ fn authorization(policy: &AuthorizationPolicy, r: &ObjectRef) -> Translated {
             "name": r.name,
             "namespace": r.namespace,
             "selector": spec.selector.as_ref().map(|s| &s.match_labels),
+            "targetServices": targets,
             "action": match spec.action { PolicyAction::Allow => "ALLOW", PolicyAction::Deny => "DENY" },
             "rules": rules,
         }),
@@ -1369,6 +1394,31 @@ spec:
         let changes = apply(&mut t, mesh);
         let [Change::Upsert(Resource::Authorization(policy))] = changes.as_slice() else { panic!("{changes:?}") };
         assert_eq!((&policy.scope, policy.action), (&PolicyScope::Mesh, Action::Deny));
+    }
+
+    #[test]
+    fn a_policy_targeting_services_carries_request_rules_to_their_waypoint() {
+        let mut t = Translator::new();
+        let policy = "apiVersion: security.weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                      metadata: {name: no-admin, namespace: shop}\n\
+                      spec: {targetRefs: [{kind: Service, group: '', name: reviews}], action: DENY,\
+                             rules: [{to: [{operation: {methods: [DELETE], paths: ['/admin/*']}}]}]}\n";
+        let changes = apply(&mut t, policy);
+        let [Change::Upsert(Resource::Authorization(p))] = changes.as_slice() else { panic!("{changes:?}") };
+        assert_eq!(p.scope, PolicyScope::Services(vec!["reviews".into()]));
+        assert_eq!(p.rules[0].to[0].methods, ["DELETE"]);
+        assert_eq!(p.rules[0].to[0].paths, [meshapi::PathPattern::Prefix("/admin/".into())]);
+        assert!(p.broken.is_none());
+
+        // Another kind of target is refused, naming the field.
+        let changes = apply(&mut t, &policy.replace("kind: Service", "kind: Deployment"));
+        assert_eq!(summary(&changes), ["delete Authorization shop/no-admin"]);
+        let [rejection] = t.rejected().try_into().unwrap();
+        assert_eq!(rejection.field.as_deref(), Some("spec.targetRefs[0]"));
+        // Both a selector and targets: refused too.
+        let both = policy.replace("targetRefs:", "selector: {matchLabels: {app: x}}, targetRefs:");
+        assert!(apply(&mut t, &both).is_empty());
+        assert_eq!(t.rejected()[0].field.as_deref(), Some("spec.targetRefs"), "{:?}", t.rejected());
     }
 
     #[test]

@@ -19,8 +19,8 @@ pub mod watch;
 mod yaml;
 
 pub use model::{
-    Action, Authorization, HttpRoute, MtlsMode, PolicyScope, Principal, Rule, Service, ServicePort, Snapshot, Source,
-    TrustBundle, Waypoint, Workload,
+    Action, Authorization, HttpRoute, MtlsMode, Operation, PathPattern, PolicyScope, Principal, Rule, Service,
+    ServicePort, Snapshot, Source, TrustBundle, Waypoint, Workload,
 };
 pub use resource::{Key, Kind, Resource};
 pub use yaml::ModelError;

@@ -118,6 +118,9 @@ pub enum PolicyScope {
     /// Workloads whose labels match, in the policy's namespace (or anywhere, for the root
     /// namespace).
     Selector(BTreeMap<String, String>),
+    /// Requests to these Services (names in the policy's namespace), enforced by their
+    /// waypoint (`targetRefs`); no workload's ztunnel applies it.
+    Services(Vec<String>),
 }
 
 impl Authorization {
@@ -130,7 +133,14 @@ impl Authorization {
             PolicyScope::Selector(sel) => {
                 in_scope_namespace && sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
             }
+            PolicyScope::Services(_) => false,
         }
+    }
+
+    /// Whether this policy targets `service` (enforced by the service's waypoint).
+    pub fn targets_service(&self, service: &Service) -> bool {
+        matches!(&self.scope, PolicyScope::Services(names)
+            if self.namespace == service.namespace && names.contains(&service.name))
     }
 }
 
@@ -140,12 +150,68 @@ pub enum Action {
     Deny,
 }
 
-/// A rule matches a connection when one of `from` matches (or `from` is empty) and its
-/// destination port is one of `ports` (or `ports` is empty).
+/// A rule matches a connection when one of `from` matches (or `from` is empty), its
+/// destination port is one of `ports` (or `ports` is empty), and, for a request, one of `to`
+/// matches (or `to` is empty). Only a waypoint sees requests: at L4, a rule with `to` never
+/// allows, and denies whatever its other fields match (ARCHITECTURE §9.3).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Rule {
     pub from: Vec<Source>,
     pub ports: Vec<u16>,
+    pub to: Vec<Operation>,
+}
+
+/// What a request does: it matches when every field that is set matches.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Operation {
+    /// HTTP methods (`GET`), compared exactly.
+    pub methods: Vec<String>,
+    pub paths: Vec<PathPattern>,
+}
+
+/// A request path pattern (the path without its query): exact, `*` (any), a prefix ending in
+/// `*` (`/admin/*`), or a suffix starting with `*` (`*.js`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    Any,
+    Prefix(String),
+    Suffix(String),
+}
+
+impl PathPattern {
+    pub fn parse(text: &str) -> Result<PathPattern, String> {
+        let stars = text.matches('*').count();
+        match (text, stars) {
+            ("*", _) => Ok(PathPattern::Any),
+            (t, 0) if t.starts_with('/') => Ok(PathPattern::Exact(t.to_owned())),
+            (t, 1) if t.ends_with('*') && t.starts_with('/') => Ok(PathPattern::Prefix(t[..t.len() - 1].to_owned())),
+            (t, 1) if t.starts_with('*') => Ok(PathPattern::Suffix(t[1..].to_owned())),
+            _ => Err(format!(
+                "{text:?} is not a path pattern: an exact path starting with /, *, a prefix ending in * or a suffix starting with *"
+            )),
+        }
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(p) => p == path,
+            PathPattern::Any => true,
+            PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+            PathPattern::Suffix(s) => path.ends_with(s.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathPattern::Exact(p) => f.write_str(p),
+            PathPattern::Any => f.write_str("*"),
+            PathPattern::Prefix(p) => write!(f, "{p}*"),
+            PathPattern::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
 }
 
 /// A source matches when every field that is set matches.

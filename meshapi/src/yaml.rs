@@ -16,8 +16,8 @@ use spiffe::DEFAULT_TRUST_DOMAIN;
 use spiffe::SpiffeId;
 
 use crate::model::{
-    Action, Authorization, HttpRoute, MtlsMode, PolicyScope, Principal, ROOT_NAMESPACE, Rule, Service, ServicePort,
-    Snapshot, Source, TrustBundle, Waypoint, Workload,
+    Action, Authorization, HttpRoute, MtlsMode, Operation, PathPattern, PolicyScope, Principal, ROOT_NAMESPACE, Rule,
+    Service, ServicePort, Snapshot, Source, TrustBundle, Waypoint, Workload,
 };
 
 /// Why a snapshot was refused.
@@ -124,6 +124,10 @@ pub(crate) struct RawAuthorization {
     namespace: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     selector: Option<BTreeMap<String, String>>,
+    /// Services of the policy's namespace whose waypoint enforces it (exclusive with
+    /// `selector`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target_services: Option<Vec<String>>,
     action: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     rules: Vec<RawRule>,
@@ -140,6 +144,17 @@ pub(crate) struct RawRule {
     from: Vec<RawSource>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    to: Vec<RawOperation>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawOperation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    paths: Vec<String>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -347,8 +362,23 @@ impl RawAuthorization {
                 ));
             }
         };
-        let scope = match self.selector {
-            Some(sel) if !sel.is_empty() => PolicyScope::Selector(sel),
+        let scope = match (self.selector, self.target_services) {
+            (Some(_), Some(_)) => {
+                return Err(ModelError::field(
+                    format!("{path}.targetServices"),
+                    "a policy selects workloads or targets services, not both",
+                ));
+            }
+            (None, Some(services)) => {
+                if services.is_empty() {
+                    return Err(ModelError::field(format!("{path}.targetServices"), "names no service"));
+                }
+                for (i, s) in services.iter().enumerate() {
+                    name(s, &format!("{path}.targetServices[{i}]"))?;
+                }
+                PolicyScope::Services(services)
+            }
+            (Some(sel), None) if !sel.is_empty() => PolicyScope::Selector(sel),
             _ if self.namespace == ROOT_NAMESPACE => PolicyScope::Mesh,
             _ => PolicyScope::Namespace,
         };
@@ -357,7 +387,26 @@ impl RawAuthorization {
         let mut broken = None;
         let mut rules = Vec::with_capacity(self.rules.len());
         for (r, raw) in self.rules.into_iter().enumerate() {
-            let mut rule = Rule { from: Vec::new(), ports: raw.ports };
+            let mut rule = Rule { from: Vec::new(), ports: raw.ports, to: Vec::new() };
+            for (t, op) in raw.to.into_iter().enumerate() {
+                let mut operation = Operation { methods: op.methods, paths: Vec::new() };
+                for (k, m) in operation.methods.iter().enumerate() {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                        broken.get_or_insert(format!(
+                            "{path}.rules[{r}].to[{t}].methods[{k}]: {m:?} is not an HTTP method (uppercase letters)"
+                        ));
+                    }
+                }
+                for (k, p) in op.paths.iter().enumerate() {
+                    match PathPattern::parse(p) {
+                        Ok(p) => operation.paths.push(p),
+                        Err(e) => {
+                            broken.get_or_insert(format!("{path}.rules[{r}].to[{t}].paths[{k}]: {e}"));
+                        }
+                    }
+                }
+                rule.to.push(operation);
+            }
             if rule.ports.contains(&0) {
                 broken.get_or_insert(format!("{path}.rules[{r}].ports: port 0 is not a port"));
             }
@@ -492,7 +541,11 @@ impl From<&Authorization> for RawAuthorization {
             namespace: a.namespace.clone(),
             selector: match &a.scope {
                 PolicyScope::Selector(sel) => Some(sel.clone()),
-                PolicyScope::Mesh | PolicyScope::Namespace => None,
+                PolicyScope::Mesh | PolicyScope::Namespace | PolicyScope::Services(_) => None,
+            },
+            target_services: match &a.scope {
+                PolicyScope::Services(names) => Some(names.clone()),
+                _ => None,
             },
             action: match a.action {
                 Action::Allow => "ALLOW".to_owned(),
@@ -512,6 +565,14 @@ impl From<&Authorization> for RawAuthorization {
                         })
                         .collect(),
                     ports: r.ports.clone(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|o| RawOperation {
+                            methods: o.methods.clone(),
+                            paths: o.paths.iter().map(ToString::to_string).collect(),
+                        })
+                        .collect(),
                 })
                 .collect(),
             broken: a.broken.clone(),

@@ -427,6 +427,8 @@ enum Flag {
     Timeout,
     /// The waypoint answered directly (a redirect, or all weights zero).
     Direct,
+    /// L7 authorization refused it.
+    Denied,
     /// The client's request could not be read.
     BadRequest,
 }
@@ -441,6 +443,7 @@ impl Flag {
             Flag::Reset => "UR",
             Flag::Timeout => "UT",
             Flag::Direct => "DI",
+            Flag::Denied => "RBAC",
             Flag::BadRequest => "DPE",
         }
     }
@@ -521,6 +524,11 @@ async fn route_and_forward(
     record: &mut Record,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
+    // L7 authorization first: a refused request reaches no route, no backend.
+    if let Err(why) = authorize(state, downstream, &parts) {
+        debug!(source = %downstream.source_identity, method = %parts.method, path = %parts.uri.path(), reason = %why, "request denied");
+        return local(StatusCode::FORBIDDEN, Flag::Denied, record, "RBAC: access denied");
+    }
     // The rule decides where the request goes; a direct call to a workload goes to it.
     let (rule, backend, candidates) = match &downstream.target {
         Target::Service { service, port } => {
@@ -704,6 +712,27 @@ async fn route_and_forward(
     last.unwrap_or_else(|| {
         local(StatusCode::SERVICE_UNAVAILABLE, Flag::ConnectFailure, record, "no attempt could be made")
     })
+}
+
+/// The policies that target the services of this tunnel (the one it was addressed to, or, for
+/// a workload dialed directly, every service of this waypoint that selects it), decided for
+/// this request from the proven client identity and the believed source address.
+fn authorize(state: &State, downstream: &Downstream, parts: &http::request::Parts) -> Result<(), String> {
+    let (services, port): (Vec<&ServiceEntry>, u16) = match &downstream.target {
+        Target::Service { service, port } => (vec![&**service], *port),
+        Target::Workload { workload, port } => (state.services_of(workload.workload()).map(|s| &**s).collect(), *port),
+    };
+    let policies = state.authorizations().filter(|a| services.iter().any(|s| a.targets_service(s.service())));
+    let conn = ztunnel::authz::Connection {
+        identity: Some(&downstream.source_identity),
+        source_ip: downstream.source_addr,
+        dest_port: port,
+        request: Some((parts.method.as_str(), parts.uri.path())),
+    };
+    match ztunnel::authz::check(policies, &conn) {
+        ztunnel::authz::Verdict::Allow => Ok(()),
+        ztunnel::authz::Verdict::Deny(why) => Err(why),
+    }
 }
 
 /// The index of `backend` in its rule.

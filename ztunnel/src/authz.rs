@@ -8,11 +8,15 @@
 //!
 //! A plaintext connection has no identity: a source that names principals or namespaces
 //! never matches it.
+//!
+//! A rule with `to` (methods, paths) is about requests, which only a waypoint sees
+//! ([`Connection::request`]). Decided at L4, such a rule never allows, and a DENY rule denies
+//! what its other fields match: without the request, the stricter answer.
 
 use std::net::IpAddr;
 
 use hbone::SpiffeId;
-use meshapi::{Action, Authorization, Rule, Source};
+use meshapi::{Action, Authorization, Operation, Rule, Source};
 
 /// What is known about a connection when it is authorized.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +25,9 @@ pub struct Connection<'a> {
     pub identity: Option<&'a SpiffeId>,
     pub source_ip: IpAddr,
     pub dest_port: u16,
+    /// The request's method and path (without the query), when a waypoint decides per
+    /// request; `None` at L4.
+    pub request: Option<(&'a str, &'a str)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +49,7 @@ pub fn check<'a>(policies: impl IntoIterator<Item = &'a Authorization>, conn: &C
                         policy.namespace, policy.name
                     ));
                 }
-                if policy.rules.iter().any(|r| rule_matches(r, conn)) {
+                if policy.rules.iter().any(|r| rule_matches(r, conn, Action::Deny)) {
                     return Verdict::Deny(format!("denied by policy {}/{}", policy.namespace, policy.name));
                 }
             }
@@ -52,7 +59,7 @@ pub fn check<'a>(policies: impl IntoIterator<Item = &'a Authorization>, conn: &C
     if allows.is_empty() {
         return Verdict::Allow;
     }
-    if allows.iter().any(|p| p.broken.is_none() && p.rules.iter().any(|r| rule_matches(r, conn))) {
+    if allows.iter().any(|p| p.broken.is_none() && p.rules.iter().any(|r| rule_matches(r, conn, Action::Allow))) {
         return Verdict::Allow;
     }
     let names: Vec<String> = allows
@@ -65,9 +72,20 @@ pub fn check<'a>(policies: impl IntoIterator<Item = &'a Authorization>, conn: &C
     Verdict::Deny(format!("no ALLOW policy matched (policies: {})", names.join(", ")))
 }
 
-fn rule_matches(rule: &Rule, conn: &Connection<'_>) -> bool {
-    (rule.ports.is_empty() || rule.ports.contains(&conn.dest_port))
+fn rule_matches(rule: &Rule, conn: &Connection<'_>, action: Action) -> bool {
+    let to = match (rule.to.is_empty(), conn.request) {
+        (true, _) => true,
+        (false, Some((method, path))) => rule.to.iter().any(|op| operation_matches(op, method, path)),
+        // At L4: the stricter answer (see the module docs).
+        (false, None) => action == Action::Deny,
+    };
+    to && (rule.ports.is_empty() || rule.ports.contains(&conn.dest_port))
         && (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, conn)))
+}
+
+fn operation_matches(op: &Operation, method: &str, path: &str) -> bool {
+    (op.methods.is_empty() || op.methods.iter().any(|m| m == method))
+        && (op.paths.is_empty() || op.paths.iter().any(|p| p.matches(path)))
 }
 
 fn source_matches(source: &Source, conn: &Connection<'_>) -> bool {
@@ -103,7 +121,40 @@ mod tests {
     }
 
     fn conn<'a>(identity: Option<&'a SpiffeId>, ip: &str, port: u16) -> Connection<'a> {
-        Connection { identity, source_ip: ip.parse().unwrap(), dest_port: port }
+        Connection { identity, source_ip: ip.parse().unwrap(), dest_port: port, request: None }
+    }
+
+    #[test]
+    fn request_rules_at_l7_and_their_stricter_reading_at_l4() {
+        let p = policies(
+            "  - {name: no-admin, namespace: backend, action: DENY, rules: [{to: [{methods: [DELETE], paths: [\"/admin/*\"]}]}]}\n  - {name: reads, namespace: backend, action: ALLOW, rules: [{from: [{namespaces: [frontend]}], to: [{methods: [GET]}]}]}",
+        );
+        let web = id("frontend", "web");
+        let request = |method, path| Connection { request: Some((method, path)), ..conn(Some(&web), "10.1.1.1", 80) };
+        assert_eq!(check(&p, &request("GET", "/admin/users")), Verdict::Allow);
+        assert_eq!(
+            check(&p, &request("DELETE", "/admin/users")),
+            Verdict::Deny("denied by policy backend/no-admin".into())
+        );
+        assert!(
+            matches!(check(&p, &request("POST", "/items")), Verdict::Deny(why) if why.contains("no ALLOW policy matched"))
+        );
+        // At L4 the DENY's request rule denies the connection, and the ALLOW's cannot allow it.
+        assert_eq!(
+            check(&p, &conn(Some(&web), "10.1.1.1", 80)),
+            Verdict::Deny("denied by policy backend/no-admin".into())
+        );
+        let only_allow =
+            policies("  - {name: reads, namespace: backend, action: ALLOW, rules: [{to: [{methods: [GET]}]}]}");
+        assert!(matches!(check(&only_allow, &conn(Some(&web), "10.1.1.1", 80)), Verdict::Deny(_)));
+    }
+
+    #[test]
+    fn request_patterns_that_cannot_be_read_fail_closed() {
+        let p = policies(
+            "  - {name: d, namespace: backend, action: DENY, rules: [{to: [{paths: [\"/a*b\"]}]}]}\n  - {name: m, namespace: backend, action: ALLOW, rules: [{to: [{methods: [get]}]}]}",
+        );
+        assert!(p.iter().all(|a| a.broken.is_some()), "{p:?}");
     }
 
     #[test]

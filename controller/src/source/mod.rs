@@ -183,9 +183,22 @@ pub struct AuthorizationPolicySpec {
     /// in `weft-system`).
     #[serde(default)]
     pub selector: Option<LabelSelector>,
+    /// The Services whose waypoint enforces the policy, per request (exclusive with
+    /// `selector`): kind `Service`, group `""`, in the policy's namespace.
+    #[serde(default)]
+    pub target_refs: Option<Vec<PolicyTargetRef>>,
     pub action: PolicyAction,
     #[serde(default)]
     pub rules: Vec<PolicyRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyTargetRef {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
 }
 
 /// Only `matchLabels`: a `matchExpressions` the policy could not honour is refused instead
@@ -214,6 +227,26 @@ pub struct PolicyRule {
     pub from: Vec<PolicySource>,
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// What a request does; only a waypoint sees requests (ARCHITECTURE §9.3).
+    #[serde(default)]
+    pub to: Vec<PolicyTo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyTo {
+    pub operation: PolicyOperation,
+}
+
+/// Matches when every field that is set matches; values kept as written (see
+/// [`PolicySource`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyOperation {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
 }
 
 /// Matches when every field that is set matches. Values are kept as written: translation

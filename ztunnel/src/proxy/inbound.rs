@@ -170,7 +170,7 @@ impl Handler for Inbound {
             return Err(self.refuse(&state, req, Refusal::ForwardedMismatch, refused.to_string()));
         }
         for source_ip in policy_sources(peer, req.forwarded_for) {
-            let conn = authz::Connection { identity: Some(&req.peer_identity), source_ip, dest_port: target.port() };
+            let conn = authz::Connection { identity: Some(&req.peer_identity), source_ip, dest_port: target.port(), request: None };
             if let Verdict::Deny(reason) = authz::check(state.policies_for(workload), &conn) {
                 return Err(self.refuse(&state, req, Refusal::Policy, reason));
             }
@@ -289,7 +289,7 @@ workloads:
         let denied = |peer: IpAddr, claimed: Option<IpAddr>| {
             check_claim(&state, peer, claimed, &id).is_err()
                 || policy_sources(peer, claimed).any(|source_ip| {
-                    let conn = authz::Connection { identity: Some(&id), source_ip, dest_port: 80 };
+                    let conn = authz::Connection { identity: Some(&id), source_ip, dest_port: 80, request: None };
                     matches!(authz::check(state.policies_for(target), &conn), Verdict::Deny(_))
                 })
         };

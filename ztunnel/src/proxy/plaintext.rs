@@ -52,7 +52,7 @@ fn admit(state: &State, pod: &PodInfo, peer: SocketAddr, orig: SocketAddr) -> Re
         let detail = format!("workload {} is reached only through its waypoint {waypoint}: plaintext from {peer} refused", w.uid);
         return Err((Refusal::Policy, detail));
     }
-    let conn = authz::Connection { identity: None, source_ip: peer.ip(), dest_port: orig.port() };
+    let conn = authz::Connection { identity: None, source_ip: peer.ip(), dest_port: orig.port(), request: None };
     match authz::check(state.policies_for(w), &conn) {
         Verdict::Deny(reason) => Err((Refusal::Policy, reason)),
         _ => Ok(()),
