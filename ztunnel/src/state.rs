@@ -578,7 +578,10 @@ impl State {
     /// first by key). A client that dials the pod directly must not skip the L7 policy its
     /// service applies (ARCHITECTURE §4.4).
     pub fn waypoint_of<'a>(&'a self, workload: &'a Workload) -> Option<&'a str> {
-        workload.waypoint.as_deref().or_else(|| self.services_of(workload).find_map(|s| s.service().waypoint.as_deref()))
+        workload
+            .waypoint
+            .as_deref()
+            .or_else(|| self.services_of(workload).find_map(|s| s.service().waypoint.as_deref()))
     }
 
     /// Every waypoint, by key.

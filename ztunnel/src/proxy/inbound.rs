@@ -170,7 +170,12 @@ impl Handler for Inbound {
             return Err(self.refuse(&state, req, Refusal::ForwardedMismatch, refused.to_string()));
         }
         for source_ip in policy_sources(peer, req.forwarded_for) {
-            let conn = authz::Connection { identity: Some(&req.peer_identity), source_ip, dest_port: target.port(), request: None };
+            let conn = authz::Connection {
+                identity: Some(&req.peer_identity),
+                source_ip,
+                dest_port: target.port(),
+                request: None,
+            };
             if let Verdict::Deny(reason) = authz::check(state.policies_for(workload), &conn) {
                 return Err(self.refuse(&state, req, Refusal::Policy, reason));
             }

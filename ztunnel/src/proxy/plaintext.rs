@@ -49,7 +49,10 @@ fn admit(state: &State, pod: &PodInfo, peer: SocketAddr, orig: SocketAddr) -> Re
         return Err((Refusal::StrictMtls, format!("workload {} is STRICT: plaintext from {peer} refused", w.uid)));
     }
     if let Some(waypoint) = state.waypoint_of(w) {
-        let detail = format!("workload {} is reached only through its waypoint {waypoint}: plaintext from {peer} refused", w.uid);
+        let detail = format!(
+            "workload {} is reached only through its waypoint {waypoint}: plaintext from {peer} refused",
+            w.uid
+        );
         return Err((Refusal::Policy, detail));
     }
     let conn = authz::Connection { identity: None, source_ip: peer.ip(), dest_port: orig.port(), request: None };
