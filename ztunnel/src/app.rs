@@ -305,14 +305,7 @@ pub fn controller_endpoint(
     let name = name.unwrap_or(&host);
     let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
         .with_context(|| format!("{name:?} is not a DNS name or IP address to verify the controller by"))?;
-    Ok(control::client::Endpoint {
-        host,
-        port,
-        server_name,
-        roots,
-        token_file: token_file.to_owned(),
-        subscriber,
-    })
+    Ok(control::client::Endpoint { host, port, server_name, roots, token_file: token_file.to_owned(), subscriber })
 }
 
 fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
