@@ -520,9 +520,13 @@ async fn route_and_forward(
     downstream: &Arc<Downstream>,
     state: &Arc<State>,
     service_key: &Arc<str>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     record: &mut Record,
 ) -> Response<Body> {
+    // An HTTP/1.1 `Upgrade` (WebSocket): once the endpoint answers 101, the two connections are
+    // joined and bytes copied both ways.
+    let mut client_upgrade = (req.version() == Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE))
+        .then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     // L7 authorization first: a refused request reaches no route, no backend.
     if let Err(why) = authorize(state, downstream, &parts) {
@@ -689,8 +693,17 @@ async fn route_and_forward(
                     connect_retry = 1;
                 }
             }
-            Some(Ok(response)) => {
-                let status = response.status();
+            Some(Ok(mut response)) => {
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client) = client_upgrade.take()
+                {
+                    join_upgrades(client, hyper::upgrade::on(&mut response));
+                    record.flag = Flag::None;
+                    return response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+                }
+                // A gRPC error answered without a body (trailers-only: its grpc-status in the
+                // headers) counts as the HTTP status the gRPC spec maps it to.
+                let status = grpc_equivalent(response.headers()).unwrap_or(response.status());
                 waypoint.balancer.record(endpoint.target, status.is_server_error());
                 let retriable = policy.retry.as_ref().is_some_and(|r| r.retries_status(status));
                 record.flag = Flag::None;
@@ -733,6 +746,37 @@ fn authorize(state: &State, downstream: &Downstream, parts: &http::request::Part
         ztunnel::authz::Verdict::Allow => Ok(()),
         ztunnel::authz::Verdict::Deny(why) => Err(why),
     }
+}
+
+/// Copies between the client's and the endpoint's upgraded connections until both end.
+fn join_upgrades(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((client, upstream)) => {
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    debug!(error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+}
+
+/// The HTTP status a trailers-only gRPC answer stands for (its `grpc-status` in the headers),
+/// as gRPC's HTTP mapping pairs them: UNAVAILABLE 503, DEADLINE_EXCEEDED 504,
+/// RESOURCE_EXHAUSTED 429, UNIMPLEMENTED 501, INTERNAL and UNKNOWN 500; none for success or
+/// for a status that lives in the trailers.
+fn grpc_equivalent(headers: &HeaderMap) -> Option<StatusCode> {
+    let code: u32 = headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()?;
+    Some(match code {
+        14 => StatusCode::SERVICE_UNAVAILABLE,
+        4 => StatusCode::GATEWAY_TIMEOUT,
+        8 => StatusCode::TOO_MANY_REQUESTS,
+        12 => StatusCode::NOT_IMPLEMENTED,
+        2 | 13 => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => return None,
+    })
 }
 
 /// The index of `backend` in its rule.
@@ -925,4 +969,34 @@ fn finish(
         complete,
         "request"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trailers_only_grpc_error_stands_for_its_http_status() {
+        let headers = |status: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_str(status).unwrap());
+            h
+        };
+        assert_eq!(grpc_equivalent(&headers("14")), Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(grpc_equivalent(&headers("4")), Some(StatusCode::GATEWAY_TIMEOUT));
+        assert_eq!(grpc_equivalent(&headers("8")), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(grpc_equivalent(&headers("13")), Some(StatusCode::INTERNAL_SERVER_ERROR));
+        // Success, a client's own error, and no status in the headers: the HTTP status stands.
+        assert_eq!(grpc_equivalent(&headers("0")), None);
+        assert_eq!(grpc_equivalent(&headers("5")), None);
+        assert_eq!(grpc_equivalent(&headers("x")), None);
+        assert_eq!(grpc_equivalent(&HeaderMap::new()), None);
+        // Retried like the status it stands for.
+        let policy = crate::route::RetryPolicy {
+            attempts: 2,
+            codes: vec![StatusCode::SERVICE_UNAVAILABLE],
+            backoff: Duration::from_millis(1),
+        };
+        assert!(policy.retries_status(grpc_equivalent(&headers("14")).unwrap_or(StatusCode::OK)));
+    }
 }

@@ -542,3 +542,39 @@ async fn drain_sends_goaway_and_the_request_in_flight_completes() {
     assert_eq!(outcome, hbone::drain::Outcome::Graceful);
     assert!(took < Duration::from_secs(4), "the drain waited for the request, not the deadline: {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upgrade_joins_the_client_and_the_endpoint() {
+    let mesh = Mesh::start(Settings::default(), vec![canary(100, 0)]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(mesh.tunnel().await))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut req = with_header(get("/ws"), "upgrade", "echo");
+    req.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let upgraded = tokio::time::timeout(Duration::from_secs(5), hyper::upgrade::on(response))
+        .await
+        .expect("upgraded in time")
+        .expect("the client's side upgraded");
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    let mut greeting = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut greeting))
+        .await
+        .expect("in time")
+        .expect("greeting");
+    assert_eq!(&greeting, b"v1", "the endpoint speaks on the upgraded connection");
+    for round in 0..3 {
+        let msg = format!("ping {round}");
+        io.write_all(msg.as_bytes()).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back)).await.expect("in time").expect("echo");
+        assert_eq!(back, msg.as_bytes());
+    }
+}

@@ -310,13 +310,35 @@ async fn serve_app(listener: TcpListener, app: Arc<App>) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| answer(app.clone(), req));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            let _ = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).await;
         });
     }
 }
 
-async fn answer(app: Arc<App>, req: Request<Incoming>) -> Result<Response<ClientBody>, Infallible> {
+async fn answer(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<ClientBody>, Infallible> {
     let n = app.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    // `upgrade: echo`: switch protocols, then echo what comes, prefixed with the version.
+    if req.headers().get(http::header::UPGRADE).is_some_and(|v| v == "echo") {
+        let upgrade = hyper::upgrade::on(&mut req);
+        let version = app.version;
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut io = TokioIo::new(upgraded);
+            let _ = io.write_all(version.as_bytes()).await;
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert(http::header::UPGRADE, HeaderValue::from_static("echo"));
+        r.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        return Ok(r);
+    }
     let grpc = is_grpc(req.headers());
     match req.into_body().collect().await {
         Ok(body) => {
