@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hbone::ca::Ca;
+use hbone::limits::Budget;
 use hbone::{TrustBundle, TrustStore, drain};
 use http::{Method, StatusCode};
 use meshapi::watch::Change;
@@ -49,7 +50,7 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
 
     let mode = config.mode().map_err(anyhow::Error::msg)?;
     let state = StateStore::default();
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_log_limit(config.log_limit));
 
     // Where the cluster view and certificates come from.
     let (issuer, bundle, plane) = match &mode {
@@ -105,7 +106,7 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     let trust = TrustStore::new(bundle);
 
     let pods = Arc::new(PodRegistry::default());
-    let hbone_config = hbone::Config::default();
+    let hbone_config = hbone_config(&config, &state, &metrics);
     let client = hbone::Client::with_dialer(hbone_config.clone(), trust.clone(), Arc::new(PodDialer(pods.clone())));
     let certs = CertManager::new(issuer, config.cert_ttl, config.state_dir.as_ref().map(|d| d.join("certs")));
     let kept = certs.load_kept();
@@ -203,7 +204,32 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         }
     }));
 
+    // Summaries of the log lines the limit left out, once per interval.
+    let (budget, access) = (proxy.hbone.budget.clone(), metrics.clone());
+    let every = config.log_limit.per;
+    loops.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            budget.flush_logs();
+            access.flush_access_log();
+        }
+    }));
+
     Ok(Bound { admin_addr, metrics_addr, readiness_addr, proxy, manager, ready, servers, loops })
+}
+
+/// The HBONE settings: the library's, with the limits of `config`, and a budget shared by
+/// every pod's server (each is built from a clone) that counts the server's own refusals in
+/// `weft_connections_refused_total`, under the workload of the pod whose port was reached.
+fn hbone_config(config: &Config, state: &StateStore, metrics: &Arc<Metrics>) -> hbone::Config {
+    let (state, metrics) = (state.clone(), metrics.clone());
+    let budget = Budget::with_observer(move |refusal: &hbone::limits::Refusal| {
+        let pod = state.load().peer_by_ip(refusal.local.ip());
+        metrics.refuse(refusal.cause.into(), &pod.workload);
+    });
+    hbone::Config { limits: config.hbone_limits(), budget, ..hbone::Config::default() }
 }
 
 impl Bound {
@@ -217,6 +243,8 @@ impl Bound {
         info!("draining");
         let outcome = self.manager.shutdown().await;
         self.servers.drain(Duration::from_secs(1)).await;
+        self.proxy.hbone.budget.flush_logs();
+        self.proxy.metrics.flush_access_log();
         info!(?outcome, "drained");
         outcome
     }
@@ -358,4 +386,74 @@ fn admin_routes(proxy: Arc<Proxy>, manager: Arc<Manager>, log: Option<LogControl
             }
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use hbone::testing::{AllowAll, Pki, RunningServer};
+    use meshapi::Snapshot;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    /// The HBONE server's own refusals land in `weft_connections_refused_total` under the pod
+    /// whose port was reached, and the limits are the configured ones.
+    #[tokio::test]
+    async fn the_hbone_servers_refusals_are_counted_for_the_pod() {
+        let cli = Cli::try_parse_from(["ztunnel", "--node", "n1", "--max-pending-handshakes-per-pod", "1"]).unwrap();
+        let state = StateStore::default();
+        let doc =
+            "workloads:\n  - {name: api-0, namespace: back, node: n1, addresses: [127.0.0.1], serviceAccount: api}\n";
+        state.replace(Snapshot::from_yaml(doc).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let config = hbone_config(&cli.config, &state, &metrics);
+        assert_eq!(config.limits.pending_handshakes_per_listener, 1);
+
+        let pki = Pki::new();
+        let server = RunningServer::start(config.clone(), pki.workload("back", "api"), &pki.trust, AllowAll).await;
+        // One silent connection holds the pod's only handshake slot; the next is refused.
+        let _silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let pending = async {
+            while config.budget.pending_handshakes() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), pending).await.expect("the first handshake is pending");
+        let mut refused = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buf)).await.unwrap();
+        assert!(matches!(read, Ok(0) | Err(_)), "closed unread: {read:?}");
+        // The silent client leaves (a failed handshake), and its slot comes back.
+        drop(_silent);
+        let released = async {
+            while config.budget.pending_handshakes() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), released).await.expect("the slot is given back");
+        // A client that is no TLS client: another failed handshake.
+        let mut garbage = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        garbage.write_all(b"hello?\r\n\r\n").await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read(&mut buf)).await;
+
+        let counted = |reason: &str, n: u32| {
+            let line =
+                format!("weft_connections_refused_total{{reason=\"{reason}\",destination_workload=\"api-0\"}} {n}");
+            metrics.encode().contains(&line)
+        };
+        let both = async {
+            while !(counted("handshake_limit", 1) && counted("handshake_failed", 2)) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let seen = tokio::time::timeout(Duration::from_secs(5), both).await;
+        assert!(seen.is_ok(), "refusals not counted:\n{}", metrics.encode());
+    }
 }

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use hbone::limits::{Limits, Rate};
+
 /// Captured outbound TCP, inside each enrolled pod's network namespace (ARCHITECTURE §3).
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Captured inbound plaintext TCP, inside each enrolled pod's network namespace.
@@ -132,9 +134,83 @@ pub struct Config {
     /// The `nft` program that installs capture rules.
     #[arg(long, env = "WEFT_NFT", default_value = "nft")]
     pub nft: PathBuf,
+
+    /// TLS handshakes in progress on port 15008 across every pod before new HBONE connections
+    /// are closed unread (refused as `handshake_limit`). 512: a slow-handshake flood holds at
+    /// most this many sockets, about 15 MiB (ARCHITECTURE §5.1).
+    #[arg(long, env = "WEFT_MAX_PENDING_HANDSHAKES", value_parser = at_least_one,
+          default_value_t = hbone::config::DEFAULT_MAX_PENDING_HANDSHAKES)]
+    pub max_pending_handshakes: usize,
+
+    /// The same for one pod's port 15008. 128: clients handshake once per pooled connection,
+    /// so even a busy pod sees a few at a time; an attacked pod leaves the rest to the others.
+    #[arg(long, env = "WEFT_MAX_PENDING_HANDSHAKES_PER_POD", value_parser = at_least_one,
+          default_value_t = hbone::config::DEFAULT_MAX_PENDING_HANDSHAKES_PER_LISTENER)]
+    pub max_pending_handshakes_per_pod: usize,
+
+    /// An HBONE connection with no stream for this long counts as idle. 10 s: clients send
+    /// their first CONNECT right after the handshake; checked on this beat.
+    #[arg(long, env = "WEFT_IDLE_AFTER", value_parser = parse_duration, default_value = "10s")]
+    pub idle_after: Duration,
+
+    /// Idle HBONE connections kept across every pod; one that becomes idle beyond this gets
+    /// GOAWAY at once (refused as `idle_limit`) instead of after 5 minutes. 1024, about 40 MiB
+    /// of connection buffers; a legitimate client pays one handshake when it comes back.
+    #[arg(long, env = "WEFT_MAX_IDLE_CONNECTIONS", value_parser = at_least_one,
+          default_value_t = hbone::config::DEFAULT_MAX_IDLE_CONNECTIONS)]
+    pub max_idle_connections: usize,
+
+    /// The same for one pod. 256: one connection each from 256 client pods that talked to
+    /// it in the last minute.
+    #[arg(long, env = "WEFT_MAX_IDLE_CONNECTIONS_PER_POD", value_parser = at_least_one,
+          default_value_t = hbone::config::DEFAULT_MAX_IDLE_CONNECTIONS_PER_LISTENER)]
+    pub max_idle_connections_per_pod: usize,
+
+    /// Connects to the app in flight for one HBONE connection; more streams wait for one. 32:
+    /// a local connect takes well under a millisecond, and a client resetting its streams
+    /// cannot make ztunnel connect to the app more than this many times at once.
+    #[arg(long, env = "WEFT_MAX_DIALS_PER_CONNECTION", value_parser = at_least_one,
+          default_value_t = hbone::config::DEFAULT_MAX_DIALS_PER_CONNECTION)]
+    pub max_dials_per_connection: usize,
+
+    /// The same for one peer address across its HBONE connections (refused as `dial_limit`
+    /// when none frees up before the CONNECT's 10 s deadline). 128, four connections' worth.
+    #[arg(long, env = "WEFT_MAX_DIALS_PER_PEER", value_parser = at_least_one,
+          default_value_t = hbone::config::DEFAULT_MAX_DIALS_PER_PEER)]
+    pub max_dials_per_peer: usize,
+
+    /// Premature stream resets (within 1 s of the CONNECT, or before its answer) that close an
+    /// HBONE connection with GOAWAY(ENHANCE_YOUR_CALM) when they are also most of its streams
+    /// in that time (refused as `reset_flood`). `<count>/<interval>`, 100/10s.
+    #[arg(long, env = "WEFT_RESET_FLOOD", value_parser = parse_rate,
+          default_value_t = hbone::config::DEFAULT_RESET_FLOOD)]
+    pub reset_flood: Rate,
+
+    /// Log lines of one kind written per interval (failed handshakes, refused tunnels, the
+    /// access lines of connections that carried nothing, ...); the rest are counted in the
+    /// metrics and summarized once per interval. `<count>/<interval>`, 10/1s.
+    #[arg(long, env = "WEFT_LOG_LIMIT", value_parser = parse_rate,
+          default_value_t = hbone::config::DEFAULT_LOG_LIMIT)]
+    pub log_limit: Rate,
 }
 
 impl Config {
+    /// The HBONE server's limits these settings choose; the rest are `hbone`'s defaults.
+    pub fn hbone_limits(&self) -> Limits {
+        Limits {
+            pending_handshakes: self.max_pending_handshakes,
+            pending_handshakes_per_listener: self.max_pending_handshakes_per_pod,
+            idle_after: self.idle_after,
+            idle_connections: self.max_idle_connections,
+            idle_connections_per_listener: self.max_idle_connections_per_pod,
+            dials_per_connection: self.max_dials_per_connection,
+            dials_per_peer: self.max_dials_per_peer,
+            reset_flood: self.reset_flood,
+            log: self.log_limit,
+            ..hbone::config::DEFAULT_LIMITS
+        }
+    }
+
     /// The mode the settings select, or an error naming the missing setting.
     pub fn mode(&self) -> Result<Mode, String> {
         match (&self.controller, &self.local_config) {
@@ -165,3 +241,70 @@ impl Config {
 }
 
 pub use hbone::config::parse_duration;
+
+/// A count of at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// `<count>/<interval>`, as `10/1s`.
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let base = ["ztunnel", "--node", "n1"];
+        Cli::try_parse_from(base.iter().chain(args)).map(|c| c.config)
+    }
+
+    /// The flags' defaults are the library's: one number, written once.
+    #[test]
+    fn limit_defaults_are_hbones() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.hbone_limits(), hbone::config::DEFAULT_LIMITS);
+    }
+
+    #[test]
+    fn limits_are_set_and_checked() {
+        let config = parse(&[
+            "--max-pending-handshakes=7",
+            "--max-pending-handshakes-per-pod=3",
+            "--idle-after=2s",
+            "--max-idle-connections=9",
+            "--max-idle-connections-per-pod=4",
+            "--max-dials-per-connection=5",
+            "--max-dials-per-peer=6",
+            "--reset-flood=50/5s",
+            "--log-limit=2/10s",
+        ])
+        .unwrap();
+        let limits = config.hbone_limits();
+        assert_eq!((limits.pending_handshakes, limits.pending_handshakes_per_listener), (7, 3));
+        assert_eq!((limits.idle_connections, limits.idle_connections_per_listener), (9, 4));
+        assert_eq!(limits.idle_after, Duration::from_secs(2));
+        assert_eq!((limits.dials_per_connection, limits.dials_per_peer), (5, 6));
+        assert_eq!(limits.reset_flood, Rate::new(50, Duration::from_secs(5)).unwrap());
+        assert_eq!(limits.log, Rate::new(2, Duration::from_secs(10)).unwrap());
+        for bad in ["--max-dials-per-peer=0", "--log-limit=10", "--log-limit=0/1s", "--reset-flood=many"] {
+            let err = parse(&[bad]).err().unwrap_or_else(|| panic!("{bad} accepted")).to_string();
+            let flag = bad.split('=').next().unwrap();
+            assert!(err.contains(flag), "{bad}: the error names the setting: {err}");
+        }
+    }
+}

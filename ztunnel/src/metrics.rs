@@ -7,10 +7,16 @@
 //! The connection counters have one writer: a connection's record
 //! (`proxy::record::ConnectionRecord`) counts it as opened through [`Metrics::open`], closes
 //! it through the returned [`ConnCounters`], or counts its refusal through
-//! [`Metrics::refuse`], and writes its access line from the same fields.
+//! [`Metrics::refuse`], and writes its access line from the same fields. The HBONE server's
+//! own refusals (pending handshakes, idle connections, dial permits, reset floods, failed
+//! handshakes) reach [`Metrics::refuse`] through its budget's observer (`app`).
+//!
+//! The access lines of connections that carried nothing (refused, or ended in error before a
+//! byte) are rate-limited per kind ([`AccessLogLimit`]); their metrics are not.
 
 use std::fmt;
 
+use hbone::limits::{Admit, Cause, LogGate, Rate};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -74,6 +80,18 @@ pub enum Refusal {
     NoRoute,
     /// No endpoint, or the app behind an inbound connection, could be connected to.
     Unreachable,
+    /// An HBONE connection whose TLS or HTTP/2 handshake failed. This and the next four are
+    /// the HBONE server's own refusals, of a connection (or a stream, for `DialLimit`) to a
+    /// pod's port 15008; `destination_workload` is that pod's.
+    HandshakeFailed,
+    /// An HBONE connection closed unread: too many handshakes pending for the pod or ztunnel.
+    HandshakeLimit,
+    /// An HBONE connection closed when it became idle: too many idle connections.
+    IdleLimit,
+    /// A stream answered 503 without a dial: its peer's dials did not free up in time.
+    DialLimit,
+    /// An HBONE connection closed with GOAWAY(ENHANCE_YOUR_CALM): it reset streams early.
+    ResetFlood,
 }
 
 impl Refusal {
@@ -86,13 +104,37 @@ impl Refusal {
             Refusal::NotServed => "not_served",
             Refusal::NoRoute => "no_route",
             Refusal::Unreachable => "unreachable",
+            Refusal::HandshakeFailed => "handshake_failed",
+            Refusal::HandshakeLimit => "handshake_limit",
+            Refusal::IdleLimit => "idle_limit",
+            Refusal::DialLimit => "dial_limit",
+            Refusal::ResetFlood => "reset_flood",
         }
+    }
+
+    const COUNT: usize = 11;
+
+    /// Its slot among the access log's gates.
+    fn index(self) -> usize {
+        self as usize
     }
 
     /// Whether the mesh's rules forbade the connection (`denied` in the access log), rather
     /// than it having nowhere to go (`refused`).
     pub fn is_denial(self) -> bool {
         matches!(self, Refusal::Policy | Refusal::ForwardedMismatch | Refusal::StrictMtls)
+    }
+}
+
+impl From<Cause> for Refusal {
+    fn from(cause: Cause) -> Refusal {
+        match cause {
+            Cause::HandshakeFailed => Refusal::HandshakeFailed,
+            Cause::HandshakeLimit => Refusal::HandshakeLimit,
+            Cause::IdleLimit => Refusal::IdleLimit,
+            Cause::DialLimit => Refusal::DialLimit,
+            Cause::ResetFlood => Refusal::ResetFlood,
+        }
     }
 }
 
@@ -125,6 +167,9 @@ pub struct Metrics {
     pub config_rejected: Counter,
     pub config_applied: Counter,
     pub enrolled_pods: Gauge,
+    /// The access log's limit, here because the record, the one writer of both a connection's
+    /// line and its metrics, reaches it through them.
+    access_log: AccessLogLimit,
 }
 
 impl Metrics {
@@ -140,6 +185,7 @@ impl Metrics {
             config_applied: Counter::default(),
             enrolled_pods: Gauge::default(),
             registry: Registry::default(),
+            access_log: AccessLogLimit::new(hbone::config::DEFAULT_LOG_LIMIT),
         };
         registry.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
@@ -155,13 +201,31 @@ impl Metrics {
         );
         registry.register(
             "weft_connections_refused",
-            "Connections refused by policy, STRICT mode, a target not served here, no route or an unreachable target",
+            "Connections refused by policy, STRICT mode, a target not served here, no route or an unreachable target; \
+             HBONE connections and streams the HBONE server refused (failed handshakes, its limits)",
             m.refused.clone(),
         );
         registry.register("weft_config_rejected", "Config snapshots rejected as invalid", m.config_rejected.clone());
         registry.register("weft_config_applied", "Config snapshots applied", m.config_applied.clone());
         registry.register("weft_enrolled_pods", "Pods currently captured on this node", m.enrolled_pods.clone());
         Metrics { registry, ..m }
+    }
+
+    /// The same metrics, with the access log limited to `rate` lines of each kind.
+    pub fn with_log_limit(mut self, rate: Rate) -> Metrics {
+        self.access_log = AccessLogLimit::new(rate);
+        self
+    }
+
+    /// Whether the access line of a connection of `kind` that carried nothing may be written
+    /// (writing the summary of those suppressed before it first).
+    pub(crate) fn admit_access_line(&self, kind: AccessKind) -> bool {
+        self.access_log.admit(kind)
+    }
+
+    /// Writes a summary for each kind of access line suppressed since its last summary.
+    pub fn flush_access_log(&self) {
+        self.access_log.flush()
     }
 
     /// The OpenMetrics text exposition, to be served as [`CONTENT_TYPE`].
@@ -210,5 +274,108 @@ impl ConnCounters {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Which access lines share a gate: a refusal's by its reason, an error that carried nothing
+/// apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AccessKind {
+    Refused(Refusal),
+    EmptyError,
+}
+
+impl AccessKind {
+    fn index(self) -> usize {
+        match self {
+            AccessKind::Refused(r) => r.index(),
+            AccessKind::EmptyError => Refusal::COUNT,
+        }
+    }
+}
+
+impl fmt::Display for AccessKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessKind::Refused(r) => write!(f, "{}: {r}", if r.is_denial() { "denied" } else { "refused" }),
+            AccessKind::EmptyError => f.write_str("error before any byte"),
+        }
+    }
+}
+
+/// The access log's rate limit: `rate.count` lines of each [`AccessKind`] per `rate.per`, the
+/// rest counted and summarized under the `access` target. Lines of connections that carried
+/// bytes are never limited: what a flood of refusals or aborted tunnels writes is bounded,
+/// what real traffic writes is not touched.
+pub struct AccessLogLimit {
+    rate: Rate,
+    gates: [LogGate; Refusal::COUNT + 1],
+}
+
+impl AccessLogLimit {
+    fn new(rate: Rate) -> AccessLogLimit {
+        AccessLogLimit { rate, gates: Default::default() }
+    }
+
+    fn admit(&self, kind: AccessKind) -> bool {
+        match self.gates[kind.index()].admit(self.rate) {
+            Admit::Write { suppressed_before } => {
+                if suppressed_before > 0 {
+                    summary(kind, suppressed_before);
+                }
+                true
+            }
+            Admit::Suppress => false,
+        }
+    }
+
+    fn flush(&self) {
+        let kinds = ALL_REFUSALS.iter().map(|r| AccessKind::Refused(*r)).chain([AccessKind::EmptyError]);
+        for kind in kinds {
+            let suppressed = self.gates[kind.index()].take_suppressed();
+            if suppressed > 0 {
+                summary(kind, suppressed);
+            }
+        }
+    }
+}
+
+fn summary(kind: AccessKind, suppressed: u64) {
+    tracing::event!(
+        target: "access",
+        tracing::Level::INFO,
+        lines = %kind,
+        suppressed,
+        "access lines suppressed by the rate limit"
+    );
+}
+
+const ALL_REFUSALS: [Refusal; Refusal::COUNT] = [
+    Refusal::Policy,
+    Refusal::ForwardedMismatch,
+    Refusal::StrictMtls,
+    Refusal::NotServed,
+    Refusal::NoRoute,
+    Refusal::Unreachable,
+    Refusal::HandshakeFailed,
+    Refusal::HandshakeLimit,
+    Refusal::IdleLimit,
+    Refusal::DialLimit,
+    Refusal::ResetFlood,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_has_its_own_gate() {
+        for (i, r) in ALL_REFUSALS.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r}");
+            assert_eq!(AccessKind::Refused(*r).index(), i);
+        }
+        assert_eq!(AccessKind::EmptyError.index(), Refusal::COUNT);
+        let names: std::collections::HashSet<&str> = ALL_REFUSALS.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), Refusal::COUNT, "label values are distinct");
     }
 }

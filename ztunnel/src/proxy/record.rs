@@ -23,6 +23,18 @@
 //! `bytes_sent` is what the source sent the destination and `bytes_received` what came back,
 //! on both ztunnels' lines of a connection; the metrics call them `istio_tcp_received_bytes`
 //! and `istio_tcp_sent_bytes` (the server's view, as Istio counts).
+//!
+//! **Lines of connections that carried nothing** (refused, or ended in error before a byte
+//! moved) are rate-limited, per refusal reason and for such errors apart
+//! (`metrics::AccessLogLimit`, `--log-limit`): a client refused in a loop, or opening and
+//! aborting tunnels, would otherwise write megabytes a second. Past the limit they are counted
+//! and one line per interval says how many were left out:
+//!
+//! ```text
+//! INFO access: access lines suppressed by the rate limit lines=denied: policy suppressed=4210
+//! ```
+//!
+//! Their metrics are always counted.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -31,7 +43,7 @@ use std::time::Instant;
 
 use tracing::{Level, event};
 
-use crate::metrics::{ConnCounters, Metrics, Refusal, Reporter, SecurityPolicy, TcpLabels};
+use crate::metrics::{AccessKind, ConnCounters, Metrics, Refusal, Reporter, SecurityPolicy, TcpLabels};
 use crate::state::Peer;
 
 /// What one connection's access line and metrics are made of.
@@ -183,6 +195,10 @@ impl ConnectionRecord {
             Outcome::Error(t, e) => self.write(Some(*t), "error", Some(e)),
             Outcome::Refused(refusal, detail) => {
                 self.metrics.refuse(*refusal, &self.dst.workload);
+                if !self.metrics.admit_access_line(AccessKind::Refused(*refusal)) {
+                    self.finished = true;
+                    return;
+                }
                 let reason = format!("{refusal}: {detail}");
                 self.write(
                     Some(Traffic::default()),
@@ -223,12 +239,20 @@ impl ConnectionRecord {
     /// Closes the counters (if the connection opened) and writes the access line; `traffic`
     /// is `None` when the byte counts are unknown (a cut connection), and the line then has
     /// no byte fields.
+    ///
+    /// An error that carried nothing (no byte either way, or never opened) goes through the
+    /// access log's limit; its counters are closed either way.
     fn write(&mut self, traffic: Option<Traffic>, outcome: &'static str, reason: Option<&str>) {
         self.finished = true;
+        let opened = self.counters.is_some();
         if let Some(counters) = self.counters.take() {
             let t = traffic.unwrap_or_default();
             // The metrics count from the server's side: received from the client, sent back.
             counters.close(t.sent, t.received);
+        }
+        let carried_nothing = traffic.map_or(!opened, |t| t == Traffic::default());
+        if outcome == "error" && carried_nothing && !self.metrics.admit_access_line(AccessKind::EmptyError) {
+            return;
         }
         event!(
             target: "access",
@@ -267,7 +291,7 @@ impl Drop for ConnectionRecord {
             let reason = if self.counters.is_some() {
                 "cut before it ended (drain deadline or shutdown); byte counts unknown"
             } else {
-                "abandoned before it was served (the connect timed out, or a drain cut it)"
+                "abandoned before it was served (the connect timed out, the client reset the stream, or a drain cut it)"
             };
             self.write(None, "error", Some(reason));
         }
@@ -288,6 +312,108 @@ impl fmt::Display for SourceAddr {
         match self.0.port() {
             0 => self.0.ip().fmt(f),
             _ => self.0.fmt(f),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use hbone::limits::Rate;
+
+    use super::*;
+
+    /// A flood of refusals and of tunnels aborted before a byte writes `count` access lines of
+    /// each kind, then one summary per kind at the flush; the metrics count every connection,
+    /// and the lines of connections that carried bytes are never limited.
+    #[test]
+    fn lines_of_connections_that_carried_nothing_are_limited_per_kind() {
+        let log = Captured::default();
+        let subscriber = tracing_subscriber::fmt().with_writer(log.clone()).with_ansi(false).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // One window for the whole test: what is written is exactly the first three of a kind.
+        let metrics = Arc::new(Metrics::new().with_log_limit(Rate::new(3, Duration::from_secs(3600)).unwrap()));
+        let (src, dst) = ("10.0.0.1:0".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
+        let record = || ConnectionRecord::new(&metrics, Direction::Inbound, Protocol::Hbone, src, dst);
+        for _ in 0..50 {
+            record().refuse(Refusal::Policy, "denied by policy back/no-web");
+        }
+        for _ in 0..20 {
+            record().refuse(Refusal::NotServed, "10.0.0.2:15008 is reserved");
+        }
+        for _ in 0..10 {
+            let mut aborted = record();
+            aborted.open();
+            aborted.finish(Outcome::Error(Traffic::default(), "the client reset the stream".into()));
+        }
+        for _ in 0..4 {
+            // Dropped before it was served, as a dial a reset abandons.
+            drop(record());
+        }
+        for _ in 0..10 {
+            let mut ok = record();
+            ok.open();
+            ok.finish(Outcome::Ok(Traffic { sent: 5, received: 7 }));
+        }
+        assert_eq!(log.count("outcome=\"denied\""), 3, "{}", log.text());
+        assert_eq!(log.count("outcome=\"refused\""), 3);
+        assert_eq!(log.count("outcome=\"error\""), 3, "one gate for every error that carried nothing");
+        assert_eq!(log.count("outcome=\"ok\""), 10, "lines of connections that carried bytes are all written");
+        assert_eq!(log.count("suppressed"), 0);
+        let text = metrics.encode();
+        for counted in [
+            "weft_connections_refused_total{reason=\"policy\",destination_workload=\"unknown\"} 50",
+            "weft_connections_refused_total{reason=\"not_served\",destination_workload=\"unknown\"} 20",
+            "istio_tcp_connections_closed_total{",
+        ] {
+            assert!(text.contains(counted), "{counted} missing from\n{text}");
+        }
+        assert!(text.contains("connection_security_policy=\"mutual_tls\"} 20"), "20 opened and closed:\n{text}");
+
+        metrics.flush_access_log();
+        let text = log.text();
+        let summaries: Vec<&str> = text.lines().filter(|l| l.contains("access lines suppressed")).collect();
+        assert_eq!(summaries.len(), 3, "{text}");
+        for (kind, n) in [("denied: policy", 47), ("refused: not_served", 17), ("error before any byte", 11)] {
+            let found = summaries
+                .iter()
+                .any(|l| l.contains(&format!("lines={kind}")) && l.contains(&format!("suppressed={n}")));
+            assert!(found, "no summary of {n} {kind:?} lines in\n{text}");
+        }
+        assert!(summaries.iter().all(|l| l.contains(" access:")), "summaries are under the access target");
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+
+        fn count(&self, needle: &str) -> usize {
+            self.text().lines().filter(|l| l.contains(needle)).count()
+        }
+    }
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
         }
     }
 }
