@@ -2,12 +2,15 @@
 //! to a target chosen and authorized by the caller's [`Handler`].
 //!
 //! ```text
-//!  accept ─► TLS 1.3 (client cert required, SPIFFE id read) ─► HTTP/2 ─► per stream:
+//!  accept ─► handshake slot? ─ no ─► closed (RST)
+//!            TLS 1.3 (client cert required, SPIFFE id read) ─► HTTP/2 ─► per stream:
 //!            └ within handshake_timeout ┘                       CONNECT? authority ip:port?
 //!                                                               forwarded well-formed?      ─ no ─► 400
 //!                                                               handler.authorize(request)  ─ no ─► 403
+//!                                                               dial permit (connection, peer) ─ late ─► 503
 //!                                                               handler.dial(request)       ─ err ─► 503
 //!                                                               200, then copy until both sides end
+//!            a client RST_STREAM while waiting or dialing ends the stream there (premature)
 //! ```
 //!
 //! 400 means the request cannot be read as the wire contract says (including a `forwarded`
