@@ -114,7 +114,8 @@ pub struct Limits {
     /// provided they are also more than half of the streams started in that interval.
     pub reset_flood: Rate,
     /// h2's `max_local_error_reset_streams`: streams we reset because the client broke the
-    /// protocol, over a connection's life, before h2 closes it with ENHANCE_YOUR_CALM.
+    /// protocol, over a connection's life, before h2 closes it with ENHANCE_YOUR_CALM (set
+    /// explicitly, so that a new h2 does not change it unseen).
     pub local_error_resets: usize,
     /// Lines of one kind written per interval; the rest are counted and summarized.
     pub log: Rate,
