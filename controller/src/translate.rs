@@ -249,7 +249,8 @@ impl Translator {
                     .filter(|p| p.is_service())
                     .map(|p| format!("{}/{}", p.namespace.as_deref().unwrap_or(&namespace), p.name))
                     .collect();
-                let t = http_route(&r, name, namespace, parents, &route.spec);
+                let annotations = route.metadata.annotations.clone().unwrap_or_default();
+                let t = http_route(&r, name, namespace, parents, &route.spec, &annotations);
                 self.put(&r, t, changes);
             }
         }
@@ -871,10 +872,22 @@ fn http_route(
     namespace: String,
     parents: Vec<String>,
     spec: &serde_json::Value,
+    annotations: &BTreeMap<String, String>,
 ) -> Translated {
     if parents.is_empty() {
         return Translated { resource: None, problem: None };
     }
+    let (fault, fault_problem) = match fault(annotations) {
+        Ok(f) => (f, None),
+        Err((annotation, why)) => (
+            None,
+            Some(
+                Rejection::new(format!("{why}; no fault is injected"))
+                    .about(r.clone())
+                    .at(format!("metadata.annotations[\"{annotation}\"]")),
+            ),
+        ),
+    };
     let mut parsed = httproute::parse(&namespace, spec);
     parsed.check_regexes(|pattern| {
         RegexBuilder::new(pattern)
@@ -883,9 +896,52 @@ fn http_route(
             .map(|_| ())
             .map_err(|e| format!("not a regular expression: {e}"))
     });
-    let problem = route_problem(r, &parsed);
-    let route = HttpRoute { name, namespace, parents, spec: spec.clone() };
+    let problem = route_problem(r, &parsed).or(fault_problem);
+    let route = HttpRoute { name, namespace, parents, spec: spec.clone(), fault };
     Translated { resource: Some(Resource::HttpRoute(route)), problem }
+}
+
+/// Annotation prefix of the fault-injection extension (ARCHITECTURE §4.4).
+pub const FAULT_ANNOTATION: &str = "fault.weft.dev/";
+
+/// The faults a route's annotations ask for: `fault.weft.dev/delay` (a Gateway API duration)
+/// with `delay-percent`, `fault.weft.dev/abort` (an HTTP status) with `abort-percent`; a
+/// percent is 0 to 100 and defaults to 100. An unknown or unreadable annotation of the prefix
+/// is an error naming it.
+fn fault(annotations: &BTreeMap<String, String>) -> Result<Option<meshapi::Fault>, (String, String)> {
+    let mut fault = meshapi::Fault::default();
+    let (mut delay_percent, mut abort_percent) = (100u8, 100u8);
+    let mut any = false;
+    for (key, value) in annotations.range(FAULT_ANNOTATION.to_owned()..) {
+        let Some(what) = key.strip_prefix(FAULT_ANNOTATION) else { break };
+        any = true;
+        let bad = |why: String| (key.clone(), why);
+        let percent = || match value.trim().parse::<u8>() {
+            Ok(p) if p <= 100 => Ok(p),
+            _ => Err(bad(format!("{value:?} is not a percent (0 to 100)"))),
+        };
+        match what {
+            "delay" => {
+                let d = httproute::parse_duration(value.trim())
+                    .ok_or_else(|| bad(format!("{value:?} is not a duration (1s, 250ms, 1m30s)")))?;
+                fault.delay = Some((d, 100));
+            }
+            "abort" => match value.trim().parse::<u16>() {
+                Ok(s @ 200..=599) => fault.abort = Some((s, 100)),
+                _ => return Err(bad(format!("{value:?} is not an HTTP status (200 to 599)"))),
+            },
+            "delay-percent" => delay_percent = percent()?,
+            "abort-percent" => abort_percent = percent()?,
+            other => {
+                return Err(bad(format!(
+                    "{other:?} is not a fault annotation: use delay, delay-percent, abort, abort-percent"
+                )));
+            }
+        }
+    }
+    fault.delay = fault.delay.map(|(d, _)| (d, delay_percent));
+    fault.abort = fault.abort.map(|(s, _)| (s, abort_percent));
+    Ok((any && (fault.delay.is_some() || fault.abort.is_some())).then_some(fault))
 }
 
 /// A route's problems as one report (one per object): the first names the field, the others
@@ -1646,6 +1702,51 @@ spec:
         // Fixed: the report goes.
         apply(&mut t, &route("{backendRefs: [{name: api-v2, port: 80}]}"));
         assert!(t.rejected().is_empty(), "{:?}", t.rejected());
+    }
+
+    #[test]
+    fn fault_annotations_become_the_routes_fault_and_a_bad_one_injects_nothing() {
+        let mut t = Translator::new();
+        let route = |annotations: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                 metadata: {{name: chaos, namespace: shop, annotations: {{{annotations}}}}}\n\
+                 spec: {{parentRefs: [{{group: '', kind: Service, name: api}}], rules: [{{backendRefs: [{{name: api, port: 80}}]}}]}}\n"
+            )
+        };
+        let changes = apply(
+            &mut t,
+            &route(
+                "fault.weft.dev/delay: 250ms, fault.weft.dev/delay-percent: '10', fault.weft.dev/abort: '503', other/x: 'y'",
+            ),
+        );
+        let [Change::Upsert(Resource::HttpRoute(r))] = changes.as_slice() else { panic!("{changes:?}") };
+        let fault = r.fault.expect("a fault");
+        assert_eq!(fault.delay, Some((std::time::Duration::from_millis(250), 10)));
+        assert_eq!(fault.abort, Some((503, 100)), "a percent defaults to 100");
+        assert!(t.rejected().is_empty());
+
+        for bad in [
+            "fault.weft.dev/abort: '99'",
+            "fault.weft.dev/delay: soon",
+            "fault.weft.dev/abort-percent: '101'",
+            "fault.weft.dev/dely: 1s",
+        ] {
+            apply(&mut t, &route("fault.weft.dev/abort: '503'"));
+            let changes = apply(&mut t, &format!("{}\n", route(bad).trim_end()));
+            let [Change::Upsert(Resource::HttpRoute(r))] = changes.as_slice() else { panic!("{bad}: {changes:?}") };
+            assert_eq!(r.fault, None, "{bad}: injects nothing");
+            let [problem] = t.rejected().try_into().unwrap();
+            let key = bad.split(':').next().unwrap();
+            assert_eq!(problem.field.as_deref(), Some(format!("metadata.annotations[\"{key}\"]").as_str()), "{bad}");
+            assert!(problem.reason.ends_with("no fault is injected"), "{problem}");
+        }
+        // Without fault annotations: no fault, no report.
+        apply(&mut t, &route("fault.weft.dev/abort: '503'"));
+        let changes = apply(&mut t, &route("other/x: 'y'"));
+        let [Change::Upsert(Resource::HttpRoute(r))] = changes.as_slice() else { panic!("{changes:?}") };
+        assert_eq!(r.fault, None);
+        assert!(t.rejected().is_empty());
     }
 
     #[test]

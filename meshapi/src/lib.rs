@@ -19,7 +19,7 @@ pub mod watch;
 mod yaml;
 
 pub use model::{
-    Action, Authorization, HttpRoute, MtlsMode, Operation, PathPattern, PolicyScope, Principal, Rule, Service,
+    Action, Authorization, Fault, HttpRoute, MtlsMode, Operation, PathPattern, PolicyScope, Principal, Rule, Service,
     ServicePort, Snapshot, Source, TrustBundle, Waypoint, Workload,
 };
 pub use resource::{Key, Kind, Resource};

@@ -272,6 +272,19 @@ pub struct HttpRoute {
     pub parents: Vec<String>,
     /// The route's `spec`, as JSON.
     pub spec: serde_json::Value,
+    /// Faults the waypoint injects into the requests this route matches (annotations
+    /// `fault.weft.dev/*`, a Weft extension for resilience testing).
+    pub fault: Option<Fault>,
+}
+
+/// Faults injected into a share of requests: a delay before forwarding, or an answer of the
+/// waypoint's own instead of forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fault {
+    /// The delay and the percent (0 to 100) of requests delayed.
+    pub delay: Option<(std::time::Duration, u8)>,
+    /// The status answered and the percent (0 to 100) of requests aborted.
+    pub abort: Option<(u16, u8)>,
 }
 
 /// The roots that workload certificates of `trust_domain` must chain to. Several roots are

@@ -16,8 +16,8 @@ use spiffe::DEFAULT_TRUST_DOMAIN;
 use spiffe::SpiffeId;
 
 use crate::model::{
-    Action, Authorization, HttpRoute, MtlsMode, Operation, PathPattern, PolicyScope, Principal, ROOT_NAMESPACE, Rule,
-    Service, ServicePort, Snapshot, Source, TrustBundle, Waypoint, Workload,
+    Action, Authorization, Fault, HttpRoute, MtlsMode, Operation, PathPattern, PolicyScope, Principal, ROOT_NAMESPACE,
+    Rule, Service, ServicePort, Snapshot, Source, TrustBundle, Waypoint, Workload,
 };
 
 /// Why a snapshot was refused.
@@ -187,6 +187,23 @@ pub(crate) struct RawHttpRoute {
     parents: Vec<String>,
     #[serde(default)]
     spec: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fault: Option<RawFault>,
+}
+
+/// `{delayMs, delayPercent, abortStatus, abortPercent}`: a delay needs `delayMs`, an abort
+/// `abortStatus`; a percent defaults to 100.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawFault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delay_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delay_percent: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    abort_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    abort_percent: Option<u8>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -464,7 +481,43 @@ impl RawHttpRoute {
                 ));
             }
         }
-        Ok(HttpRoute { name: self.name, namespace: self.namespace, parents: self.parents, spec: self.spec })
+        let fault = self.fault.map(|f| f.validate(&format!("{path}.fault"))).transpose()?;
+        Ok(HttpRoute { name: self.name, namespace: self.namespace, parents: self.parents, spec: self.spec, fault })
+    }
+}
+
+impl RawFault {
+    fn validate(self, path: &str) -> Result<Fault, ModelError> {
+        let percent = |p: Option<u8>, field: &str| match p.unwrap_or(100) {
+            p @ 0..=100 => Ok(p),
+            p => Err(ModelError::field(format!("{path}.{field}"), format!("{p} is not a percent (0 to 100)"))),
+        };
+        let delay = match self.delay_ms {
+            Some(ms) => Some((std::time::Duration::from_millis(ms), percent(self.delay_percent, "delayPercent")?)),
+            None => None,
+        };
+        let abort = match self.abort_status {
+            Some(status @ 200..=599) => Some((status, percent(self.abort_percent, "abortPercent")?)),
+            Some(status) => {
+                return Err(ModelError::field(
+                    format!("{path}.abortStatus"),
+                    format!("{status} is not an HTTP status (200 to 599)"),
+                ));
+            }
+            None => None,
+        };
+        Ok(Fault { delay, abort })
+    }
+}
+
+impl From<&Fault> for RawFault {
+    fn from(f: &Fault) -> Self {
+        RawFault {
+            delay_ms: f.delay.map(|(d, _)| d.as_millis() as u64),
+            delay_percent: f.delay.map(|(_, p)| p),
+            abort_status: f.abort.map(|(s, _)| s),
+            abort_percent: f.abort.map(|(_, p)| p),
+        }
     }
 }
 
@@ -598,6 +651,7 @@ impl From<&HttpRoute> for RawHttpRoute {
             namespace: r.namespace.clone(),
             parents: r.parents.clone(),
             spec: r.spec.clone(),
+            fault: r.fault.as_ref().map(RawFault::from),
         }
     }
 }

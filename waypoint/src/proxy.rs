@@ -81,7 +81,14 @@ struct RouteCache {
     /// its allocation is: a later version can never be allocated at the same address and be
     /// taken for it.
     state: Weak<State>,
-    tables: HashMap<Arc<str>, Arc<RouteTable>>,
+    tables: HashMap<Arc<str>, Arc<ServiceRoutes>>,
+}
+
+/// What a service's routes compile to: the table, and the faults of the routes that ask for
+/// them, by route key.
+struct ServiceRoutes {
+    table: RouteTable,
+    faults: HashMap<Arc<str>, meshapi::Fault>,
 }
 
 impl Waypoint {
@@ -145,7 +152,7 @@ impl Waypoint {
     }
 
     /// The service's route table in `state`, compiled once per state version.
-    fn routes(&self, state: &Arc<State>, service: &ServiceEntry) -> Arc<RouteTable> {
+    fn routes(&self, state: &Arc<State>, service: &ServiceEntry) -> Arc<ServiceRoutes> {
         let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         if !std::ptr::eq(cache.state.as_ptr(), Arc::as_ptr(state)) {
             cache.state = Arc::downgrade(state);
@@ -162,7 +169,11 @@ impl Waypoint {
                 for p in problems {
                     debug!(service = %key, problem = %p, "route rule skipped");
                 }
-                Arc::new(table)
+                let faults = routes
+                    .iter()
+                    .filter_map(|r| Some((Arc::from(format!("{}/{}", r.namespace, r.name)), r.fault?)))
+                    .collect();
+                Arc::new(ServiceRoutes { table, faults })
             })
             .clone()
     }
@@ -429,6 +440,8 @@ enum Flag {
     Direct,
     /// L7 authorization refused it.
     Denied,
+    /// An injected fault answered it.
+    FaultInjected,
     /// The client's request could not be read.
     BadRequest,
 }
@@ -444,6 +457,7 @@ impl Flag {
             Flag::Timeout => "UT",
             Flag::Direct => "DI",
             Flag::Denied => "RBAC",
+            Flag::FaultInjected => "FI",
             Flag::BadRequest => "DPE",
         }
     }
@@ -536,10 +550,23 @@ async fn route_and_forward(
     // The rule decides where the request goes; a direct call to a workload goes to it.
     let (rule, backend, candidates) = match &downstream.target {
         Target::Service { service, port } => {
-            let table = waypoint.routes(state, service);
-            let Some(rule) = table.find(&parts.method, &parts.uri, &parts.headers).cloned() else {
+            let routes = waypoint.routes(state, service);
+            let Some(rule) = routes.table.find(&parts.method, &parts.uri, &parts.headers).cloned() else {
                 return local(StatusCode::NOT_FOUND, Flag::NoRoute, record, "no route matches this request");
             };
+            if let Some(fault) = rule.route.as_ref().and_then(|r| routes.faults.get(r)) {
+                if let Some((delay, percent)) = fault.delay
+                    && fastrand::u8(0..100) < percent
+                {
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some((status, percent)) = fault.abort
+                    && fastrand::u8(0..100) < percent
+                {
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    return local(status, Flag::FaultInjected, record, "fault filter abort");
+                }
+            }
             match rule.redirect(&parts, *port) {
                 Some(Ok(redirection)) => {
                     record.flag = Flag::Direct;

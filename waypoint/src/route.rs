@@ -954,7 +954,13 @@ mod tests {
 
     fn route(key: &str, spec: Value) -> HttpRoute {
         let (namespace, name) = key.split_once('/').unwrap();
-        HttpRoute { name: name.into(), namespace: namespace.into(), parents: vec!["shop/api".into()], spec }
+        HttpRoute {
+            name: name.into(),
+            namespace: namespace.into(),
+            parents: vec!["shop/api".into()],
+            spec,
+            fault: None,
+        }
     }
 
     fn table(routes: &[HttpRoute]) -> RouteTable {

@@ -578,3 +578,40 @@ async fn an_http1_upgrade_joins_the_client_and_the_endpoint() {
         assert_eq!(back, msg.as_bytes());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_delay_and_abort_their_share_of_requests() {
+    let with_fault = |fault: meshapi::Fault| {
+        let mut r = canary(100, 0);
+        r.fault = Some(fault);
+        r
+    };
+    // Every request aborted with 503: the apps see nothing.
+    let abort = meshapi::Fault { delay: None, abort: Some((503, 100)) };
+    let mesh = Mesh::start(Settings::default(), vec![with_fault(abort)]).await;
+    let mut h1 = mesh.http1().await;
+    for _ in 0..20 {
+        assert_eq!(send1(&mut h1, get("/")).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(mesh.total(), 0, "an aborted request reached an app");
+
+    // Half of them: about half reach the app.
+    mesh.set_routes(vec![with_fault(meshapi::Fault { delay: None, abort: Some((500, 50)) })]);
+    let mut aborted = 0;
+    for _ in 0..400 {
+        if send1(&mut h1, get("/")).await.status == StatusCode::INTERNAL_SERVER_ERROR {
+            aborted += 1;
+        }
+    }
+    assert!((140..=260).contains(&aborted), "{aborted} of 400 aborted at 50%");
+    assert_eq!(mesh.total(), 400 - aborted as u64);
+
+    // A delay on every request, then forwarded.
+    mesh.set_routes(vec![with_fault(meshapi::Fault { delay: Some((Duration::from_millis(200), 100)), abort: None })]);
+    for _ in 0..3 {
+        let start = Instant::now();
+        let reply = send1(&mut h1, get("/")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(start.elapsed() >= Duration::from_millis(200), "not delayed: {:?}", start.elapsed());
+    }
+}

@@ -479,7 +479,7 @@ async fn read(response: Response<Incoming>) -> Reply {
 
 /// An `HTTPRoute` named `name` in `shop`, attached to `reviews`, with `spec`.
 pub fn route(name: &str, spec: Value) -> HttpRoute {
-    HttpRoute { name: name.into(), namespace: "shop".into(), parents: vec!["shop/reviews".into()], spec }
+    HttpRoute { name: name.into(), namespace: "shop".into(), parents: vec!["shop/reviews".into()], spec, fault: None }
 }
 
 /// A route sending everything to `reviews` with the rule's `extra` fields (timeouts, retry).
