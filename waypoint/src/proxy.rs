@@ -47,11 +47,24 @@ pub struct Settings {
     pub retry_budget_ratio: f64,
     /// ...plus this many per second.
     pub retry_budget_min_per_sec: f64,
+    /// A client must send a whole request head within this time (HTTP/1.1; also how long an
+    /// idle keep-alive connection is kept): a slow client cannot hold a connection open
+    /// without sending a request.
+    pub header_timeout: Duration,
+    /// The largest request head (HTTP/1.1 buffer, HTTP/2 header list): what one slow client's
+    /// half-sent request can hold.
+    pub max_header_bytes: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { retry_buffer: 64 * 1024, retry_budget_ratio: 1.0, retry_budget_min_per_sec: 10.0 }
+        Settings {
+            retry_buffer: 64 * 1024,
+            retry_budget_ratio: 1.0,
+            retry_budget_min_per_sec: 10.0,
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -333,7 +346,14 @@ impl hbone::Upstream for ServiceTunnel {
             let (waypoint, downstream) = (waypoint.clone(), downstream.clone());
             async move { Ok::<_, std::convert::Infallible>(handle(&waypoint, &downstream, req).await) }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let settings = &self.waypoint.settings;
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(settings.header_timeout)
+            .max_buf_size(settings.max_header_bytes.max(8192));
+        builder.http2().max_header_list_size(settings.max_header_bytes as u32);
         let conn = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
         let mut started = self.waypoint.draining.clone();

@@ -615,3 +615,48 @@ async fn injected_faults_delay_and_abort_their_share_of_requests() {
         assert!(start.elapsed() >= Duration::from_millis(200), "not delayed: {:?}", start.elapsed());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_cut_off_and_an_oversized_head_refused() {
+    let settings =
+        Settings { header_timeout: Duration::from_millis(400), max_header_bytes: 16 * 1024, ..Settings::default() };
+    let mesh = Mesh::start(settings, vec![canary(100, 0)]).await;
+    // Slowloris: a request head sent a byte at a time, never finished.
+    let mut slow = mesh.tunnel().await;
+    let start = Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\n").await.expect("write");
+    let mut cut = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if slow.write_all(b"x").await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+            // Answered (408) or closed: either way the connection is over for this client.
+            cut = n == 0 || buf[..n].starts_with(b"HTTP/1.1 408");
+            if cut {
+                break;
+            }
+        }
+    }
+    let held = start.elapsed();
+    assert!(cut, "a client that never finished its request head was held for {held:?}");
+    assert!(held < Duration::from_millis(1500), "cut after {held:?}, the limit is 400 ms");
+
+    // A head larger than the limit is refused without reaching an app.
+    let mut h1 = mesh.http1().await;
+    let big = "x".repeat(32 * 1024);
+    let mut req = get("/");
+    req.headers_mut().insert("x-big", HeaderValue::from_str(&big).unwrap());
+    let refused = tokio::time::timeout(Duration::from_secs(5), h1.send_request(req)).await.expect("an answer in time");
+    assert!(
+        refused.is_err() || refused.as_ref().is_ok_and(|r| r.status() == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        "{refused:?}"
+    );
+    assert_eq!(mesh.total(), 0, "no app saw either request");
+    // A request of normal size on a new connection is served.
+    let mut h1 = mesh.http1().await;
+    assert_eq!(send1(&mut h1, get("/")).await.status, StatusCode::OK);
+}
