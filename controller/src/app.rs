@@ -1,7 +1,7 @@
 //! Wiring: `build(config)` opens the CA and the token key, starts the source loop (read the
-//! cluster, a directory or the Kubernetes API; translate; commit), and the API, admin, metrics
-//! and readiness servers; it returns a [`Bound`] with the addresses it bound and a shutdown
-//! handle.
+//! cluster, a directory or the Kubernetes API; translate; commit), on Kubernetes the waypoint
+//! deployer, and the API, admin, metrics and readiness servers; it returns a [`Bound`] with
+//! the addresses it bound and a shutdown handle.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::auth::{Authenticator, Tokens};
 use crate::ca::Authority;
 use crate::config::{Config, SourceSetting};
+use crate::deploy::Deployer;
 use crate::metrics::Metrics;
 use crate::server::{self, Api};
 use crate::source::dir::DirSource;
@@ -40,6 +41,27 @@ pub struct Bound {
 }
 
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    let cluster = match config.source() {
+        SourceSetting::Dir(dir) => Cluster::Dir(dir),
+        SourceSetting::Kubernetes => Cluster::Kubernetes(kube_client().await?),
+    };
+    build_with(config, cluster).await
+}
+
+/// As [`build`], watching the Kubernetes API through `client` rather than the client the
+/// configuration finds (tests: an API server faked on loopback). `--source-dir` must be unset.
+pub async fn build_with_client(config: Config, client: kube::Client) -> anyhow::Result<Bound> {
+    anyhow::ensure!(config.source_dir.is_none(), "a Kubernetes client was given: --source-dir must be unset");
+    build_with(config, Cluster::Kubernetes(client)).await
+}
+
+/// Where the cluster is read from.
+enum Cluster {
+    Dir(std::path::PathBuf),
+    Kubernetes(kube::Client),
+}
+
+async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
     let authority = Arc::new(Authority::open(config.authority()).context("opening the certificate authority")?);
@@ -51,13 +73,25 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let rejections = Arc::new(Mutex::new(Vec::new()));
 
     // The cluster: a directory, or the Kubernetes API, which then also reviews proxies'
-    // service-account tokens. The Kubernetes source returns once every kind is listed.
-    let (cluster, authenticator): (Box<dyn ObjectSource>, Arc<dyn Authenticator>) = match config.source() {
-        SourceSetting::Dir(dir) => (Box::new(DirSource::new(dir)), Arc::new(tokens)),
-        SourceSetting::Kubernetes => {
-            let client = kube_client().await?;
+    // service-account tokens and is where waypoints are deployed. The Kubernetes source
+    // returns once every kind is listed.
+    type Read = (Box<dyn ObjectSource>, Arc<dyn Authenticator>, Option<Deployer>);
+    let (cluster, authenticator, deployer): Read = match cluster {
+        Cluster::Dir(dir) => (Box::new(DirSource::new(dir)), Arc::new(tokens), None),
+        Cluster::Kubernetes(client) => {
+            let host = config.waypoints.controller_host();
+            if !config.server_names.iter().any(|n| n == host) {
+                warn!(
+                    waypoint_controller_address = %config.waypoints.controller_address,
+                    server_names = %config.server_names.join(","),
+                    "waypoints will reach the controller as {host}, which its certificate does not carry: \
+                     they will refuse it; add {host} to --server-name or change --waypoint-controller-address"
+                );
+            }
             let cluster = KubeSource::start(client.clone()).await;
-            (Box::new(cluster), Arc::new(KubernetesAuth { tokens, reviewer: TokenReviewer::new(client) }))
+            let deployer = Deployer::start(client.clone(), config.waypoints.clone());
+            let auth = KubernetesAuth { tokens, reviewer: TokenReviewer::new(client) };
+            (Box::new(cluster), Arc::new(auth), Some(deployer))
         }
     };
     // The first scan runs before the servers answer, so the first subscriber already gets
@@ -66,9 +100,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         server_cert: None,
         server_names: config.server_names.clone(),
         cluster,
+        deployer,
         translator: Translator::new(),
         store: store.clone(),
         authority: authority.clone(),
+        source_rejections: Vec::new(),
         rejections: rejections.clone(),
         metrics: metrics.clone(),
     };
@@ -141,9 +177,14 @@ struct Source {
     server_cert: Option<hbone::WorkloadCert>,
     server_names: Vec<String>,
     cluster: Box<dyn ObjectSource>,
+    /// On Kubernetes: deploys the waypoints of the Gateways the scans bring.
+    deployer: Option<Deployer>,
     translator: Translator,
     store: Arc<Store>,
     authority: Arc<Authority>,
+    /// What the source and translation rejected, as of the last scan that changed anything.
+    source_rejections: Vec<Rejection>,
+    /// What `/status` lists: the source's rejections, then the waypoints not deployed.
     rejections: Arc<Mutex<Vec<Rejection>>>,
     metrics: Arc<Metrics>,
 }
@@ -161,11 +202,18 @@ impl Source {
         }
         self.renew_server_cert(false);
         let scan = self.cluster.scan();
-        if scan.events.is_empty() && scan.rejected.is_empty() {
-            return;
+        if !scan.events.is_empty() || !scan.rejected.is_empty() {
+            self.translate(scan);
         }
+        self.publish_rejections();
+    }
+
+    fn translate(&mut self, scan: crate::source::Scan) {
         for r in &scan.rejected {
             warn!(rejected = %r, "source object rejected; everything else keeps working");
+        }
+        if let Some(deployer) = &self.deployer {
+            deployer.observe(&scan.events);
         }
         let changes = self.translator.apply_all(scan.events);
         let mut all = self.cluster.rejected();
@@ -177,9 +225,23 @@ impl Source {
             }
         }));
         self.metrics.source_rejections.set(all.len() as i64);
-        *self.rejections.lock().unwrap_or_else(|p| p.into_inner()) = all;
+        self.source_rejections = all;
         if let Some(c) = self.store.commit(changes) {
             info!(version = c.version, upserts = c.upserts, deletes = c.deletes, "model changed");
+        }
+    }
+
+    /// Lists for `/status` what the source rejected and, on Kubernetes, the waypoints that
+    /// could not be deployed (their deployer works on its own: refreshed at every pass of the
+    /// loop, at least every `--poll-interval`).
+    fn publish_rejections(&self) {
+        let mut all = self.source_rejections.clone();
+        if let Some(deployer) = &self.deployer {
+            all.extend(deployer.problems());
+        }
+        let mut shown = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        if *shown != all {
+            *shown = all;
         }
     }
 
@@ -203,6 +265,9 @@ impl Source {
     fn publish_bundle(&self) {
         let bundle =
             TrustBundle { trust_domain: self.authority.trust_domain().to_owned(), roots: self.authority.bundle_pem() };
+        if let Some(deployer) = &self.deployer {
+            deployer.trust_bundle(&bundle.roots);
+        }
         self.store.commit(vec![Change::Upsert(Resource::TrustBundle(bundle))]);
     }
 }

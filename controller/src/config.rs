@@ -102,6 +102,63 @@ pub struct Config {
     /// snapshot.
     #[arg(long, env = "WEFT_HISTORY_BYTES", default_value_t = 64 << 20)]
     pub history_bytes: usize,
+
+    /// The waypoints the controller deploys when it watches the Kubernetes API.
+    #[command(flatten)]
+    pub waypoints: WaypointSettings,
+}
+
+/// The image of the waypoints the controller deploys: the tag `docker/waypoint.Dockerfile`
+/// is built with and `manifests/` names, so an install built as `manifests/README.md` says
+/// works without the flag.
+pub const DEFAULT_WAYPOINT_IMAGE: &str = "weft-waypoint:dev";
+
+/// The controller's API as a waypoint pod reaches it: the Service of `manifests/controller.yaml`,
+/// by the name the controller's certificate carries there (its `--server-name`).
+pub const DEFAULT_WAYPOINT_CONTROLLER_ADDRESS: &str = "weft-controller.weft-system.svc:15012";
+
+/// What the controller puts in the Deployment of each waypoint (a Gateway of class
+/// `weft-waypoint`) it deploys on Kubernetes (`controller::deploy`, ARCHITECTURE §9.6). The
+/// directory source deploys nothing and ignores these.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct WaypointSettings {
+    /// The waypoint's container image (`docker/waypoint.Dockerfile`). Kustomize's `images`
+    /// does not reach a flag: point this at your registry too.
+    #[arg(
+        long = "waypoint-image",
+        env = "WEFT_WAYPOINT_IMAGE",
+        default_value = DEFAULT_WAYPOINT_IMAGE,
+        value_parser = parse_image
+    )]
+    pub image: String,
+
+    /// The controller's API as waypoints reach it, `<host>:<port>` (their `--controller`).
+    /// They verify the controller's certificate for the host, so it must be one of the
+    /// `--server-name`s.
+    #[arg(
+        long = "waypoint-controller-address",
+        env = "WEFT_WAYPOINT_CONTROLLER_ADDRESS",
+        default_value = DEFAULT_WAYPOINT_CONTROLLER_ADDRESS,
+        value_parser = parse_host_port
+    )]
+    pub controller_address: String,
+}
+
+impl Default for WaypointSettings {
+    fn default() -> WaypointSettings {
+        WaypointSettings {
+            image: DEFAULT_WAYPOINT_IMAGE.to_owned(),
+            controller_address: DEFAULT_WAYPOINT_CONTROLLER_ADDRESS.to_owned(),
+        }
+    }
+}
+
+impl WaypointSettings {
+    /// The host of [`controller_address`](Self::controller_address): the name waypoints
+    /// verify the controller's certificate for.
+    pub fn controller_host(&self) -> &str {
+        host_of(&self.controller_address)
+    }
 }
 
 /// Where the cluster's objects come from.
@@ -150,3 +207,94 @@ impl Config {
 }
 
 pub use hbone::config::parse_duration;
+
+/// An image reference as a container's `image` takes it: not empty, no white space.
+pub fn parse_image(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.chars().any(char::is_whitespace) {
+        return Err(format!("{value:?} is not an image reference (registry/name:tag, without spaces)"));
+    }
+    Ok(value.to_owned())
+}
+
+/// `<host>:<port>`: a DNS name or an address (an IPv6 one in brackets) and a port from 1 to
+/// 65535.
+pub fn parse_host_port(value: &str) -> Result<String, String> {
+    let usage = "expected <host>:<port>, such as weft-controller.weft-system.svc:15012";
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(format!("{value:?}: no port; {usage}"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("{value:?}: {port:?} is not a port (1 to 65535); {usage}")),
+    }
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let valid = match bare {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                })
+        }
+    };
+    if !valid {
+        return Err(format!("{value:?}: {host:?} is not a DNS name or an IP address; {usage}"));
+    }
+    Ok(value.to_owned())
+}
+
+/// The host of a `<host>:<port>` that [`parse_host_port`] accepted, without IPv6 brackets.
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn waypoint_settings_default_to_the_manifests_and_are_checked() {
+        let cli = Cli::try_parse_from(["weft-controller"]).unwrap();
+        assert_eq!(cli.config.waypoints, WaypointSettings::default());
+        assert_eq!(cli.config.waypoints.image, "weft-waypoint:dev");
+        assert_eq!(cli.config.waypoints.controller_address, "weft-controller.weft-system.svc:15012");
+        assert_eq!(cli.config.waypoints.controller_host(), "weft-controller.weft-system.svc");
+
+        let cli = Cli::try_parse_from([
+            "weft-controller",
+            "--waypoint-image=registry.example.com/weft/waypoint:v0.1.0",
+            "--waypoint-controller-address=[fd00::1]:15012",
+        ])
+        .unwrap();
+        assert_eq!(cli.config.waypoints.image, "registry.example.com/weft/waypoint:v0.1.0");
+        assert_eq!(cli.config.waypoints.controller_host(), "fd00::1");
+
+        for (flag, fault) in [
+            ("--waypoint-image=", "not an image reference"),
+            ("--waypoint-image=weft waypoint", "not an image reference"),
+            ("--waypoint-controller-address=weft-controller", "no port"),
+            ("--waypoint-controller-address=weft-controller:0", "is not a port"),
+            ("--waypoint-controller-address=weft-controller:http", "is not a port"),
+            ("--waypoint-controller-address=:15012", "is not a DNS name"),
+            ("--waypoint-controller-address=weft_controller:15012", "is not a DNS name"),
+            ("--waypoint-controller-address=[weft]:15012", "is not a DNS name"),
+        ] {
+            let err = Cli::try_parse_from(["weft-controller", flag]).err().unwrap_or_else(|| panic!("{flag} accepted"));
+            assert!(err.to_string().contains(fault), "{flag}: {err}");
+        }
+    }
+}

@@ -7,7 +7,8 @@
 //! Modules in the order a change travels: `source` (cluster objects) → `translate` (model
 //! resources) → `store` (versions and history) → `server` (watch and certificate APIs); beside
 //! them `ca` (signing) and `auth` (which node is calling; `tokenreview` in a Kubernetes
-//! cluster).
+//! cluster), and on Kubernetes `deploy` (each waypoint Gateway's ServiceAccount, CA root and
+//! Deployment).
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod metrics;
 pub mod server;
 pub mod store;

@@ -98,6 +98,7 @@ impl Controller {
             poll_interval: Duration::from_millis(100),
             heartbeat: Duration::from_secs(15),
             history_bytes: 1 << 20,
+            waypoints: Default::default(),
         };
         let bound = app::build(config).await.expect("the controller starts");
         let tokens = Tokens::open(&dir.path().join("state")).unwrap();
