@@ -37,8 +37,8 @@ const CLOSED: u16 = 8081;
 const OLD_APP: u16 = 9090;
 
 /// Two nodes: node-a holds `web` and `batch`; node-b holds `api` (PERMISSIVE, behind the
-/// service `api`), `db` (STRICT) and `gone` (enrolled, but never started: nothing listens
-/// for it). `old` is outside the mesh. A service without endpoints, and a policy that denies
+/// service `api`), `db` (STRICT), `gone` (enrolled, but never started: nothing listens
+/// for it) and `shielded` (behind the waypoint `wp`, whose pod is not captured). `old` is outside the mesh. A service without endpoints, and a policy that denies
 /// `batch` on `api`.
 const MESH: &str = r#"
 workloads:
@@ -48,6 +48,10 @@ workloads:
   - {name: db, namespace: back, node: node-b, addresses: [P.11], serviceAccount: db, enrolled: true, mtls: STRICT}
   - {name: gone, namespace: back, node: node-b, addresses: [P.12], serviceAccount: gone, enrolled: true}
   - {name: old, namespace: legacy, node: node-a, addresses: [P.20], serviceAccount: old}
+  - {name: shielded, namespace: back, node: node-b, addresses: [P.13], serviceAccount: shielded, enrolled: true, waypoint: back/wp}
+  - {name: wp, namespace: back, node: node-b, addresses: [P.14], serviceAccount: wp}
+waypoints:
+  - {name: wp, namespace: back, addresses: [P.14], serviceAccount: wp}
 services:
   - {name: api, namespace: back, vips: [P.100], ports: [{port: 80, targetPort: 8080}], selector: {app: api}}
   - {name: empty, namespace: back, vips: [P.101], ports: [{port: 80, targetPort: 8080}], selector: {app: nobody}}
@@ -56,12 +60,14 @@ authorizations:
 "#;
 
 /// The last octet of each name's address.
-const HOSTS: [(&str, u8); 8] = [
+const HOSTS: [(&str, u8); 10] = [
     ("web", 2),
     ("batch", 3),
     ("api", 10),
     ("db", 11),
     ("gone", 12),
+    ("shielded", 13),
+    ("wp", 14),
     ("old", 20),
     ("api-vip", 100),
     ("empty-vip", 101),
@@ -105,7 +111,7 @@ impl Mesh {
         // Everything is bound before anything runs: a prefix another process holds is
         // dropped whole.
         let mut pods = Vec::new();
-        for (proxy, name) in [(&a, "web"), (&a, "batch"), (&b, "api"), (&b, "db")] {
+        for (proxy, name) in [(&a, "web"), (&a, "batch"), (&b, "api"), (&b, "db"), (&b, "shielded")] {
             let listeners = (
                 TcpListener::bind((ip(name), OUTBOUND_PORT)).await?,
                 TcpListener::bind((ip(name), INBOUND_PLAINTEXT_PORT)).await?,
@@ -638,6 +644,60 @@ async fn inbound_refusals_are_recorded_once_with_their_reason() {
     let line = mesh.line("unreachable app", |l| l.is("dst.addr", &closed.to_string())).await;
     line.assert_fields(&[("src.workload", "web"), ("dst.workload", "api"), ("direction", "inbound")]);
     assert_refusal_counted(&line, Refusal::Unreachable, &mesh.b.metrics);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_behind_a_waypoint_is_reached_only_through_it() {
+    let mesh = Mesh::start().await;
+    mesh.sink("shielded", APP).await;
+    let shielded = mesh.addr("shielded", APP);
+
+    // Captured traffic to the pod's own address goes to the waypoint's HBONE port, with the
+    // pod's address as the CONNECT target. No waypoint listens in this test: unreachable.
+    // (Sent to the pod directly, it would have been refused as `policy`, below.)
+    let mut conn = mesh.connect("web", shielded).await;
+    assert!(closed_at_once(&mut conn).await);
+    let line = mesh.line("to the waypoint", |l| l.is("dst.orig", &shielded.to_string())).await;
+    line.assert_fields(&[("src.workload", "web"), ("dst.addr", &shielded.to_string()), ("protocol", "HBONE")]);
+    assert!(line.get("reason").contains(&mesh.addr("wp", HBONE_PORT).to_string()), "{line:#?}");
+    assert_refusal_counted(&line, Refusal::Unreachable, &mesh.a.metrics);
+
+    // A mesh client that tunnels to the pod directly is refused: only the waypoint may.
+    let request = |cert: &WorkloadCert| ConnectRequest {
+        source: cert.clone(),
+        source_ip: None,
+        destination: mesh.addr("shielded", HBONE_PORT),
+        expected: Arc::from(vec![id("back", "shielded")]),
+        target: shielded,
+        forwarded_for: None,
+        baggage: None,
+        traceparent: None,
+    };
+    let (client, web) = mesh.client("web", "front");
+    let err = client.connect(request(&web)).await.unwrap_err();
+    assert!(err.is_policy_denied(), "{err}");
+    let line =
+        mesh.line("bypass refused", |l| l.is("dst.addr", &shielded.to_string()) && l.is("direction", "inbound")).await;
+    assert!(line.get("reason").contains("reached only through its waypoint back/wp"), "{line:#?}");
+    assert_refusal_counted(&line, Refusal::Policy, &mesh.b.metrics);
+
+    // The waypoint's identity is let through.
+    let (client, wp) = mesh.client("wp", "back");
+    let mut tunnel = client.connect(request(&wp)).await.expect("the waypoint reaches the pod");
+    tunnel.write_all(b"hello").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut count = [0u8; 8];
+    tunnel.read_exact(&mut count).await.unwrap();
+    assert_eq!(u64::from_be_bytes(count), 5);
+
+    // Plaintext from outside the mesh is refused, PERMISSIVE as the pod is.
+    let mut conn = mesh.connect_plaintext("old", "shielded", shielded).await;
+    assert!(closed_at_once(&mut conn).await);
+    let old = format!("{}:", mesh.ip("old"));
+    let line = mesh
+        .line("plaintext refused", |l| l.get("src.addr").starts_with(&old) && l.is("dst.addr", &shielded.to_string()))
+        .await;
+    assert!(line.get("reason").contains("reached only through its waypoint"), "{line:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
