@@ -9,17 +9,20 @@
 //! and the runtime is dropped after each input with whatever it still holds.
 //!
 //! Besides panics, it fails if the server still holds the connection long after the client
-//! closed its side ([`BOUND`] of virtual time): a connection a client can pin open is a leak.
+//! closed its side ([`BOUND`] of virtual time): a connection a client can pin open is a leak;
+//! and if, once the runtime and everything it held are gone, the server's budget still counts
+//! a dial in flight or an idle connection: a slot a client could take for good.
 
 #![no_main]
 
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hbone::copy::{CopyCause, CopyError, Transferred};
+use hbone::limits::Budget;
 use hbone::server::{Handler, InboundRequest, Rejection, Upstream};
 use hbone::{Config, Server, SpiffeId, Tunnel, drain, testing};
 use libfuzzer_sys::fuzz_target;
@@ -54,13 +57,23 @@ fuzz_target!(|data: &[u8]| {
         .build()
         .expect("a current-thread runtime");
     runtime.block_on(exchange(fixture, data));
+    drop(runtime);
+    let budget = &fixture.budget;
+    assert_eq!(budget.peer_dials(PEER.ip()), 0, "a dial slot outlived its connection");
+    assert_eq!(budget.idle_connections(), 0, "an idle slot outlived its connection");
 });
 
 /// The server and the identity its peer proved, made once per process.
 struct Fixture {
     server: Server<EchoHandler>,
+    /// The server's limits' counts (its config's, shared).
+    budget: Budget,
     peer_identity: SpiffeId,
 }
+
+/// The client's address, and the server's.
+const PEER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 40000);
+const LOCAL: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 15008);
 
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
@@ -68,8 +81,10 @@ fn fixture() -> &'static Fixture {
         // The certificate is never presented (no TLS here); the server needs one to be built.
         let pki = testing::Pki::new();
         let certs = Arc::new(pki.workload("fuzz", "server"));
-        let server = Server::new(Config::default(), certs, &pki.trust, EchoHandler);
-        Fixture { server, peer_identity: testing::id("fuzz", "client") }
+        let config = Config::default();
+        let budget = config.budget.clone();
+        let server = Server::new(config, certs, &pki.trust, EchoHandler);
+        Fixture { server, budget, peer_identity: testing::id("fuzz", "client") }
     })
 }
 
@@ -79,9 +94,7 @@ async fn exchange(fixture: &Fixture, data: &[u8]) {
     let (client, server_side) = tokio::io::duplex(PIPE);
     // Held until the end: dropping the trigger is not a drain, but keep it explicit.
     let (_trigger, watch) = drain::channel();
-    let peer = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 40000));
-    let local = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 2), 15008));
-    let serve = fixture.server.serve_established(server_side, fixture.peer_identity.clone(), peer, local, watch);
+    let serve = fixture.server.serve_established(server_side, fixture.peer_identity.clone(), PEER, LOCAL, watch);
     let (mut from_server, mut to_server) = tokio::io::split(client);
     let write = async {
         // Errors mean the server has closed already: nothing more to send.
