@@ -1,13 +1,18 @@
-//! The Kubernetes API source and the TokenReview authenticator against an API server faked
-//! at the HTTP level ([`apiserver::ApiServer`]: lists, chunked watches from a
-//! `resourceVersion`, bookmarks, `410 Gone`, restarts, TokenReviews), on loopback with plain
-//! HTTP. The source's changes go through the same [`Translator`] as the directory source's.
+//! The Kubernetes API source, the TokenReview authenticator and the waypoint deployer against
+//! an API server faked at the HTTP level ([`apiserver::ApiServer`]: lists, chunked watches
+//! from a `resourceVersion`, bookmarks, `410 Gone`, restarts, TokenReviews, server-side
+//! apply), on loopback with plain HTTP. The source's changes go through the same
+//! [`Translator`] as the directory source's; the deployer runs in the real controller
+//! (`app::build_with_client`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use controller::app::{self, Bound};
 use controller::auth::{AuthError, Authenticator, Caller, NodeName, ServiceAccount, Tokens};
+use controller::ca::{Authority, AuthorityConfig, RootSource};
+use controller::config::{Config, WaypointSettings};
 use controller::source::kube::KubeSource;
 use controller::source::{ObjectSource, Rejection, dir::DirSource};
 use controller::tokenreview::{KubernetesAuth, TokenReviewer};
@@ -15,6 +20,7 @@ use controller::translate::Translator;
 use meshapi::watch::Change;
 use meshapi::{Key, Resource};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use apiserver::ApiServer;
 
@@ -422,6 +428,321 @@ async fn a_kind_that_is_not_served_does_not_hold_up_start() {
     assert!(!workload(&changes, "shop/waypoint-0").enrolled);
 }
 
+// ---- waypoint deployment (the real controller) ----
+
+/// The real controller (`app::build_with_client`) watching the fake API server, and its
+/// directories.
+struct Running {
+    bound: Option<Bound>,
+    dir: TempDir,
+}
+
+impl Running {
+    async fn start(server: &ApiServer, test: &str) -> Running {
+        Running::with_extra_roots(server, test, None).await
+    }
+
+    async fn with_extra_roots(server: &ApiServer, test: &str, extra_roots: Option<PathBuf>) -> Running {
+        let dir = TempDir::new(test);
+        let loopback = "127.0.0.1:0".parse().unwrap();
+        let config = Config {
+            source_dir: None,
+            state_dir: dir.path().join("state"),
+            ca_cert: None,
+            ca_key: None,
+            ca_chain: None,
+            extra_roots,
+            trust_domain: "cluster.local".into(),
+            cert_ttl: Duration::from_secs(3600),
+            min_cert_ttl: Duration::from_secs(600),
+            max_cert_ttl: Duration::from_secs(24 * 3600),
+            server_names: vec!["weft-controller.weft-system.svc".into()],
+            api_addr: loopback,
+            admin_addr: loopback,
+            metrics_addr: loopback,
+            readiness_addr: loopback,
+            poll_interval: Duration::from_millis(100),
+            heartbeat: Duration::from_secs(15),
+            history_bytes: 1 << 20,
+            waypoints: WaypointSettings {
+                image: "registry.example.com/weft/waypoint:v1".into(),
+                controller_address: "weft-controller.weft-system.svc:15012".into(),
+            },
+        };
+        let bound = tokio::time::timeout(EVENTUAL, app::build_with_client(config, server.client()))
+            .await
+            .expect("the controller lists the cluster")
+            .expect("the controller starts");
+        Running { bound: Some(bound), dir }
+    }
+
+    /// The mesh's root, which the controller generated.
+    fn root_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/root-cert.pem")).unwrap()
+    }
+
+    /// `GET /status` on the admin server.
+    async fn status(&self) -> Value {
+        let addr = self.bound.as_ref().unwrap().admin_addr;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /status HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        serde_json::from_str(body).unwrap()
+    }
+
+    /// The controller's `/status` problems about `gateway` (`shop/waypoint`).
+    async fn problems(&self, gateway: &str) -> Vec<String> {
+        let status = self.status().await;
+        let rejected = status["rejected"].as_array().unwrap();
+        let prefix = format!("Gateway {gateway}: ");
+        rejected.iter().filter_map(Value::as_str).filter(|r| r.starts_with(&prefix)).map(str::to_owned).collect()
+    }
+
+    async fn stop(mut self) {
+        if let Some(bound) = self.bound.take() {
+            bound.shutdown().await;
+        }
+    }
+}
+
+fn gateway(namespace: &str, name: &str, class: &str) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+           "metadata": {"name": name, "namespace": namespace},
+           "spec": {"gatewayClassName": class, "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+}
+
+fn deployment_path(namespace: &str, name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{namespace}/deployments/{name}")
+}
+
+fn service_account_path(namespace: &str, name: &str) -> String {
+    format!("/api/v1/namespaces/{namespace}/serviceaccounts/{name}")
+}
+
+fn ca_root_path(namespace: &str) -> String {
+    format!("/api/v1/namespaces/{namespace}/configmaps/weft-ca-root")
+}
+
+fn owner(server: &ApiServer, namespace: &str, gateway: &str) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "name": gateway,
+           "uid": server.uid("Gateway", namespace, gateway)})
+}
+
+/// Waits until `f` returns something, for [`EVENTUAL`] at most.
+async fn eventually<T>(what: &str, f: impl Fn() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + EVENTUAL;
+    loop {
+        if let Some(found) = f() {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_waypoint_gateway_gets_its_service_account_ca_root_and_deployment_by_server_side_apply() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    server.apply(gateway("shop", "waypoint-b", "weft-waypoint"));
+    let controller = Running::start(&server, "deploy").await;
+
+    let deployed = |name: &str| server.applied(&deployment_path("shop", name));
+    let waypoint = eventually("the Deployments", || deployed("waypoint").zip(deployed("waypoint-b"))).await.0;
+    let writes = server.writes();
+    for w in &writes {
+        assert_eq!(w.method, "PATCH", "{w:?}");
+        assert_eq!(w.content_type, "application/apply-patch+yaml", "server-side apply: {w:?}");
+        assert_eq!(w.query.get("fieldManager").map(String::as_str), Some("weft-controller"), "{w:?}");
+        assert_eq!(w.query.get("force").map(String::as_str), Some("true"), "{w:?}");
+        assert!(w.path.contains("/namespaces/shop/"), "only in the Gateways' namespace: {w:?}");
+        assert!(w.status < 300, "{w:?}");
+    }
+    // The pods can start: their ServiceAccount and the ConfigMap exist before the Deployment.
+    let first = |path: &str| writes.iter().position(|w| w.path == path).unwrap_or_else(|| panic!("{path} not applied"));
+    assert!(first(&ca_root_path("shop")) < first(&deployment_path("shop", "waypoint")));
+    assert!(first(&service_account_path("shop", "waypoint")) < first(&deployment_path("shop", "waypoint")));
+
+    let account = server.applied(&service_account_path("shop", "waypoint")).unwrap();
+    assert_eq!(account["kind"], "ServiceAccount");
+    assert_eq!(account["metadata"]["ownerReferences"], json!([owner(&server, "shop", "waypoint")]));
+    assert_eq!(account["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"], "waypoint");
+
+    // One ConfigMap for the namespace: the controller's root, owned by both Gateways.
+    let ca = server.applied(&ca_root_path("shop")).unwrap();
+    assert_eq!(ca["data"]["root-cert.pem"], controller.root_pem(), "the mesh's trust bundle");
+    assert_eq!(
+        ca["metadata"]["ownerReferences"],
+        json!([owner(&server, "shop", "waypoint"), owner(&server, "shop", "waypoint-b")])
+    );
+
+    assert_eq!(waypoint["kind"], "Deployment");
+    assert_eq!(waypoint["metadata"]["ownerReferences"], json!([owner(&server, "shop", "waypoint")]));
+    assert_eq!(
+        waypoint["spec"]["selector"]["matchLabels"],
+        json!({"gateway.networking.k8s.io/gateway-name": "waypoint"})
+    );
+    let template = &waypoint["spec"]["template"];
+    assert_eq!(template["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"], "waypoint");
+    let pod = &template["spec"];
+    assert_eq!(pod["serviceAccountName"], "waypoint");
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], "registry.example.com/weft/waypoint:v1");
+    assert_eq!(
+        container["args"],
+        json!([
+            "--controller=weft-controller.weft-system.svc:15012",
+            "--controller-ca=/etc/weft/ca/root-cert.pem",
+            "--token-file=/var/run/secrets/weft/token",
+            "--namespace=shop",
+            "--name=waypoint"
+        ])
+    );
+    let token =
+        pod["volumes"].as_array().unwrap().iter().find_map(|v| v["projected"]["sources"][0].get("serviceAccountToken"));
+    assert_eq!(token.unwrap()["audience"], "weft-controller");
+    let b = deployed("waypoint-b").unwrap();
+    assert!(
+        b["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("--name=waypoint-b"))
+    );
+    assert!(controller.problems("shop/waypoint").await.is_empty());
+
+    // A Gateway deleted: its objects are the garbage collector's (owner references); the
+    // namespace's ConfigMap is now the remaining waypoint's alone.
+    let before = server.writes().len();
+    server.delete("Gateway", Some("shop"), "waypoint-b");
+    let remaining = json!([owner(&server, "shop", "waypoint")]);
+    eventually("the ConfigMap's owners to shrink", || {
+        server.applied(&ca_root_path("shop")).filter(|c| c["metadata"]["ownerReferences"] == remaining)
+    })
+    .await;
+    tokio::time::sleep(SETTLE).await;
+    let after: Vec<_> = server.writes().split_off(before);
+    assert!(after.iter().all(|w| w.method == "PATCH" && !w.path.ends_with("/waypoint-b")), "{after:#?}");
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_gateway_of_another_class_gets_nothing() {
+    let server = ApiServer::start().await;
+    for object in cluster().into_iter().filter(|o| o["kind"] != "Gateway") {
+        server.apply(object);
+    }
+    server.apply(gateway("shop", "ingress", "istio"));
+    let controller = Running::start(&server, "other-class").await;
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(server.writes().len(), 0, "{:#?}", server.writes());
+
+    // Of the waypoint class, it is deployed (so the silence above was not an accident)...
+    server.apply(gateway("shop", "ingress", "weft-waypoint"));
+    eventually("the Deployment", || server.applied(&deployment_path("shop", "ingress"))).await;
+    // ...and of another class again, nothing is deleted (another implementation may deploy
+    // a Deployment of the same name), nor applied any more.
+    server.apply(gateway("shop", "ingress", "istio"));
+    tokio::time::sleep(SETTLE).await;
+    let before = server.writes().len();
+    tokio::time::sleep(SETTLE).await;
+    let writes = server.writes();
+    assert_eq!(writes.len(), before, "{:#?}", &writes[before..]);
+    assert!(writes.iter().all(|w| w.method == "PATCH"), "{writes:#?}");
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_forbidden_namespace_is_reported_retried_with_backoff_then_deployed() {
+    let server = ApiServer::start().await;
+    server.forbid_writes("shop");
+    for object in cluster() {
+        server.apply(object);
+    }
+    let controller = Running::start(&server, "forbidden").await;
+
+    let refused = eventually("two refused attempts", || {
+        let refused: Vec<_> = server.writes().into_iter().filter(|w| w.status == 403).collect();
+        (refused.len() >= 2).then_some(refused)
+    })
+    .await;
+    // Retried after a backoff (1 s, then 2 s...), not in a loop.
+    let gap = refused[1].at.duration_since(refused[0].at);
+    assert!(gap >= Duration::from_millis(900), "retried after {gap:?}");
+
+    // Reported in /status, with what to do; the controller serves on.
+    let problems = eventually_async(|| controller.problems("shop/waypoint")).await;
+    let [problem] = problems.as_slice() else { panic!("{problems:#?}") };
+    assert!(
+        problem.starts_with(
+            "Gateway shop/waypoint: its waypoint is not deployed: the API server refused to apply ConfigMap \
+             shop/weft-ca-root (403 Forbidden)"
+        ),
+        "{problem}"
+    );
+    assert!(problem.contains("weft-waypoint-deployer") && problem.contains("RoleBinding in shop"), "{problem}");
+    let status = controller.status().await;
+    assert_eq!(status["ready"], true);
+    assert!(status["version"].as_u64().unwrap() > 1, "the model is served: {status}");
+
+    // The RoleBinding added: deployed at the next attempt, and the problem gone.
+    server.allow_writes("shop");
+    eventually("the Deployment", || server.applied(&deployment_path("shop", "waypoint"))).await;
+    let deadline = tokio::time::Instant::now() + EVENTUAL;
+    while !controller.problems("shop/waypoint").await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the problem stays listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_root_in_the_trust_bundle_is_written_to_the_ca_root() {
+    // Two more roots, as an operator rotating the CA would add them.
+    let other = TempDir::new("rotation-roots");
+    let root = |name: &str| {
+        let state_dir = other.path().join(name);
+        let config = AuthorityConfig::new("cluster.local", RootSource::Generated { state_dir: state_dir.clone() });
+        Authority::open(config).unwrap();
+        std::fs::read_to_string(state_dir.join("root-cert.pem")).unwrap()
+    };
+    let (b, c) = (root("b"), root("c"));
+    let extra = other.path().join("extra-roots.pem");
+    std::fs::write(&extra, &b).unwrap();
+
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let controller = Running::with_extra_roots(&server, "rotation", Some(extra.clone())).await;
+    let a = controller.root_pem();
+    let bundle = |expected: String| {
+        let server = &server;
+        move || server.applied(&ca_root_path("shop")).filter(|cm| cm["data"]["root-cert.pem"] == expected.as_str())
+    };
+    eventually("the first bundle", bundle(format!("{a}{b}"))).await;
+    std::fs::write(&extra, &c).unwrap();
+    eventually("the rotated bundle", bundle(format!("{a}{c}"))).await;
+    controller.stop().await;
+}
+
+/// Waits until `f` returns a non-empty list, for [`EVENTUAL`] at most.
+async fn eventually_async<T, F: Future<Output = Vec<T>>>(f: impl Fn() -> F) -> Vec<T> {
+    let deadline = tokio::time::Instant::now() + EVENTUAL;
+    loop {
+        let found = f().await;
+        if !found.is_empty() {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 // ---- TokenReview ----
 
 fn reviewer(server: &ApiServer) -> TokenReviewer {
@@ -595,15 +916,15 @@ async fn in_a_cluster_controller_tokens_and_service_account_tokens_both_work() {
     assert_eq!(server.reviews().len(), 1, "nor a forged one");
 }
 
-/// An API server faked at the HTTP level: enough of list, watch and TokenReview for the
-/// controller's client, with knobs for what real ones do (history compaction, bookmarks,
-/// restarts, kinds not served).
+/// An API server faked at the HTTP level: enough of list, watch, TokenReview and server-side
+/// apply for the controller's client, with knobs for what real ones do (history compaction,
+/// bookmarks, restarts, kinds not served, writes forbidden in a namespace).
 mod apiserver {
     use std::collections::{BTreeMap, BTreeSet, HashMap};
     use std::convert::Infallible;
     use std::net::SocketAddr;
     use std::sync::{Arc, Mutex};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use bytes::Bytes;
     use http_body_util::combinators::BoxBody;
@@ -663,6 +984,23 @@ mod apiserver {
         tokens: HashMap<String, (Vec<String>, Value)>,
         reviews: Vec<Value>,
         connections: Vec<JoinHandle<()>>,
+        /// Every write request (anything but GET and TokenReviews), in order.
+        writes: Vec<Write>,
+        /// Objects written by server-side apply, by their path.
+        applied: BTreeMap<String, Value>,
+        /// Namespaces where writes are refused with 403, as without a RoleBinding.
+        forbidden: BTreeSet<String>,
+    }
+
+    /// One write request as it arrived, and what it was answered.
+    #[derive(Debug, Clone)]
+    pub struct Write {
+        pub at: Instant,
+        pub method: String,
+        pub path: String,
+        pub query: HashMap<String, String>,
+        pub content_type: String,
+        pub status: u16,
     }
 
     struct Logged {
@@ -801,6 +1139,33 @@ mod apiserver {
         pub fn reviews(&self) -> Vec<Value> {
             self.state().reviews.clone()
         }
+
+        /// Refuses writes in `namespace` with 403, as RBAC does without a RoleBinding there.
+        pub fn forbid_writes(&self, namespace: &str) {
+            self.state().forbidden.insert(namespace.to_owned());
+        }
+
+        pub fn allow_writes(&self, namespace: &str) {
+            self.state().forbidden.remove(namespace);
+        }
+
+        /// Every write request so far.
+        pub fn writes(&self) -> Vec<Write> {
+            self.state().writes.clone()
+        }
+
+        /// The object applied at `path` (`/apis/apps/v1/namespaces/shop/deployments/waypoint`).
+        pub fn applied(&self, path: &str) -> Option<Value> {
+            self.state().applied.get(path).cloned()
+        }
+
+        /// The uid the server gave an object.
+        pub fn uid(&self, kind: &str, namespace: &str, name: &str) -> String {
+            let (plural, ..) = kind_of(kind);
+            let state = self.state();
+            let object = &state.objects[plural][&(namespace.to_owned(), name.to_owned())];
+            object["metadata"]["uid"].as_str().unwrap().to_owned()
+        }
     }
 
     impl Drop for ApiServer {
@@ -820,6 +1185,11 @@ mod apiserver {
             self.version += 1;
             object["metadata"]["resourceVersion"] = json!(self.version.to_string());
             let key = key(&object);
+            // Kept across updates, as the API server keeps an object's uid.
+            let uid = self.objects.get(plural).and_then(|o| o.get(&key)).map(|o| o["metadata"]["uid"].clone());
+            if object["metadata"].get("uid").is_none() {
+                object["metadata"]["uid"] = uid.unwrap_or_else(|| json!(format!("uid-{plural}-{}", self.version)));
+            }
             let objects = self.objects.entry(plural).or_default();
             let kind = if objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
             objects.insert(key, object.clone());
@@ -913,6 +1283,24 @@ mod apiserver {
             let review: Value = serde_json::from_slice(&body).unwrap();
             return token_review(&mut state.lock().unwrap(), review);
         }
+        if req.method() != Method::GET {
+            let method = req.method().to_string();
+            let content_type =
+                req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let mut state = state.lock().unwrap();
+            let response = write(&mut state, &method, &path, &query, &content_type, &body);
+            state.writes.push(Write {
+                at: Instant::now(),
+                method,
+                path,
+                query,
+                content_type,
+                status: response.status().as_u16(),
+            });
+            return response;
+        }
         let mut state = state.lock().unwrap();
         if let Some(name) = path.strip_prefix("/api/v1/namespaces/weft-system/pods/") {
             let key = ("weft-system".to_owned(), name.to_owned());
@@ -975,6 +1363,53 @@ mod apiserver {
             }
         });
         Response::new(body.boxed())
+    }
+
+    /// Server-side apply (`PATCH` with `application/apply-patch+yaml`) of a namespaced object,
+    /// as far as the controller uses it: the object stored as applied, with a uid and a
+    /// resourceVersion; `201` when it is new. Anything else is refused.
+    fn write(
+        state: &mut State,
+        method: &str,
+        path: &str,
+        query: &HashMap<String, String>,
+        content_type: &str,
+        body: &Value,
+    ) -> Response<Body> {
+        // /api/v1/namespaces/<ns>/<plural>/<name> or /apis/<group>/<version>/namespaces/...
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let at = parts.iter().position(|p| *p == "namespaces");
+        let (Some(at), "PATCH") = (at, method) else {
+            return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", &format!("{method} {path}"));
+        };
+        let [namespace, plural, name] = parts[at + 1..] else {
+            return status(StatusCode::NOT_FOUND, "NotFound", &format!("no such object {path}"));
+        };
+        if state.forbidden.contains(namespace) {
+            let message = format!(
+                "{plural} \"{name}\" is forbidden: User \"system:serviceaccount:weft-system:weft-controller\" cannot \
+                 patch resource \"{plural}\" in the namespace \"{namespace}\""
+            );
+            return status(StatusCode::FORBIDDEN, "Forbidden", &message);
+        }
+        if content_type != "application/apply-patch+yaml" {
+            return status(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", content_type);
+        }
+        if query.get("fieldManager").is_none_or(|m| m.is_empty()) {
+            return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "fieldManager is required for apply requests");
+        }
+        if body["metadata"]["name"] != name || body["metadata"]["namespace"].as_str().is_some_and(|n| n != namespace) {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "the name of the object does not match the request");
+        }
+        state.version += 1;
+        let mut object = body.clone();
+        let uid = state.applied.get(path).map(|o| o["metadata"]["uid"].clone());
+        let created = uid.is_none();
+        object["metadata"]["uid"] = uid.unwrap_or_else(|| json!(format!("uid-applied-{}", state.version)));
+        object["metadata"]["namespace"] = json!(namespace);
+        object["metadata"]["resourceVersion"] = json!(state.version.to_string());
+        state.applied.insert(path.to_owned(), object.clone());
+        full(if created { StatusCode::CREATED } else { StatusCode::OK }, object)
     }
 
     /// Answers as the API server does: authenticated only for an audience both the token
