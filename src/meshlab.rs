@@ -357,19 +357,7 @@ impl MeshLab {
     /// The credential of service account `<namespace>/<name>` (a waypoint's), made with the
     /// controller's tooling on first use.
     pub fn service_account_token_file(&self, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
-        let path = self.dir.join(format!("sa-{namespace}-{name}.token"));
-        if !path.exists() {
-            let out = Command::new(&self.weft)
-                .args(["controller", "token", "--service-account", &format!("{namespace}/{name}"), "--state-dir"])
-                .arg(self.controller_state_dir())
-                .output()
-                .context("running weft controller token")?;
-            if !out.status.success() {
-                bail!("weft controller token: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            std::fs::write(&path, &out.stdout)?;
-        }
-        Ok(path)
+        self.token_file(&format!("sa-{namespace}-{name}.token"), &["--service-account", &format!("{namespace}/{name}")])
     }
 
     /// Starts `weft waypoint` in `pod` for the Gateway `<namespace of the pod>/<gateway>`
@@ -644,10 +632,18 @@ impl MeshLab {
 
     /// The credential of node `i` (made with the controller's tooling on first use).
     pub fn node_token_file(&self, i: usize) -> anyhow::Result<PathBuf> {
-        let path = self.dir.join(format!("{}.token", Self::node_name(i)));
+        self.token_file(&format!("{}.token", Self::node_name(i)), &["--node", &Self::node_name(i)])
+    }
+
+    /// A token the controller's tooling makes (`weft controller token <holder>`), kept in
+    /// `file` of the lab's directory once made.
+    fn token_file(&self, file: &str, holder: &[&str]) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(file);
         if !path.exists() {
             let out = Command::new(&self.weft)
-                .args(["controller", "token", "--node", &Self::node_name(i), "--state-dir"])
+                .args(["controller", "token"])
+                .args(holder)
+                .arg("--state-dir")
                 .arg(self.controller_state_dir())
                 .output()
                 .context("running weft controller token")?;

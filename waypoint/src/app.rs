@@ -114,8 +114,8 @@ pub async fn build(args: Args) -> anyhow::Result<Bound> {
     let ready = Arc::new(AtomicBool::new(true));
     let (servers, watch) = drain::channel();
     tokio::spawn(admin::serve(admin_l, admin_routes(waypoint.clone()), watch.clone()));
-    tokio::spawn(admin::serve(metrics_l, metrics_routes(metrics), watch.clone()));
-    tokio::spawn(admin::serve(ready_l, readiness_routes(ready.clone()), watch));
+    tokio::spawn(admin::serve(metrics_l, admin::openmetrics_routes(move || metrics.encode()), watch.clone()));
+    tokio::spawn(admin::serve(ready_l, admin::readiness_routes(ready.clone()), watch));
     Ok(Bound {
         hbone_addr: addrs.0,
         admin_addr: addrs.1,
@@ -149,29 +149,6 @@ fn admin_routes(waypoint: Arc<Waypoint>) -> Routes {
         let reply = match call.path {
             "/config_dump" => Reply::json(waypoint.config_dump()),
             _ => Reply::text(StatusCode::NOT_FOUND, "try /config_dump\n"),
-        };
-        Box::pin(async move { reply })
-    })
-}
-
-fn metrics_routes(metrics: Arc<Metrics>) -> Routes {
-    Arc::new(move |call: Call<'_>| {
-        let body = (call.path == "/metrics").then(|| metrics.encode());
-        Box::pin(async move {
-            match body {
-                Some(b) => Reply { status: StatusCode::OK, content_type: crate::metrics::CONTENT_TYPE, body: b },
-                None => Reply::text(StatusCode::NOT_FOUND, "try /metrics\n"),
-            }
-        })
-    })
-}
-
-fn readiness_routes(ready: Arc<AtomicBool>) -> Routes {
-    Arc::new(move |call: Call<'_>| {
-        let reply = match (call.path, ready.load(Ordering::Acquire)) {
-            ("/healthz/ready", true) => Reply::text(StatusCode::OK, "ready\n"),
-            ("/healthz/ready", false) => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-            _ => Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n"),
         };
         Box::pin(async move { reply })
     })

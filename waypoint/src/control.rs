@@ -3,19 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hbone::TrustStore;
 use meshapi::watch::{Ack, Change, Cursor, Message};
 use meshapi::{Key, Resource};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use ztunnel::control::client::Client;
 use ztunnel::state::StateStore;
-
-/// Three missed heartbeats mean the stream is dead even if TCP has not noticed.
-const STREAM_IDLE: Duration = Duration::from_secs(45);
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub struct Watcher {
     pub client: Arc<Client>,
@@ -39,34 +33,12 @@ impl Watcher {
 
     /// Subscribes and applies, forever (aborted at shutdown).
     pub async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            match self.client.watch(Some(&self.cursor)).await {
-                Ok(mut lines) => {
-                    info!(since = ?self.cursor, "subscribed to the controller");
-                    backoff = BACKOFF_MIN;
-                    loop {
-                        let line = match tokio::time::timeout(STREAM_IDLE, lines.next()).await {
-                            Ok(Ok(Some(line))) => line,
-                            Ok(Ok(None)) => break warn!("the controller closed the watch stream; resubscribing"),
-                            Ok(Err(e)) => break warn!(error = %e, "watch stream failed; resubscribing"),
-                            Err(_) => break warn!(idle = ?STREAM_IDLE, "watch stream silent; resubscribing"),
-                        };
-                        if let Err(e) = self.apply_line(&line).await {
-                            warn!(error = %e, "watch stream out of order; resubscribing for a snapshot");
-                            self.cursor = Cursor::default();
-                            break;
-                        }
-                    }
-                }
-                Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot subscribe to the controller"),
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+        let client = self.client.clone();
+        ztunnel::control::follow(&client, &mut self).await
     }
 
-    async fn apply_line(&mut self, line: &str) -> Result<(), meshapi::watch::WatchError> {
+    /// Decodes, checks and applies one message; acknowledges it.
+    async fn apply(&mut self, line: &str) -> Result<(), meshapi::watch::WatchError> {
         let message = Message::decode(line)?;
         let mut next = self.cursor.clone();
         next.advance(&message)?;
@@ -100,5 +72,22 @@ impl Watcher {
             self.synced.send_replace(true);
         }
         Ok(())
+    }
+}
+
+impl ztunnel::control::Follower for Watcher {
+    fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
+    fn reset(&mut self) {
+        self.cursor = Cursor::default();
+    }
+
+    fn apply_line(
+        &mut self,
+        line: &str,
+    ) -> impl std::future::Future<Output = Result<(), meshapi::watch::WatchError>> + Send {
+        self.apply(line)
     }
 }

@@ -708,13 +708,7 @@ async fn route_and_forward(
             None => {
                 // This attempt timed out: retried like a failure if the overall deadline allows.
                 last = Some(local(StatusCode::GATEWAY_TIMEOUT, Flag::Timeout, record, "upstream request timeout"));
-                if waypoint.balancer.record(endpoint.target, true) {
-                    waypoint
-                        .metrics
-                        .ejections
-                        .get_or_create(&ServiceLabels { destination_service: record.service.to_string() })
-                        .inc();
-                }
+                failed(waypoint, endpoint.target, record);
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
@@ -722,13 +716,7 @@ async fn route_and_forward(
             Some(Err(e)) => {
                 let connect = e.is_connect();
                 warn_once(&e);
-                if waypoint.balancer.record(endpoint.target, true) {
-                    waypoint
-                        .metrics
-                        .ejections
-                        .get_or_create(&ServiceLabels { destination_service: record.service.to_string() })
-                        .inc();
-                }
+                failed(waypoint, endpoint.target, record);
                 last = Some(if connect {
                     local(StatusCode::SERVICE_UNAVAILABLE, Flag::ConnectFailure, record, "upstream connect error")
                 } else {
@@ -866,6 +854,17 @@ fn mirror(
                 let _ = response.into_body().collect().await;
             }
         });
+    }
+}
+
+/// Records a failed attempt on `target` with the balancer, counting an ejection it causes.
+fn failed(waypoint: &Waypoint, target: SocketAddr, record: &Record) {
+    if waypoint.balancer.record(target, true) {
+        waypoint
+            .metrics
+            .ejections
+            .get_or_create(&ServiceLabels { destination_service: record.service.to_string() })
+            .inc();
     }
 }
 

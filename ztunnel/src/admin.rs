@@ -158,3 +158,29 @@ pub async fn config_dump(proxy: &Proxy, manager: &Manager) -> String {
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
+
+/// `GET /metrics`: what `encode` writes, as OpenMetrics text (served under its own content
+/// type: under the classic Prometheus one, counters read as untyped).
+pub fn openmetrics_routes(encode: impl Fn() -> String + Send + Sync + 'static) -> Routes {
+    Arc::new(move |call: Call<'_>| {
+        let body = (call.path == "/metrics").then(&encode);
+        Box::pin(async move {
+            match body {
+                Some(b) => Reply { status: StatusCode::OK, content_type: crate::metrics::CONTENT_TYPE, body: b },
+                None => Reply::text(StatusCode::NOT_FOUND, "try /metrics\n"),
+            }
+        })
+    })
+}
+
+/// `GET /healthz/ready`: `200` while `ready` holds, `503` once it is cleared (draining).
+pub fn readiness_routes(ready: Arc<std::sync::atomic::AtomicBool>) -> Routes {
+    Arc::new(move |call: Call<'_>| {
+        let reply = match (call.path, ready.load(std::sync::atomic::Ordering::Acquire)) {
+            ("/healthz/ready", true) => Reply::text(StatusCode::OK, "ready\n"),
+            ("/healthz/ready", false) => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            _ => Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n"),
+        };
+        Box::pin(async move { reply })
+    })
+}

@@ -192,7 +192,7 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     // The servers stop on `servers`' drain; the loops below are aborted at shutdown.
     tokio::spawn(admin::serve(admin_l, admin_routes(proxy.clone(), manager.clone(), log_control), watch.clone()));
     tokio::spawn(admin::serve(metrics_l, metrics_routes(metrics.clone()), watch.clone()));
-    tokio::spawn(admin::serve(ready_l, readiness_routes(ready.clone()), watch.clone()));
+    tokio::spawn(admin::serve(ready_l, admin::readiness_routes(ready.clone()), watch.clone()));
     // Renew certificates at half-life.
     let renew_proxy = proxy.clone();
     let every = (config.cert_ttl / 8).clamp(Duration::from_secs(1), Duration::from_secs(300));
@@ -341,27 +341,7 @@ fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
 }
 
 fn metrics_routes(metrics: Arc<Metrics>) -> Routes {
-    Arc::new(move |call: Call<'_>| {
-        let body = (call.path == "/metrics").then(|| metrics.encode());
-        Box::pin(async move {
-            match body {
-                // The encoder writes OpenMetrics: say so, or counters read as untyped.
-                Some(b) => Reply { status: StatusCode::OK, content_type: crate::metrics::CONTENT_TYPE, body: b },
-                None => Reply::text(StatusCode::NOT_FOUND, "try /metrics\n"),
-            }
-        })
-    })
-}
-
-fn readiness_routes(ready: Arc<AtomicBool>) -> Routes {
-    Arc::new(move |call: Call<'_>| {
-        let reply = match (call.path, ready.load(Ordering::Acquire)) {
-            ("/healthz/ready", true) => Reply::text(StatusCode::OK, "ready\n"),
-            ("/healthz/ready", false) => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-            _ => Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n"),
-        };
-        Box::pin(async move { reply })
-    })
+    admin::openmetrics_routes(move || metrics.encode())
 }
 
 fn admin_routes(proxy: Arc<Proxy>, manager: Arc<Manager>, log: Option<LogControl>) -> Routes {

@@ -19,6 +19,7 @@ pub mod client;
 pub mod persist;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,44 +75,8 @@ impl Watcher {
 
     /// Subscribes and applies, forever (the task is aborted at shutdown).
     pub async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            match self.client.watch(Some(&self.cursor)).await {
-                Ok(mut lines) => {
-                    info!(since = ?self.cursor, "subscribed to the controller");
-                    backoff = BACKOFF_MIN;
-                    loop {
-                        let line = match tokio::time::timeout(STREAM_IDLE, lines.next()).await {
-                            Ok(Ok(Some(line))) => line,
-                            Ok(Ok(None)) => {
-                                warn!("the controller closed the watch stream; resubscribing");
-                                break;
-                            }
-                            Ok(Err(e)) => {
-                                warn!(error = %e, "watch stream failed; resubscribing");
-                                break;
-                            }
-                            Err(_) => {
-                                warn!(idle = ?STREAM_IDLE, "watch stream silent; resubscribing");
-                                break;
-                            }
-                        };
-                        if let Err(e) = self.apply_line(&line).await {
-                            // The stream cannot be trusted past this point: start over with a
-                            // snapshot, keeping what is applied meanwhile.
-                            warn!(error = %e, "watch stream out of order; resubscribing for a snapshot");
-                            self.cursor = Cursor::default();
-                            break;
-                        }
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "cannot subscribe to the controller; serving the last applied configuration")
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+        let client = self.client.clone();
+        follow(&client, &mut self).await
     }
 
     /// Decodes, checks and applies one message; acknowledges and persists it.
@@ -173,6 +138,75 @@ impl Watcher {
             self.proxy.state.apply(changes);
         }
         Outcome { changes: n, rejected }
+    }
+}
+
+/// A proxy that applies the controller's watch stream (ztunnel's [`Watcher`], a waypoint's).
+pub trait Follower: Send {
+    /// Where the stream should resume (unset: a snapshot).
+    fn cursor(&self) -> &Cursor;
+    /// Forgets the cursor: the next subscription starts with a snapshot.
+    fn reset(&mut self);
+    /// Decodes, checks and applies one line of the stream.
+    fn apply_line(&mut self, line: &str) -> impl Future<Output = Result<(), meshapi::watch::WatchError>> + Send;
+}
+
+/// Subscribes for `follower` and hands it every line, forever: resubscribes (resuming from
+/// its cursor) when the stream ends, fails or goes silent past three heartbeats, with a
+/// backoff from 200 ms to 5 s while the controller cannot be reached, and with a snapshot
+/// when a line is out of order.
+pub async fn follow(client: &Client, follower: &mut impl Follower) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match client.watch(Some(follower.cursor())).await {
+            Ok(mut lines) => {
+                info!(since = ?follower.cursor(), "subscribed to the controller");
+                backoff = BACKOFF_MIN;
+                loop {
+                    let line = match tokio::time::timeout(STREAM_IDLE, lines.next()).await {
+                        Ok(Ok(Some(line))) => line,
+                        Ok(Ok(None)) => {
+                            warn!("the controller closed the watch stream; resubscribing");
+                            break;
+                        }
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "watch stream failed; resubscribing");
+                            break;
+                        }
+                        Err(_) => {
+                            warn!(idle = ?STREAM_IDLE, "watch stream silent; resubscribing");
+                            break;
+                        }
+                    };
+                    if let Err(e) = follower.apply_line(&line).await {
+                        // The stream cannot be trusted past this point: start over with a
+                        // snapshot, keeping what is applied meanwhile.
+                        warn!(error = %e, "watch stream out of order; resubscribing for a snapshot");
+                        follower.reset();
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "cannot subscribe to the controller; serving the last applied configuration")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+impl Follower for Watcher {
+    fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
+    fn reset(&mut self) {
+        self.cursor = Cursor::default();
+    }
+
+    fn apply_line(&mut self, line: &str) -> impl Future<Output = Result<(), meshapi::watch::WatchError>> + Send {
+        Watcher::apply_line(self, line)
     }
 }
 
