@@ -660,3 +660,23 @@ async fn a_slow_client_is_cut_off_and_an_oversized_head_refused() {
     let mut h1 = mesh.http1().await;
     assert_eq!(send1(&mut h1, get("/")).await.status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_of_another_protocol_is_forwarded_at_l4() {
+    let mesh = Mesh::start(Settings::default(), vec![canary(0, 100)]).await;
+    // `reviews-tcp` has the same pods behind a port with appProtocol tcp: the waypoint picks
+    // an endpoint and copies bytes; no route applies (the canary sends HTTP to v2 only).
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let mut tunnel = mesh.tunnel_to(std::net::SocketAddr::new(mesh.ip(210), SERVICE_PORT)).await;
+        tunnel.write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut answer)).await.expect("in time").unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        seen.insert(text.rsplit("\r\n").next().unwrap_or("").to_owned());
+    }
+    assert!(seen.len() > 1, "every connection went to {seen:?}: not balanced, or routed as HTTP");
+    let requests = mesh.waypoint.metrics.encode();
+    assert!(!requests.contains("istio_requests_total{"), "the waypoint parsed HTTP on an L4 port:\n{requests}");
+}

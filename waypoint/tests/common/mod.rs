@@ -215,12 +215,17 @@ impl Mesh {
 
     /// A new HBONE tunnel to the `reviews` service through the waypoint.
     pub async fn tunnel(&self) -> Tunnel {
+        self.tunnel_to(SocketAddr::new(self.ip(200), SERVICE_PORT)).await
+    }
+
+    /// A new HBONE tunnel through the waypoint to `target` (`reviews-tcp`: `ip(210)`).
+    pub async fn tunnel_to(&self, target: SocketAddr) -> Tunnel {
         let request = ConnectRequest {
             source: self.client_cert.clone(),
             source_ip: None,
             destination: self.waypoint_addr,
             expected: Arc::from([id("shop", "wp")]),
-            target: SocketAddr::new(self.ip(200), SERVICE_PORT),
+            target,
             forwarded_for: None,
             baggage: None,
             traceparent: None,
@@ -541,6 +546,10 @@ fn snapshot(prefix: [u8; 3], config: &Config) -> Snapshot {
         waypoint: waypoint.map(str::to_owned),
     };
     let mut services = vec![service("reviews".into(), 200, &[("app", "reviews")], Some("shop/wp"))];
+    // The same pods behind a port the waypoint forwards at L4.
+    let mut tcp = service("reviews-tcp".into(), 210, &[("app", "reviews")], Some("shop/wp"));
+    tcp.ports[0].app_protocol = Some("tcp".into());
+    services.push(tcp);
     for (version, vip) in VERSIONS.iter().zip(201u8..) {
         services.push(service(format!("reviews-{version}"), vip, &[("app", "reviews"), ("version", version)], None));
     }
