@@ -40,6 +40,9 @@
 //! deleting it would take that one down; the controller stops publishing the waypoint and
 //! forgets the objects.
 //!
+//! A Gateway in `weft-system`, one without a uid, or one whose name is longer than a label
+//! value (63 characters) is not deployed, and listed in `/status` with the reason.
+//!
 //! **Failures** (the namespace lacks the RoleBinding that lets the controller deploy there:
 //! `403`; the API server unreachable; an object it refuses) are logged with what to do,
 //! listed in `/status` as problems of the Gateway, and retried with backoff (1 s, doubling to
@@ -70,7 +73,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::WaypointSettings;
 use crate::source::{Event, Gateway, Object, ObjectKind, ObjectRef, Rejection};
-use crate::tokenreview::AUDIENCE;
+use crate::tokenreview::{AUDIENCE, ZTUNNEL_NAMESPACE};
 use crate::translate::{GATEWAY_NAME_LABEL, MESH_LABEL, WAYPOINT_CLASS};
 
 /// The field manager of every object the controller applies.
@@ -141,6 +144,14 @@ impl Waypoint {
         let (Some(namespace), Some(name)) = (meta.namespace.clone(), meta.name.clone()) else {
             return Err("it has no namespace or no name".to_owned());
         };
+        if namespace == ZTUNNEL_NAMESPACE {
+            // Its weft-ca-root is ztunnel's, made by the operator: owned by a Gateway, it would
+            // be garbage-collected with it.
+            return Err(format!(
+                "waypoints are not deployed in {ZTUNNEL_NAMESPACE}, whose ConfigMap {CA_ROOT_CONFIG_MAP} is ztunnel's; \
+                 put the Gateway in the namespace of the services it serves"
+            ));
+        }
         if name.len() > MAX_NAME {
             return Err(format!(
                 "its name is {} characters long; a waypoint's Gateway name is at most {MAX_NAME}: it is the value \
@@ -858,7 +869,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gateway_without_a_uid_or_with_a_long_name_is_not_deployed() {
+    fn a_gateway_without_a_uid_with_a_long_name_or_in_weft_system_is_not_deployed() {
         assert_eq!(Waypoint::from_gateway(&gateway("waypoint", Some("u-1"))), Ok(waypoint("waypoint", "u-1")));
         let err = Waypoint::from_gateway(&gateway("waypoint", None)).unwrap_err();
         assert!(err.contains("no metadata.uid"), "{err}");
@@ -866,6 +877,10 @@ mod tests {
         let err = Waypoint::from_gateway(&gateway(&long, Some("u-1"))).unwrap_err();
         assert!(err.contains("64 characters") && err.contains(GATEWAY_NAME_LABEL), "{err}");
         assert!(Waypoint::from_gateway(&gateway(&"w".repeat(63), Some("u-1"))).is_ok());
+        let mut system = gateway("waypoint", Some("u-1"));
+        system.metadata.namespace = Some("weft-system".into());
+        let err = Waypoint::from_gateway(&system).unwrap_err();
+        assert!(err.contains("not deployed in weft-system"), "{err}");
     }
 
     #[test]
