@@ -730,6 +730,65 @@ async fn a_new_root_in_the_trust_bundle_is_written_to_the_ca_root() {
     controller.stop().await;
 }
 
+#[tokio::test]
+async fn the_applied_objects_pass_the_kubernetes_schemas_the_manifests_are_checked_against() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let controller = Running::start(&server, "schemas").await;
+    let deployed = eventually("the Deployment", || server.applied(&deployment_path("shop", "waypoint"))).await;
+    let objects = [
+        server.applied(&service_account_path("shop", "waypoint")).unwrap(),
+        server.applied(&ca_root_path("shop")).unwrap(),
+        deployed,
+    ];
+    controller.stop().await;
+
+    // manifests/check/validate.py, as `manifests/check.sh` runs it: built-in kinds against the
+    // Kubernetes schemas, strictly (an unknown field is an error), and the wiring (the pods'
+    // ServiceAccount, volumes and probe port). The CRD goes along for the checks of its own.
+    let modules = "import jsonschema, yaml, kubernetes_validate";
+    match std::process::Command::new("python3").args(["-c", modules]).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            return skip_or_fail(&format!(
+                "python3 cannot import the manifests' checkers (pip install jsonschema PyYAML kubernetes-validate): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Err(e) => return skip_or_fail(&format!("python3 cannot be run ({e})")),
+    }
+    let dir = TempDir::new("schemas");
+    let file = dir.path().join("applied.yaml");
+    let docs: Vec<String> = objects.iter().map(|o| serde_json::to_string_pretty(o).unwrap()).collect();
+    std::fs::write(&file, docs.join("\n---\n")).unwrap();
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    let out = std::process::Command::new("python3")
+        .arg(manifests.join("check/validate.py"))
+        .arg(&file)
+        .arg(manifests.join("crds/authorizationpolicies.security.weft.dev.yaml"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    for object in ["ServiceAccount shop/waypoint", "ConfigMap shop/weft-ca-root", "Deployment shop/waypoint"] {
+        assert!(
+            report.lines().any(|l| l.starts_with(&format!("ok    {object} against Kubernetes"))),
+            "{object} not checked: {report}"
+        );
+    }
+    assert!(report.lines().any(|l| l.starts_with("ok    wiring:")), "{report}");
+}
+
+/// Without a tool: a loud failure under `CI=true`, a `SKIPPED` banner elsewhere.
+fn skip_or_fail(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}");
+    }
+    eprintln!("\n*** SKIPPED: {why} ***\n");
+}
+
 /// Waits until `f` returns a non-empty list, for [`EVENTUAL`] at most.
 async fn eventually_async<T, F: Future<Output = Vec<T>>>(f: impl Fn() -> F) -> Vec<T> {
     let deadline = tokio::time::Instant::now() + EVENTUAL;
