@@ -4,9 +4,9 @@
 //! ```text
 //! direct:   dclient ───────────────────────────────────────────────────────────► dserver:8080
 //! ztunnel:  mclient ─► ztunnel node-0 ══HBONE══► ztunnel node-1 ──────────────► mserver:8080
-//!           (service `plain`, no waypoint: VIP 10.96.0.50:80)
+//!           (service `plain`, no waypoint: VIP 10.96.0.60:80)
 //! waypoint: mclient ─► ztunnel node-0 ══HBONE══► waypoint (node 1) ══HBONE══► ztunnel node-1 ─► wserver:8080
-//!           (service `routed`, weft.dev/use-waypoint: wp, an HTTPRoute with one backend: VIP 10.96.0.51:80)
+//!           (service `routed`, weft.dev/use-waypoint: wp, an HTTPRoute with one backend: VIP 10.96.0.61:80)
 //! ```
 //!
 //! The waypoint's pod is on node 1, beside the server: the cross-node leg (node-0's ztunnel to
@@ -122,6 +122,7 @@ struct Settings {
     secs: u64,
     reps: usize,
     rates: Vec<u64>,
+    /// Client connections per 1,000 req/s of a fixed rate (at least this many).
     connections: u64,
     wrk_connections: u64,
     only: String,
@@ -153,6 +154,12 @@ impl Settings {
         }
     }
 
+    /// Connections for a fixed rate: each carries the same share of requests at every rate, so
+    /// a higher rate loads the proxies, not one connection's queue.
+    fn connections_for(&self, rate: u64) -> u64 {
+        (self.connections * rate / 1000).max(self.connections)
+    }
+
     fn part(&self, name: &str) -> bool {
         self.only.is_empty() || self.only.split(',').any(|p| p == name)
     }
@@ -177,6 +184,9 @@ struct FixedRun {
     vcpu: [f64; 3],
     /// The waypoint's highest VmRSS during the run (KiB).
     rss_peak: u64,
+    /// Tunnels the waypoint opened to the server's ztunnel during the run (its connections to
+    /// the endpoint: one per HTTP/2 endpoint, one per HTTP/1.1 request in flight at most).
+    upstream_tunnels: f64,
 }
 
 /// One closed-loop run.
@@ -238,7 +248,7 @@ impl Bench {
     fn run(mut self, settings: &Settings) {
         let (program, subcommand) = &self.waypoint_program;
         println!(
-            "waypoint lab benchmark: 2 nodes, {} cores, {} s per run, median of {}; fixed rates {:?} req/s over {} connections",
+            "waypoint lab benchmark: 2 nodes, {} cores, {} s per run, median of {}; fixed rates {:?} req/s, {} connections per 1,000 req/s",
             cores(),
             settings.secs,
             settings.reps,
@@ -288,7 +298,7 @@ impl Bench {
                                 proto,
                                 rate,
                                 settings.secs,
-                                settings.connections,
+                                settings.connections_for(rate),
                             ));
                         }
                     }
@@ -401,6 +411,17 @@ impl Bench {
         sum_metric(&text, "istio_requests_total", &[("destination_service_name", "routed")])
     }
 
+    /// Tunnels node-1's ztunnel has accepted from the waypoint so far.
+    fn upstream_tunnels(&self) -> f64 {
+        self.mesh
+            .metric(
+                1,
+                "istio_tcp_connections_opened_total",
+                &[("reporter", "destination"), ("source_workload", GATEWAY)],
+            )
+            .expect("node-1's ztunnel metrics")
+    }
+
     /// CPU seconds so far of the waypoint, ztunnel node-0 and ztunnel node-1.
     fn cpu(&self) -> [f64; 3] {
         let pids = [self.waypoint_pid(), self.mesh.ztunnel(0).pid(), self.mesh.ztunnel(1).pid()];
@@ -424,6 +445,7 @@ impl Bench {
         };
         cmd.arg(self.url(route));
         let counted_before = self.waypoint_requests();
+        let tunnels_before = self.upstream_tunnels();
         let cpu_before = self.cpu();
         let pid = self.waypoint_pid();
         let done = AtomicBool::new(false);
@@ -473,9 +495,10 @@ impl Bench {
         let elapsed = h2load_seconds(&stdout).unwrap_or(wall);
         let (p50, p99) = percentiles(&mut latencies);
         let vcpu = [0, 1, 2].map(|i| (cpu_after[i] - cpu_before[i]) / wall);
-        let run = FixedRun { p50, p99, achieved: total as f64 / elapsed, vcpu, rss_peak };
+        let upstream_tunnels = self.upstream_tunnels() - tunnels_before;
+        let run = FixedRun { p50, p99, achieved: total as f64 / elapsed, vcpu, rss_peak, upstream_tunnels };
         eprintln!(
-            "  {:<8} {:<8} at {rate}/s: p50 {:.0} µs p99 {:.0} µs, {:.0} req/s; vCPU waypoint {:.3} ztunnels {:.3}/{:.3}; waypoint RSS peak {} KiB",
+            "  {:<8} {:<8} at {rate}/s: p50 {:.0} µs p99 {:.0} µs, {:.0} req/s; vCPU waypoint {:.3} ztunnels {:.3}/{:.3}; waypoint RSS peak {} KiB, {} upstream tunnels",
             route.name(),
             proto.name(),
             run.p50,
@@ -484,7 +507,8 @@ impl Bench {
             run.vcpu[0],
             run.vcpu[1],
             run.vcpu[2],
-            run.rss_peak
+            run.rss_peak,
+            run.upstream_tunnels
         );
         run
     }
@@ -644,21 +668,23 @@ fn report(
             "\nresources at a fixed rate (vCPU per 1,000 req/s = CPU seconds / wall seconds / (achieved rate / 1,000); median of runs)"
         );
         println!(
-            "{:<22} {:>14} {:>22} {:>22} {:>18}",
-            "", "waypoint", "both ztunnels, wp path", "both ztunnels, zt path", "waypoint RSS peak"
+            "{:<22} {:>14} {:>22} {:>22} {:>18} {:>17}",
+            "", "waypoint", "both ztunnels, wp path", "both ztunnels, zt path", "waypoint RSS peak", "upstream tunnels"
         );
         for (rate, proto, runs) in fixed {
             let per_k = |i: usize, f: fn(&FixedRun) -> f64| {
                 median(&mut runs[i].iter().map(|r| f(r) / (r.achieved / 1000.0)).collect::<Vec<_>>())
             };
             let peak = median(&mut runs[2].iter().map(|r| r.rss_peak as f64).collect::<Vec<_>>());
+            let tunnels = median(&mut runs[2].iter().map(|r| r.upstream_tunnels).collect::<Vec<_>>());
             println!(
-                "{:<22} {:>14.4} {:>22.4} {:>22.4} {:>14.1} MiB",
+                "{:<22} {:>14.4} {:>22.4} {:>22.4} {:>14.1} MiB {:>17.0}",
                 format!("{} at {rate}/s", proto.name()),
                 per_k(2, |r| r.vcpu[0]),
                 per_k(2, |r| r.vcpu[1] + r.vcpu[2]),
                 per_k(1, |r| r.vcpu[1] + r.vcpu[2]),
-                peak / 1024.0
+                peak / 1024.0,
+                tunnels
             );
         }
         let achieved: Vec<String> = fixed
