@@ -124,8 +124,13 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         balancer: Balancer::default(),
         hbone: hbone_config,
     });
-    let manager =
-        Arc::new(Manager::new(proxy.clone(), config.proc_root.clone(), config.nft.clone(), config.drain_deadline));
+    let manager = Arc::new(Manager::new(
+        proxy.clone(),
+        config.proc_root.clone(),
+        config.nft.clone(),
+        config.drain_deadline,
+        config.probe_snat,
+    ));
 
     let mut loops = Vec::new();
     let pending = match plane {

@@ -1,7 +1,7 @@
 //! ztunnel's configuration: one typed struct, built from flags or environment variables
 //! (names below), with defaults that say why.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +21,17 @@ pub const BYPASS_MARK: u32 = 0x5746;
 
 /// The nftables table ztunnel owns inside each enrolled pod's namespace.
 pub const NFT_TABLE: &str = "weft";
+
+/// The nftables table ztunnel owns in its own network namespace, the node's (the host
+/// network on Kubernetes): the probe SNAT (`inpod::probes`).
+pub const NODE_NFT_TABLE: &str = "weft-node";
+
+/// The source address the node's own TCP connections to enrolled pods (kubelet's probes) are
+/// given, so that the pods' capture rules can let them through to the app. Istio's: a
+/// link-local address no pod or node holds, so it stands for "this pod's node" only.
+pub const PROBE_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
+/// The same for IPv6 pod addresses (Istio's too): a unique-local address no one holds.
+pub const PROBE_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff);
 
 /// Where the cluster view comes from, as the settings chose it.
 #[derive(Debug, Clone)]
@@ -134,6 +145,15 @@ pub struct Config {
     /// The `nft` program that installs capture rules.
     #[arg(long, env = "WEFT_NFT", default_value = "nft")]
     pub nft: PathBuf,
+
+    /// Let kubelet's probes through to enrolled pods (ARCHITECTURE §8.2): the node's own TCP
+    /// connections to them are given the source 169.254.7.127 by a table in ztunnel's (the
+    /// node's) network namespace, and the pods' capture rules pass that source to the app
+    /// untouched. On by default: without it, HTTP, TCP and gRPC probes of STRICT pods (or of
+    /// pods under an ALLOW policy) are refused, and those pods never become ready.
+    #[arg(long, env = "WEFT_PROBE_SNAT", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub probe_snat: bool,
 
     /// TLS handshakes in progress on port 15008 across every pod before new HBONE connections
     /// are closed unread (refused as `handshake_limit`). 512: a slow-handshake flood holds at
@@ -271,6 +291,16 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         let base = ["ztunnel", "--node", "n1"];
         Cli::try_parse_from(base.iter().chain(args)).map(|c| c.config)
+    }
+
+    #[test]
+    fn probe_snat_is_on_unless_turned_off() {
+        assert!(parse(&[]).unwrap().probe_snat);
+        assert!(parse(&["--probe-snat"]).unwrap().probe_snat);
+        assert!(!parse(&["--probe-snat=false"]).unwrap().probe_snat);
+        assert!(!parse(&["--probe-snat", "false"]).unwrap().probe_snat);
+        let err = parse(&["--probe-snat=maybe"]).expect_err("a value that is no boolean is refused").to_string();
+        assert!(err.contains("--probe-snat"), "the error names the setting: {err}");
     }
 
     /// The flags' defaults are the library's: one number, written once.

@@ -7,8 +7,12 @@
 //! rules first, then the listeners stop accepting while their connections finish.
 //!
 //! A pod whose namespace cannot be found yet (not started) is retried on every reconcile.
+//!
+//! The probe SNAT's sets ([`crate::inpod::probes`]) follow the captured pods: a pod's
+//! addresses are added before its rules go in, and every change ends with the sets equal to
+//! the captured pods' addresses. A failure there is logged and never stops an enrollment.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,9 +21,10 @@ use std::time::Duration;
 use hbone::{Server, drain};
 use meshapi::node::{NodeRequest, NodeResponse};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::inpod::probes::{self, ProbeSnat};
 use crate::inpod::{Netns, rules, scan, socket};
 use crate::proxy::inbound::Inbound;
 use crate::proxy::{self, PodInfo, Proxy, outbound, plaintext};
@@ -58,6 +63,8 @@ pub struct Manager {
     proc_root: PathBuf,
     nft: PathBuf,
     drain_deadline: Duration,
+    /// The node table that lets kubelet's probes through the pods' rules.
+    probes: Arc<ProbeSnat>,
     pods: tokio::sync::Mutex<HashMap<String, Enrolled>>,
     /// Pods that should be enrolled but are not yet (their namespace not found, or their
     /// certificate not obtained), as of the last reconcile.
@@ -68,10 +75,18 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(proxy: Arc<Proxy>, proc_root: PathBuf, nft: PathBuf, drain_deadline: Duration) -> Self {
+    /// `probe_snat` is `--probe-snat`: whether kubelet's probes are let through (§8.2).
+    pub fn new(
+        proxy: Arc<Proxy>,
+        proc_root: PathBuf,
+        nft: PathBuf,
+        drain_deadline: Duration,
+        probe_snat: bool,
+    ) -> Self {
         Manager {
             proxy,
             proc_root,
+            probes: Arc::new(ProbeSnat::new(nft.clone(), probe_snat)),
             nft,
             drain_deadline,
             pods: tokio::sync::Mutex::new(HashMap::new()),
@@ -105,6 +120,12 @@ impl Manager {
                 self.unenroll(e).await;
             }
         }
+        let joining: Vec<IpAddr> = desired
+            .iter()
+            .filter(|(uid, _)| !pods.contains_key(*uid))
+            .flat_map(|(_, ips)| ips.iter().copied())
+            .collect();
+        self.sync_probes(&pods, &joining).await;
         let mut pending = 0;
         for (uid, ips) in desired {
             if pods.contains_key(&uid) {
@@ -121,6 +142,7 @@ impl Manager {
                 }
             }
         }
+        self.sync_probes(&pods, &[]).await;
         self.proxy.metrics.enrolled_pods.set(pods.len() as i64);
         self.pending.store(pending, std::sync::atomic::Ordering::Release);
         self.proxy.certs.retain(|id| keep_ids.contains(id));
@@ -149,7 +171,8 @@ impl Manager {
 
     /// Stops accepting everywhere and lets connections finish within the drain deadline.
     /// The capture rules stay: pods remain captured (fail closed) until a ztunnel serves them
-    /// again, which reinstalls the rules idempotently.
+    /// again, which reinstalls the rules idempotently. So does the probe SNAT: kubelet's probes
+    /// keep reaching the pods while ztunnel is away.
     pub async fn shutdown(&self) -> drain::Outcome {
         let pods: Vec<Enrolled> = self.pods.lock().await.drain().map(|(_, e)| e).collect();
         let deadline = self.drain_deadline;
@@ -177,10 +200,12 @@ impl Manager {
             NodeRequest::Del(pod) => {
                 let uid = format!("{}/{}", pod.namespace, pod.name);
                 self.handed.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
-                let removed = self.pods.lock().await.remove(&uid);
-                match removed {
+                let mut pods = self.pods.lock().await;
+                match pods.remove(&uid) {
                     Some(e) => {
                         self.unenroll(e).await;
+                        self.sync_probes(&pods, &[]).await;
+                        self.proxy.metrics.enrolled_pods.set(pods.len() as i64);
                         answer(true, "released".into())
                     }
                     None => answer(true, "not captured".into()),
@@ -241,15 +266,19 @@ impl Manager {
                     }
                     None => {}
                 }
-                match self.enroll(&uid, &ips).await {
+                self.sync_probes(&pods, &ips).await;
+                let enrolled = self.enroll(&uid, &ips).await;
+                let response = match enrolled {
                     Ok(e) => {
                         info!(pod = %uid, ?ips, netns = e.info.netns.inode(), "pod handed over by the runtime: traffic captured");
                         pods.insert(uid, e);
-                        self.proxy.metrics.enrolled_pods.set(pods.len() as i64);
                         answer(true, "captured".into())
                     }
                     Err(e) => answer(false, e.to_string()),
-                }
+                };
+                self.sync_probes(&pods, &[]).await;
+                self.proxy.metrics.enrolled_pods.set(pods.len() as i64);
+                response
             }
         }
     }
@@ -295,8 +324,8 @@ impl Manager {
         let plaintext_l = listen(INBOUND_PLAINTEXT_PORT)?;
         let hbone_l = listen(HBONE_PORT)?;
 
-        let (nft, rules_netns) = (self.nft.clone(), netns.clone());
-        tokio::task::spawn_blocking(move || rules::install(&nft, &rules_netns))
+        let (nft, rules_netns, probes) = (self.nft.clone(), netns.clone(), self.probes.pod_rules());
+        tokio::task::spawn_blocking(move || rules::install(&nft, &rules_netns, probes))
             .await
             .map_err(|e| EnrollError::Rules {
                 uid: uid.into(),
@@ -333,6 +362,31 @@ impl Manager {
             tokio::spawn(async move { server.serve(hbone_l, watch).await }),
         ];
         Ok(Enrolled { info, trigger, tasks })
+    }
+
+    /// Makes the probe SNAT's sets hold the addresses of the captured `pods` and `joining`
+    /// (pods about to be captured: their probes are let through before their rules go in).
+    async fn sync_probes(&self, pods: &HashMap<String, Enrolled>, joining: &[IpAddr]) {
+        let addresses: BTreeSet<IpAddr> =
+            pods.values().flat_map(|e| e.info.ips.iter().copied()).chain(joining.iter().copied()).collect();
+        let (snat, count) = (self.probes.clone(), addresses.len());
+        match tokio::task::spawn_blocking(move || snat.sync(&addresses)).await {
+            Ok(Ok(probes::Sync::Unchanged)) => {}
+            Ok(Ok(probes::Sync::Installed)) => {
+                info!(addresses = count, "kubelet probe SNAT installed in ztunnel's network namespace")
+            }
+            Ok(Ok(probes::Sync::Updated)) => debug!(addresses = count, "kubelet probe SNAT updated"),
+            Ok(Ok(probes::Sync::Removed)) => {
+                info!("kubelet probe SNAT off (--probe-snat=false): node table removed; probes are captured")
+            }
+            Ok(Err(error)) => warn!(
+                %error,
+                "kubelet probe SNAT not updated: probes of the pods captured since are refused if they are STRICT \
+                 (or under an ALLOW policy); check that nft runs in ztunnel's network namespace with NET_ADMIN, \
+                 or run with --probe-snat=false and keep probed pods PERMISSIVE; retried at the next change"
+            ),
+            Err(error) => warn!(%error, "kubelet probe SNAT not updated; retried at the next change"),
+        }
     }
 
     async fn unenroll(&self, e: Enrolled) {
