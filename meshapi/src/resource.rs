@@ -245,8 +245,10 @@ httpRoutes:
         let snapshot = Snapshot::from_yaml(DOC).unwrap();
         let broken = Resource::Authorization(snapshot.authorizations[2].clone());
         let back = Resource::from_wire(serde_json::from_str(&broken.encode()).unwrap()).unwrap();
+        assert_eq!(back, broken, "the same policy, its reason as first written");
         let Resource::Authorization(a) = back else { panic!() };
         assert!(a.broken.is_some(), "a policy that failed closed must still fail closed after the wire");
+        assert!(a.broken.unwrap().starts_with("authorizations[2]"), "the reason names the field where it was read");
     }
 
     #[test]

@@ -400,8 +400,10 @@ impl RawAuthorization {
             _ => PolicyScope::Namespace,
         };
         // Values inside rules that cannot be understood do not reject the document: the
-        // policy is kept, marked broken, and fails closed (see `Authorization::broken`).
-        let mut broken = None;
+        // policy is kept, marked broken, and fails closed (see `Authorization::broken`). A
+        // reason already carried (the wire form of a policy read before) is kept as it was
+        // first written, so that reading a resource back gives the same resource.
+        let mut broken = self.broken;
         let mut rules = Vec::with_capacity(self.rules.len());
         for (r, raw) in self.rules.into_iter().enumerate() {
             let mut rule = Rule { from: Vec::new(), ports: raw.ports, to: Vec::new() };
@@ -449,9 +451,6 @@ impl RawAuthorization {
                 rule.from.push(source);
             }
             rules.push(rule);
-        }
-        if let Some(why) = self.broken {
-            broken.get_or_insert(why);
         }
         Ok(Authorization { name: self.name, namespace: self.namespace, scope, action, rules, broken })
     }
