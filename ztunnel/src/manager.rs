@@ -252,8 +252,11 @@ impl Manager {
                     }
                 };
                 let inode = netns.inode();
-                self.handed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), netns);
+                // The namespace is recorded only under the pods' lock: a reconcile (which holds
+                // that lock throughout) then either ran before and could not find the pod, or
+                // runs after and finds it captured; the capture is always this request's.
                 let mut pods = self.pods.lock().await;
+                self.handed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), netns);
                 match pods.get(&uid) {
                     Some(e) if e.info.netns.inode() == inode => return answer(true, "captured".into()),
                     // A new sandbox of a pod still held (its DEL did not reach this ztunnel):
