@@ -47,7 +47,8 @@ pub enum App {
         /// Percent of requests answered 503 (0 to 100).
         #[arg(long, default_value_t = 0)]
         fail_percent: u32,
-        /// Print `request <method> <path>` for each request (tests look for what the app saw).
+        /// Print `request <method> <path> from <client address>` for each request (tests look
+        /// for what the app saw, and from where).
         #[arg(long)]
         log_requests: bool,
     },
@@ -72,14 +73,14 @@ async fn web(port: u16, name: String, fail_percent: u32, log_requests: bool) -> 
     let name: Arc<str> = Arc::from(format!("{name}\n"));
     let count = Arc::new(AtomicU32::new(0));
     loop {
-        let (tcp, _) = listener.accept().await?;
+        let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
         let (name, count) = (name.clone(), count.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let n = count.fetch_add(1, Ordering::Relaxed);
                 if log_requests {
-                    println!("request {} {}", req.method(), req.uri().path());
+                    println!("request {} {} from {peer}", req.method(), req.uri().path());
                 }
                 // Spread evenly: at 50, every other request fails.
                 let failing =
