@@ -19,11 +19,13 @@ use crate::auth::{Authenticator, Tokens};
 use crate::ca::Authority;
 use crate::config::{Config, SourceSetting};
 use crate::deploy::Deployer;
+use crate::leader::{Election, Leading, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::server::{self, Api};
 use crate::source::dir::DirSource;
 use crate::source::kube::{KubeSource, client as kube_client};
 use crate::source::{ObjectSource, Rejection};
+use crate::status::StatusWriter;
 use crate::store::Store;
 use crate::tokenreview::{KubernetesAuth, TokenReviewer};
 use crate::translate::Translator;
@@ -35,6 +37,9 @@ pub struct Bound {
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub store: Arc<Store>,
+    /// On Kubernetes with leader election: this replica's campaign.
+    election: Option<Election>,
+    leading: Leading,
     servers: drain::Trigger,
     stop: Arc<AtomicBool>,
     source: Option<std::thread::JoinHandle<()>>,
@@ -75,8 +80,8 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
     // The cluster: a directory, or the Kubernetes API, which then also reviews proxies'
     // service-account tokens and is where waypoints are deployed. The Kubernetes source
     // returns once every kind is listed.
-    type Read = (Box<dyn ObjectSource>, Arc<dyn Authenticator>, Option<Deployer>);
-    let (cluster, authenticator, deployer): Read = match cluster {
+    type Read = (Box<dyn ObjectSource>, Arc<dyn Authenticator>, Option<Writers>);
+    let (cluster, authenticator, writers): Read = match cluster {
         Cluster::Dir(dir) => (Box::new(DirSource::new(dir)), Arc::new(tokens), None),
         Cluster::Kubernetes(client) => {
             let host = config.waypoints.controller_host();
@@ -89,10 +94,17 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
                 );
             }
             let cluster = KubeSource::start(client.clone()).await;
-            let deployer = Deployer::start(client.clone(), config.waypoints.clone());
+            let election = config.election.enabled.then(|| Election::start(client.clone(), lease_settings(&config)));
+            let leading = election.as_ref().map_or_else(Leading::always, Election::leading);
+            let deployer = Deployer::start(client.clone(), config.waypoints.clone(), leading.clone());
+            let status = StatusWriter::start(client.clone(), leading.clone(), deployer.outcomes());
             let auth = KubernetesAuth { tokens, reviewer: TokenReviewer::new(client) };
-            (Box::new(cluster), Arc::new(auth), Some(deployer))
+            (Box::new(cluster), Arc::new(auth), Some(Writers { election, leading, deployer, status }))
         }
+    };
+    let (election, leading, deployer, status) = match writers {
+        Some(w) => (w.election, w.leading, Some(w.deployer), Some(w.status)),
+        None => (None, Leading::always(), None, None),
     };
     // The first scan runs before the servers answer, so the first subscriber already gets
     // the cluster rather than an empty snapshot.
@@ -101,6 +113,7 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
         server_names: config.server_names.clone(),
         cluster,
         deployer,
+        status,
         translator: Translator::new(),
         store: store.clone(),
         authority: authority.clone(),
@@ -156,13 +169,71 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
         })
         .context("starting the source thread")?;
     info!(source = %config.source(), version = store.version(), "controller ready");
-    Ok(Bound { api_addr, admin_addr, metrics_addr, readiness_addr, store, servers, stop, source: Some(thread) })
+    Ok(Bound {
+        api_addr,
+        admin_addr,
+        metrics_addr,
+        readiness_addr,
+        store,
+        election,
+        leading,
+        servers,
+        stop,
+        source: Some(thread),
+    })
+}
+
+/// What writes to the Kubernetes API, and whether it may.
+struct Writers {
+    election: Option<Election>,
+    leading: Leading,
+    deployer: Deployer,
+    status: StatusWriter,
+}
+
+/// The Lease this replica campaigns for, named after its pod (or host) and this start.
+fn lease_settings(config: &Config) -> LeaseSettings {
+    let election = &config.election;
+    let name = election.identity.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "controller".to_owned())
+    });
+    LeaseSettings {
+        namespace: election.namespace.clone(),
+        identity: format!("{name}_{}", epoch()),
+        duration: election.lease_duration,
+        renew_deadline: election.renew_deadline.min(election.lease_duration),
+        retry: election.retry_period,
+    }
 }
 
 impl Bound {
-    /// Stops reading the source and closes the servers; watch streams end, and proxies keep
-    /// serving what they applied until a controller is back.
+    /// Whether this replica writes (it leads, or is alone).
+    pub fn leading(&self) -> bool {
+        self.leading.now()
+    }
+
+    /// Gives up leadership (another replica takes over at its next try), stops reading the
+    /// source and closes the servers; watch streams end, and proxies keep serving what they
+    /// applied until a controller is back.
     pub async fn shutdown(mut self) {
+        if let Some(election) = self.election.take() {
+            election.release().await;
+        }
+        self.stop_serving().await;
+    }
+
+    /// Stops as a crash would for the others: the Lease is not released, so another replica
+    /// takes over only once it expires. For tests of the election.
+    pub async fn abort(mut self) {
+        drop(self.election.take());
+        self.stop_serving().await;
+    }
+
+    async fn stop_serving(mut self) {
         self.stop.store(true, Ordering::Release);
         self.servers.drain(Duration::from_secs(1)).await;
         if let Some(t) = self.source.take() {
@@ -179,6 +250,8 @@ struct Source {
     cluster: Box<dyn ObjectSource>,
     /// On Kubernetes: deploys the waypoints of the Gateways the scans bring.
     deployer: Option<Deployer>,
+    /// On Kubernetes: writes the objects' status conditions.
+    status: Option<StatusWriter>,
     translator: Translator,
     store: Arc<Store>,
     authority: Arc<Authority>,
@@ -217,6 +290,9 @@ impl Source {
         }
         let changes = self.translator.apply_all(scan.events);
         let mut all = self.cluster.rejected();
+        if let Some(status) = &self.status {
+            status.publish(self.translator.statuses(&all));
+        }
         // Translation knows the object, the source where it is written.
         all.extend(self.translator.rejected().into_iter().map(|r| {
             match r.object.as_ref().filter(|_| r.origin.is_none()).and_then(|o| self.cluster.origin(o)) {

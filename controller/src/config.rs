@@ -106,6 +106,60 @@ pub struct Config {
     /// The waypoints the controller deploys when it watches the Kubernetes API.
     #[command(flatten)]
     pub waypoints: WaypointSettings,
+
+    /// Leader election between replicas, when the controller watches the Kubernetes API.
+    #[command(flatten)]
+    pub election: ElectionSettings,
+}
+
+/// Leader election (ARCHITECTURE §9.7): every replica reads and serves; the one holding the
+/// Lease `weft-controller` writes (waypoints' objects, status conditions).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ElectionSettings {
+    /// Elect a leader among the replicas. Off: this replica writes as if it led (run one
+    /// replica only). Not used with `--source-dir`, which writes nothing.
+    #[arg(long = "leader-elect", env = "WEFT_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+
+    /// The namespace of the Lease: the controller's own (the downward API's `POD_NAMESPACE`).
+    #[arg(long = "leader-elect-namespace", env = "POD_NAMESPACE", default_value = "weft-system")]
+    pub namespace: String,
+
+    /// This replica's name in the Lease (the downward API's `POD_NAME`; else the host name).
+    /// A suffix unique to each start is added.
+    #[arg(long = "leader-elect-identity", env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// How long a leader that stopped renewing stays leader for the others: 15 s, as
+    /// Kubernetes' own controllers. A crashed leader is replaced within this plus the retry
+    /// period.
+    #[arg(long = "leader-elect-lease-duration", env = "WEFT_LEADER_ELECT_LEASE_DURATION",
+          value_parser = parse_duration, default_value = "15s")]
+    pub lease_duration: Duration,
+
+    /// How long a leader keeps writing without a successful renewal: 10 s, below the lease
+    /// duration so that it stops before another can take over.
+    #[arg(long = "leader-elect-renew-deadline", env = "WEFT_LEADER_ELECT_RENEW_DEADLINE",
+          value_parser = parse_duration, default_value = "10s")]
+    pub renew_deadline: Duration,
+
+    /// How often the leader renews and the others try: 2 s.
+    #[arg(long = "leader-elect-retry-period", env = "WEFT_LEADER_ELECT_RETRY_PERIOD",
+          value_parser = parse_duration, default_value = "2s")]
+    pub retry_period: Duration,
+}
+
+impl Default for ElectionSettings {
+    fn default() -> ElectionSettings {
+        ElectionSettings {
+            enabled: true,
+            namespace: "weft-system".to_owned(),
+            identity: None,
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
 }
 
 /// The image of the waypoints the controller deploys: the tag `docker/waypoint.Dockerfile`

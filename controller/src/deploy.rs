@@ -66,12 +66,13 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::WaypointSettings;
+use crate::leader::Leading;
 use crate::source::{Event, Gateway, Object, ObjectKind, ObjectRef, Rejection};
 use crate::tokenreview::{AUDIENCE, ZTUNNEL_NAMESPACE};
 use crate::translate::{GATEWAY_NAME_LABEL, MESH_LABEL, WAYPOINT_CLASS};
@@ -431,34 +432,61 @@ enum Update {
     Roots(String),
 }
 
-/// Deploys the waypoints of the Gateways it is told about, on a task of its own; stops when
-/// dropped.
+/// What became of a Gateway's waypoint, for its status conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its objects were all applied at the last attempt.
+    Deployed,
+    /// It cannot be deployed as written: why.
+    Invalid(String),
+    /// The last attempt failed and is retried: what happened and what to do.
+    Failing(String),
+}
+
+/// Deploys the waypoints of the Gateways it is told about, on a task of its own, while this
+/// replica leads; stops when dropped.
 pub struct Deployer {
     updates: mpsc::UnboundedSender<Update>,
     problems: Arc<Mutex<BTreeMap<ObjectRef, Rejection>>>,
+    outcomes: watch::Receiver<BTreeMap<ObjectRef, Outcome>>,
     task: JoinHandle<()>,
 }
 
 impl Deployer {
     /// Starts the deployer on the current tokio runtime. It applies nothing until it has the
-    /// trust bundle ([`trust_bundle`](Self::trust_bundle)).
-    pub fn start(client: Client, settings: WaypointSettings) -> Deployer {
-        Deployer::with_backoff(client, settings, BACKOFF_MIN, BACKOFF_MAX)
+    /// trust bundle ([`trust_bundle`](Self::trust_bundle)), and nothing while `leading` says
+    /// another replica leads.
+    pub fn start(client: Client, settings: WaypointSettings, leading: Leading) -> Deployer {
+        Deployer::with_backoff(client, settings, leading, BACKOFF_MIN, BACKOFF_MAX)
     }
 
     /// As [`start`](Self::start), retrying failures after `min`, doubling up to `max`.
-    pub fn with_backoff(client: Client, settings: WaypointSettings, min: Duration, max: Duration) -> Deployer {
+    pub fn with_backoff(
+        client: Client,
+        settings: WaypointSettings,
+        leading: Leading,
+        min: Duration,
+        max: Duration,
+    ) -> Deployer {
         let (updates, receiver) = mpsc::unbounded_channel();
         let problems = Arc::new(Mutex::new(BTreeMap::new()));
+        let (outcomes_tx, outcomes) = watch::channel(BTreeMap::new());
         let task = Task {
             client,
             settings,
             roots: None,
             namespaces: BTreeMap::new(),
             problems: problems.clone(),
+            outcomes: outcomes_tx,
             backoff: (min, max.max(min)),
         };
-        Deployer { updates, problems, task: tokio::spawn(task.run(receiver)) }
+        Deployer { updates, problems, outcomes, task: tokio::spawn(task.run(receiver, leading)) }
+    }
+
+    /// What became of each waypoint Gateway this replica deployed or could not deploy, as it
+    /// changes (empty while another replica leads).
+    pub fn outcomes(&self) -> watch::Receiver<BTreeMap<ObjectRef, Outcome>> {
+        self.outcomes.clone()
     }
 
     /// Takes the Gateways among a scan's events. Never blocks: called from the source loop.
@@ -518,6 +546,7 @@ struct Task {
     roots: Option<String>,
     namespaces: BTreeMap<String, Namespace>,
     problems: Arc<Mutex<BTreeMap<ObjectRef, Rejection>>>,
+    outcomes: watch::Sender<BTreeMap<ObjectRef, Outcome>>,
     backoff: (Duration, Duration),
 }
 
@@ -537,9 +566,14 @@ struct Namespace {
 }
 
 impl Task {
-    async fn run(mut self, mut updates: mpsc::UnboundedReceiver<Update>) {
+    async fn run(mut self, mut updates: mpsc::UnboundedReceiver<Update>, mut leading: Leading) {
+        let mut leader = leading.now();
         loop {
-            let next = self.roots.as_ref().and_then(|_| self.namespaces.values().filter_map(|n| n.due).min());
+            let next = self
+                .roots
+                .as_ref()
+                .filter(|_| leader)
+                .and_then(|_| self.namespaces.values().filter_map(|n| n.due).min());
             tokio::select! {
                 update = updates.recv() => {
                     let Some(update) = update else { return };
@@ -548,9 +582,27 @@ impl Task {
                         self.take(more);
                     }
                 }
+                now_leader = leading.changed() => {
+                    leader = now_leader;
+                    if leader {
+                        // Applied at once: the previous leader may have left work undone.
+                        let now = Instant::now();
+                        for entry in self.namespaces.values_mut() {
+                            entry.due = Some(now);
+                            entry.failures = 0;
+                        }
+                    } else {
+                        // What the leader reports, not this replica.
+                        self.problems.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                        self.outcomes.send_replace(BTreeMap::new());
+                        for entry in self.namespaces.values_mut() {
+                            entry.deployed.clear();
+                        }
+                    }
+                }
                 () = sleep_until(next) => {}
             }
-            if self.roots.is_some() {
+            if self.roots.is_some() && leader {
                 self.apply_due().await;
             }
         }
@@ -569,7 +621,7 @@ impl Task {
                 }
             }
             Update::Forget(gateway) => {
-                self.set_problem(&gateway, None);
+                self.set_outcome(&gateway, None);
                 let Some(namespace) = gateway.namespace.as_deref() else { return };
                 let Some(entry) = self.namespaces.get_mut(namespace) else { return };
                 if entry.gateways.remove(&gateway.name).is_some() {
@@ -616,7 +668,7 @@ impl Task {
                 Err(why) => {
                     let gateway = ObjectRef::new(ObjectKind::Gateway, Some(namespace), name);
                     let problem = format!("its waypoint is not deployed: {why}");
-                    if self.set_problem(&gateway, Some(problem.clone())) {
+                    if self.set_outcome(&gateway, Some(Outcome::Invalid(why.clone()))) {
                         warn!(gateway = %gateway.qualified_name(), problem, "waypoint not deployed");
                     }
                 }
@@ -677,7 +729,7 @@ impl Task {
             }
         }
         for gateway in deployed {
-            self.set_problem(&gateway, None);
+            self.set_outcome(&gateway, Some(Outcome::Deployed));
         }
         for (waypoint, error) in failed {
             let hint = error.hint(namespace);
@@ -685,9 +737,8 @@ impl Task {
                 gateway = %waypoint.gateway().qualified_name(), %error, hint, retry_in = ?delay, attempt,
                 "cannot deploy the waypoint; retrying"
             );
-            let problem =
-                format!("its waypoint is not deployed: {error}; {hint}; retrying in {delay:?} (attempt {attempt})");
-            self.set_problem(&waypoint.gateway(), Some(problem));
+            let problem = format!("{error}; {hint}; retrying in {delay:?} (attempt {attempt})");
+            self.set_outcome(&waypoint.gateway(), Some(Outcome::Failing(problem)));
         }
         debug!(namespace, next_in = ?delay, "waypoints applied");
     }
@@ -717,8 +768,20 @@ impl Task {
         }
     }
 
-    /// Sets or clears a Gateway's problem; true when it changed.
-    fn set_problem(&self, gateway: &ObjectRef, problem: Option<String>) -> bool {
+    /// Sets or clears (`None`: forgotten) a Gateway's outcome, and its problem for `/status`;
+    /// true when its problem changed.
+    fn set_outcome(&self, gateway: &ObjectRef, outcome: Option<Outcome>) -> bool {
+        self.outcomes.send_if_modified(|all| {
+            let before = match &outcome {
+                Some(o) => all.insert(gateway.clone(), o.clone()),
+                None => all.remove(gateway),
+            };
+            before != outcome
+        });
+        let problem = match outcome {
+            Some(Outcome::Invalid(why) | Outcome::Failing(why)) => Some(format!("its waypoint is not deployed: {why}")),
+            Some(Outcome::Deployed) | None => None,
+        };
         let mut problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
         match problem {
             None => problems.remove(gateway).is_some(),

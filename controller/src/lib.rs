@@ -18,10 +18,12 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod leader;
 pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod tokenreview;
 
 pub mod source;
+pub mod status;
 pub mod translate;

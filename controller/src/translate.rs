@@ -59,6 +59,7 @@ use regex::RegexBuilder;
 use serde_json::json;
 
 use crate::source::{AuthorizationPolicy, Event, Gateway, Object, ObjectKind, ObjectRef, PolicyAction, Rejection};
+use crate::status::{CONTROLLER_NAME, Condition, Desired};
 
 /// Namespace label: `enabled` enrolls the namespace's pods; pod label: `disabled` opts out.
 pub const MESH_LABEL: &str = "weft.dev/mesh";
@@ -84,6 +85,21 @@ pub struct Translator {
     /// What was emitted, to emit only real changes and to know what a deletion removes.
     emitted: HashMap<Key, Resource>,
     rejected: BTreeMap<ObjectRef, Rejection>,
+    /// HTTPRoutes with Service parents: what their status reports on.
+    routes: BTreeMap<ObjectRef, RouteFacts>,
+    /// Every AuthorizationPolicy read.
+    policies: BTreeSet<ObjectRef>,
+}
+
+/// What a route's status says, read when it is applied.
+#[derive(Debug, Clone)]
+struct RouteFacts {
+    /// Its Service parents, as written.
+    parents: Vec<crate::source::ParentReference>,
+    /// The Services its usable rules send to (namespace, name).
+    backends: BTreeSet<(String, String)>,
+    /// Whether a rule is left once the unreadable ones are skipped.
+    usable: bool,
 }
 
 /// What translation reads of a namespace.
@@ -239,6 +255,7 @@ impl Translator {
                 self.gateway_applied(&gateway, &namespace, &name, changes);
             }
             Object::AuthorizationPolicy(policy) => {
+                self.policies.insert(r.clone());
                 let t = authorization(&policy, &r);
                 self.put(&r, t, changes);
             }
@@ -249,6 +266,19 @@ impl Translator {
                     .filter(|p| p.is_service())
                     .map(|p| format!("{}/{}", p.namespace.as_deref().unwrap_or(&namespace), p.name))
                     .collect();
+                if parents.is_empty() {
+                    self.routes.remove(&r);
+                } else {
+                    let parsed = parse_route(&namespace, &route.spec);
+                    let backends = parsed
+                        .valid()
+                        .flat_map(|rule| rule.backends.iter())
+                        .map(|b| (b.target.namespace.clone(), b.target.name.clone()))
+                        .collect();
+                    let parent_refs = route.parent_refs.iter().filter(|p| p.is_service()).cloned().collect();
+                    let usable = parsed.rules.is_empty() || parsed.valid().next().is_some();
+                    self.routes.insert(r.clone(), RouteFacts { parents: parent_refs, backends, usable });
+                }
                 let annotations = route.metadata.annotations.clone().unwrap_or_default();
                 let t = http_route(&r, name, namespace, parents, &route.spec, &annotations);
                 self.put(&r, t, changes);
@@ -282,9 +312,119 @@ impl Translator {
                 }
             }
             ObjectKind::AuthorizationPolicy | ObjectKind::HttpRoute => {
+                self.policies.remove(&r);
+                self.routes.remove(&r);
                 self.put(&r, Translated { resource: None, problem: None }, changes);
             }
         }
+    }
+
+    /// The status conditions of the objects that carry them (`crate::status`): waypoint
+    /// Gateways (`Programmed` comes from the deployer), HTTPRoutes with Service parents, and
+    /// AuthorizationPolicies.
+    /// `source_rejected` are the objects the source could not read: an AuthorizationPolicy
+    /// among them is reported not accepted.
+    pub fn statuses(&self, source_rejected: &[Rejection]) -> BTreeMap<ObjectRef, Desired> {
+        let mut all = BTreeMap::new();
+        for (namespace, name) in &self.waypoints {
+            let accepted = Condition::new(
+                "Accepted",
+                true,
+                "Accepted",
+                format!("a waypoint: {CONTROLLER_NAME} deploys it and programs it"),
+            );
+            all.insert(ObjectRef::new(ObjectKind::Gateway, Some(namespace), name), Desired::Gateway(vec![accepted]));
+        }
+        for (r, facts) in &self.routes {
+            all.insert(r.clone(), Desired::Route(self.route_status(r, facts)));
+        }
+        for r in &self.policies {
+            let emitted = model_key(r).is_some_and(|k| self.emitted.contains_key(&k));
+            let accepted = match (emitted, self.rejected.get(r)) {
+                (true, None) => Condition::new("Accepted", true, "Accepted", "enforced by the mesh's proxies"),
+                (_, Some(problem)) => Condition::new("Accepted", false, "Invalid", condition_message(problem)),
+                (false, None) => continue,
+            };
+            all.insert(r.clone(), Desired::Policy(vec![accepted]));
+        }
+        // Last: a policy whose latest version the source could not read is not accepted, even
+        // while the version before it stays in force.
+        for rejection in source_rejected {
+            if let Some(r) = rejection.object.as_ref().filter(|r| r.kind == ObjectKind::AuthorizationPolicy) {
+                let refused = Condition::new("Accepted", false, "Invalid", condition_message(rejection));
+                all.insert(r.clone(), Desired::Policy(vec![refused]));
+            }
+        }
+        all
+    }
+
+    fn route_status(&self, r: &ObjectRef, facts: &RouteFacts) -> Vec<(crate::source::ParentReference, Vec<Condition>)> {
+        let namespace = r.namespace.clone().unwrap_or_default();
+        let emitted = model_key(r).is_some_and(|k| self.emitted.contains_key(&k));
+        let problem = self.rejected.get(r).map(condition_message);
+        let missing: Vec<String> = facts
+            .backends
+            .iter()
+            .filter(|b| !self.services.contains_key(*b))
+            .map(|(ns, name)| format!("{ns}/{name}"))
+            .collect();
+        let resolved = if missing.is_empty() {
+            Condition::new("ResolvedRefs", true, "ResolvedRefs", "every backend Service exists")
+        } else {
+            Condition::new(
+                "ResolvedRefs",
+                false,
+                "BackendNotFound",
+                format!("no Service {}: requests routed there are answered 500", missing.join(", ")),
+            )
+        };
+        let partially = match (&problem, emitted && facts.usable) {
+            (Some(problem), true) => Condition::new("PartiallyInvalid", true, "UnsupportedValue", problem.clone()),
+            _ => Condition::new("PartiallyInvalid", false, "Accepted", "every rule is applied"),
+        };
+        facts
+            .parents
+            .iter()
+            .map(|parent| {
+                let service_namespace = parent.namespace.clone().unwrap_or_else(|| namespace.clone());
+                let key = (service_namespace.clone(), parent.name.clone());
+                let service = format!("{service_namespace}/{}", parent.name);
+                let waypoint = model_key(&ObjectRef::new(ObjectKind::Service, Some(&service_namespace), &parent.name))
+                    .and_then(|k| match self.emitted.get(&k) {
+                        Some(Resource::Service(s)) => s.waypoint.clone(),
+                        _ => None,
+                    });
+                let is_waypoint = |w: &str| {
+                    w.split_once('/').is_some_and(|(ns, n)| self.waypoints.contains(&(ns.to_owned(), n.to_owned())))
+                };
+                let accepted = if !emitted || !facts.usable {
+                    let why = problem.clone().unwrap_or_else(|| "the route cannot be used".to_owned());
+                    Condition::new("Accepted", false, "UnsupportedValue", why)
+                } else if !self.services.contains_key(&key) {
+                    Condition::new("Accepted", false, "NoMatchingParent", format!("no Service {service}"))
+                } else {
+                    match waypoint {
+                        None => Condition::new(
+                            "Accepted",
+                            false,
+                            "NoMatchingParent",
+                            format!(
+                                "Service {service} has no waypoint (label {WAYPOINT_LABEL} on the Service or its \
+                                 namespace): no proxy applies HTTP routes to its traffic"
+                            ),
+                        ),
+                        Some(w) if !is_waypoint(&w) => Condition::new(
+                            "Accepted",
+                            false,
+                            "NoMatchingParent",
+                            format!("Service {service} uses the waypoint {w}, which is not a Gateway of class {WAYPOINT_CLASS}"),
+                        ),
+                        Some(w) => Condition::new("Accepted", true, "Accepted", format!("applied by the waypoint {w}")),
+                    }
+                };
+                (parent.clone(), vec![accepted, resolved.clone(), partially.clone()])
+            })
+            .collect()
     }
 
     /// A namespace's labels changed (or it came or went): its pods and services.
@@ -888,7 +1028,25 @@ fn http_route(
             ),
         ),
     };
-    let mut parsed = httproute::parse(&namespace, spec);
+    let parsed = parse_route(&namespace, spec);
+    let problem = route_problem(r, &parsed).or(fault_problem);
+    let route = HttpRoute { name, namespace, parents, spec: spec.clone(), fault };
+    Translated { resource: Some(Resource::HttpRoute(route)), problem }
+}
+
+/// A problem as a condition's message: the field at fault and why (the object is the one the
+/// condition is on).
+fn condition_message(problem: &Rejection) -> String {
+    match &problem.field {
+        Some(field) => format!("{field}: {}", problem.reason),
+        None => problem.reason.clone(),
+    }
+}
+
+/// A route's `spec` read as the waypoint reads it, each regular expression compiled as it
+/// compiles them.
+fn parse_route(namespace: &str, spec: &serde_json::Value) -> ParsedRoute {
+    let mut parsed = httproute::parse(namespace, spec);
     parsed.check_regexes(|pattern| {
         RegexBuilder::new(pattern)
             .size_limit(httproute::REGEX_SIZE_LIMIT)
@@ -896,9 +1054,7 @@ fn http_route(
             .map(|_| ())
             .map_err(|e| format!("not a regular expression: {e}"))
     });
-    let problem = route_problem(r, &parsed).or(fault_problem);
-    let route = HttpRoute { name, namespace, parents, spec: spec.clone(), fault };
-    Translated { resource: Some(Resource::HttpRoute(route)), problem }
+    parsed
 }
 
 /// Annotation prefix of the fault-injection extension (ARCHITECTURE §4.4).

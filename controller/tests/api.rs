@@ -99,6 +99,7 @@ impl Controller {
             heartbeat: Duration::from_secs(15),
             history_bytes: 1 << 20,
             waypoints: Default::default(),
+            election: Default::default(),
         };
         let bound = app::build(config).await.expect("the controller starts");
         let tokens = Tokens::open(&dir.path().join("state")).unwrap();

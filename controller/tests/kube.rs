@@ -5,14 +5,14 @@
 //! [`Translator`] as the directory source's; the deployer runs in the real controller
 //! (`app::build_with_client`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use controller::app::{self, Bound};
 use controller::auth::{AuthError, Authenticator, Caller, NodeName, ServiceAccount, Tokens};
 use controller::ca::{Authority, AuthorityConfig, RootSource};
-use controller::config::{Config, WaypointSettings};
+use controller::config::{Config, ElectionSettings, WaypointSettings};
 use controller::source::kube::KubeSource;
 use controller::source::{ObjectSource, Rejection, dir::DirSource};
 use controller::tokenreview::{KubernetesAuth, TokenReviewer};
@@ -443,6 +443,17 @@ impl Running {
     }
 
     async fn with_extra_roots(server: &ApiServer, test: &str, extra_roots: Option<PathBuf>) -> Running {
+        Running::launch(server, test, extra_roots, "", ElectionSettings::default()).await
+    }
+
+    /// A controller whose requests carry `x-client: <client>`, electing with `election`.
+    async fn launch(
+        server: &ApiServer,
+        test: &str,
+        extra_roots: Option<PathBuf>,
+        client: &str,
+        election: ElectionSettings,
+    ) -> Running {
         let dir = TempDir::new(test);
         let loopback = "127.0.0.1:0".parse().unwrap();
         let config = Config {
@@ -468,8 +479,9 @@ impl Running {
                 image: "registry.example.com/weft/waypoint:v1".into(),
                 controller_address: "weft-controller.weft-system.svc:15012".into(),
             },
+            election,
         };
-        let bound = tokio::time::timeout(EVENTUAL, app::build_with_client(config, server.client()))
+        let bound = tokio::time::timeout(EVENTUAL, app::build_with_client(config, server.client_named(client)))
             .await
             .expect("the controller lists the cluster")
             .expect("the controller starts");
@@ -728,6 +740,213 @@ async fn a_new_root_in_the_trust_bundle_is_written_to_the_ca_root() {
     std::fs::write(&extra, &c).unwrap();
     eventually("the rotated bundle", bundle(format!("{a}{c}"))).await;
     controller.stop().await;
+}
+
+/// The conditions of `type` in `conditions` (a status's list): (status, reason).
+fn condition(conditions: &Value, kind: &str) -> Option<(String, String)> {
+    conditions.as_array()?.iter().find(|c| c["type"] == kind).map(|c| {
+        (c["status"].as_str().unwrap_or_default().to_owned(), c["reason"].as_str().unwrap_or_default().to_owned())
+    })
+}
+
+fn is(status: &str, reason: &str) -> Option<(String, String)> {
+    Some((status.to_owned(), reason.to_owned()))
+}
+
+/// The controller's entry of a route's `status.parents` for the Service `parent`.
+fn route_parent(server: &ApiServer, route: &str, parent: &str) -> Option<Value> {
+    let route = server.object("HTTPRoute", "shop", route)?;
+    route["status"]["parents"]
+        .as_array()?
+        .iter()
+        .find(|p| p["controllerName"] == "weft.dev/waypoint-controller" && p["parentRef"]["name"] == parent)
+        .cloned()
+}
+
+#[tokio::test]
+async fn conditions_are_written_on_waypoint_gateways_routes_and_policies_once() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    server.apply(gateway("shop", "ingress", "istio"));
+    server.apply(json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "api-v1", "namespace": "shop"},
+           "spec": {"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"], "selector": {"app": "api"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}));
+    // One rule the waypoint cannot read (an unsupported filter) beside a good one; and a route
+    // for a Service without a waypoint.
+    server.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": "partly", "namespace": "shop"},
+           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+                    "rules": [{"filters": [{"type": "ExtensionRef", "extensionRef": {"group": "x", "kind": "Y", "name": "z"}}],
+                               "backendRefs": [{"name": "api-v1", "port": 80}]},
+                              {"backendRefs": [{"name": "api-v1", "port": 80}]}]}}));
+    server.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": "no-waypoint", "namespace": "shop"},
+           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "api-v1"}],
+                    "rules": [{"backendRefs": [{"name": "api-v1", "port": 80}]}]}}));
+    let controller = Running::start(&server, "status").await;
+
+    let gateway_conditions = || server.object("Gateway", "shop", "waypoint").map(|g| g["status"]["conditions"].clone());
+    let programmed = eventually("the waypoint Gateway Programmed", || {
+        gateway_conditions().filter(|c| condition(c, "Programmed") == is("True", "Programmed"))
+    })
+    .await;
+    assert_eq!(condition(&programmed, "Accepted"), is("True", "Accepted"));
+    let gateway = server.object("Gateway", "shop", "waypoint").unwrap();
+    for c in programmed.as_array().unwrap() {
+        assert_eq!(c["observedGeneration"], gateway["metadata"]["generation"], "{c}");
+        assert!(c["lastTransitionTime"].as_str().is_some_and(|t| t.ends_with('Z')), "{c}");
+        assert!(c["message"].as_str().is_some_and(|m| !m.is_empty()), "{c}");
+    }
+
+    // The canary's backends do not exist; the route is accepted by the Service's waypoint.
+    let canary = eventually("the canary's status", || route_parent(&server, "api-canary", "api")).await;
+    assert_eq!(canary["parentRef"], json!({"group": "", "kind": "Service", "name": "api", "port": 80}), "as written");
+    assert_eq!(condition(&canary["conditions"], "Accepted"), is("True", "Accepted"));
+    assert_eq!(condition(&canary["conditions"], "ResolvedRefs"), is("False", "BackendNotFound"));
+    assert!(canary["conditions"].to_string().contains("shop/api-v2"), "{canary}");
+    assert_eq!(condition(&canary["conditions"], "PartiallyInvalid"), is("False", "Accepted"));
+
+    let partly = eventually("the partly readable route's status", || route_parent(&server, "partly", "api")).await;
+    assert_eq!(condition(&partly["conditions"], "Accepted"), is("True", "Accepted"));
+    assert_eq!(condition(&partly["conditions"], "ResolvedRefs"), is("True", "ResolvedRefs"));
+    assert_eq!(condition(&partly["conditions"], "PartiallyInvalid"), is("True", "UnsupportedValue"));
+    assert!(partly["conditions"].to_string().contains("spec.rules[0].filters[0]"), "names the field: {partly}");
+
+    let orphan = eventually("the route without a waypoint", || route_parent(&server, "no-waypoint", "api-v1")).await;
+    assert_eq!(condition(&orphan["conditions"], "Accepted"), is("False", "NoMatchingParent"));
+    assert!(orphan["conditions"].to_string().contains("weft.dev/use-waypoint"), "{orphan}");
+
+    let policy_conditions = |name: &str| {
+        server
+            .object("AuthorizationPolicy", "shop", name)
+            .map(|p| p["status"]["conditions"].clone())
+            .filter(|c| c.is_array())
+    };
+    let good = eventually("the valid policy's status", || policy_conditions("only-web")).await;
+    assert_eq!(condition(&good, "Accepted"), is("True", "Accepted"));
+    let typo = eventually("the unreadable policy's status", || policy_conditions("typo")).await;
+    assert_eq!(condition(&typo, "Accepted"), is("False", "Invalid"));
+    assert!(typo.to_string().contains("rulez"), "says what is wrong: {typo}");
+
+    // Another class's Gateway is not Weft's to report on.
+    assert!(server.object("Gateway", "shop", "ingress").unwrap().get("status").is_none());
+
+    // Written once: the controller's own status writes come back as watch events and change
+    // nothing, so nothing is written again.
+    tokio::time::sleep(SETTLE).await;
+    let settled = server.status_writes();
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(server.status_writes().len(), settled.len(), "{:#?}", &server.status_writes()[settled.len()..]);
+    let per_object: BTreeMap<&str, usize> = settled.iter().fold(BTreeMap::new(), |mut m, w| {
+        *m.entry(w.path.as_str()).or_default() += 1;
+        m
+    });
+    assert!(per_object.values().all(|n| *n <= 2), "at most the first write and Programmed: {per_object:#?}");
+
+    // Fixed: the policy's condition turns, with a new transition time.
+    let since = typo[0]["lastTransitionTime"].clone();
+    server.apply(policy("typo", json!({"action": "DENY", "rules": [{"ports": [9090]}]})));
+    let fixed = eventually("the fixed policy accepted", || {
+        policy_conditions("typo").filter(|c| condition(c, "Accepted") == is("True", "Accepted"))
+    })
+    .await;
+    assert_eq!(fixed.as_array().unwrap().len(), 1, "{fixed}");
+    let generation = server.object("AuthorizationPolicy", "shop", "typo").unwrap()["metadata"]["generation"].clone();
+    assert_eq!(fixed[0]["observedGeneration"], generation);
+    let (before, after) = (since.as_str().unwrap(), fixed[0]["lastTransitionTime"].as_str().unwrap());
+    assert!(after >= before, "a transition: {before} then {after}");
+    controller.stop().await;
+}
+
+/// Lease timings short enough for a test: a leader is replaced within about 2 s.
+fn quick_election(identity: &str) -> ElectionSettings {
+    ElectionSettings {
+        identity: Some(identity.to_owned()),
+        lease_duration: Duration::from_millis(2000),
+        renew_deadline: Duration::from_millis(1500),
+        retry_period: Duration::from_millis(100),
+        ..ElectionSettings::default()
+    }
+}
+
+async fn until_leading(what: &str, leading: impl Fn() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    eventually(what, || leading().then_some(())).await;
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn one_replica_writes_and_a_dead_leader_is_replaced_within_the_lease() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let a = Running::launch(&server, "elect-a", None, "a", quick_election("a")).await;
+    until_leading("a to lead", || a.bound.as_ref().unwrap().leading()).await;
+    let b = Running::launch(&server, "elect-b", None, "b", quick_election("b")).await;
+    let lease = || server.lease("weft-system", "weft-controller").unwrap();
+    assert!(lease()["spec"]["holderIdentity"].as_str().unwrap().starts_with("a_"), "{}", lease());
+
+    // Only the leader writes: the waypoint's objects, the status, the Lease.
+    eventually("the Gateway Programmed", || {
+        server
+            .object("Gateway", "shop", "waypoint")
+            .filter(|g| condition(&g["status"]["conditions"], "Programmed") == is("True", "Programmed"))
+    })
+    .await;
+    server.apply(policy("typo", json!({"action": "DENY", "rules": [{"ports": [9090]}]})));
+    eventually("the fixed policy accepted", || {
+        server
+            .object("AuthorizationPolicy", "shop", "typo")
+            .filter(|p| condition(&p["status"]["conditions"], "Accepted") == is("True", "Accepted"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!b.bound.as_ref().unwrap().leading(), "one leader at a time");
+    let writers: BTreeSet<String> = server.all_writes().into_iter().map(|w| w.client).collect();
+    assert_eq!(writers, BTreeSet::from(["a".to_owned()]), "the standby wrote nothing");
+
+    // The leader dies without releasing: the standby waits for the lease to run out, then
+    // takes over and writes.
+    let died = std::time::Instant::now();
+    a.bound.unwrap().abort().await;
+    until_leading("b to take over", || b.bound.as_ref().unwrap().leading()).await;
+    let took = died.elapsed();
+    assert!(took >= Duration::from_millis(1500), "not before the lease ran out: {took:?}");
+    assert!(took <= Duration::from_millis(2000 + 1500), "within the lease duration and a retry or so: {took:?}");
+    let lease = lease();
+    assert!(lease["spec"]["holderIdentity"].as_str().unwrap().starts_with("b_"), "{lease}");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease}");
+    server.apply(policy("typo", json!({"action": "DENY", "rulez": []})));
+    eventually("the new leader's status write", || {
+        server
+            .object("AuthorizationPolicy", "shop", "typo")
+            .filter(|p| condition(&p["status"]["conditions"], "Accepted") == is("False", "Invalid"))
+    })
+    .await;
+    assert!(server.status_writes().iter().any(|w| w.client == "b"), "b writes now");
+
+    // A leader that shuts down releases the lease: the next takes over at once.
+    let c = Running::launch(&server, "elect-c", None, "c", quick_election("c")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!c.bound.as_ref().unwrap().leading());
+    let released = std::time::Instant::now();
+    b.stop().await;
+    let took = until_leading("c after the release", || c.bound.as_ref().unwrap().leading()).await;
+    assert!(released.elapsed() < Duration::from_millis(1500), "released, not expired: {took:?}");
+
+    // A leader cut off from the API server stops writing within its renewal deadline.
+    server.partition("c", true);
+    let cut = std::time::Instant::now();
+    eventually("c to step down", || (!c.bound.as_ref().unwrap().leading()).then_some(())).await;
+    let took = cut.elapsed();
+    assert!(took <= Duration::from_millis(1500 + 500), "within the renew deadline: {took:?}");
+    server.partition("c", false);
+    until_leading("c to lead again", || c.bound.as_ref().unwrap().leading()).await;
+    c.stop().await;
 }
 
 #[tokio::test]
@@ -1049,12 +1268,19 @@ mod apiserver {
         applied: BTreeMap<String, Value>,
         /// Namespaces where writes are refused with 403, as without a RoleBinding.
         forbidden: BTreeSet<String>,
+        /// Leases by `<namespace>/<name>`.
+        leases: BTreeMap<String, Value>,
+        /// Clients (their `x-client` header) whose requests are answered 503, as when a
+        /// network partition separates them from the API server.
+        partitioned: BTreeSet<String>,
     }
 
     /// One write request as it arrived, and what it was answered.
     #[derive(Debug, Clone)]
     pub struct Write {
         pub at: Instant,
+        /// The client's `x-client` header (empty without one).
+        pub client: String,
         pub method: String,
         pub path: String,
         pub query: HashMap<String, String>,
@@ -1085,8 +1311,38 @@ mod apiserver {
 
         /// A client of this server: plain HTTP, no credentials.
         pub fn client(&self) -> kube::Client {
-            let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+            self.client_named("")
+        }
+
+        /// A client whose requests carry `x-client: <name>`, so that [`Write::client`] tells
+        /// controllers apart.
+        pub fn client_named(&self, name: &str) -> kube::Client {
+            let mut config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+            if !name.is_empty() {
+                config.headers.push(("x-client".parse().unwrap(), name.parse().unwrap()));
+            }
             kube::Client::try_from(config).unwrap()
+        }
+
+        /// The Lease `namespace/name`, as stored.
+        pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+            self.state().leases.get(&format!("{namespace}/{name}")).cloned()
+        }
+
+        /// Answers every request of `client` with 503 (or again normally).
+        pub fn partition(&self, client: &str, cut: bool) {
+            let mut state = self.state();
+            if cut {
+                state.partitioned.insert(client.to_owned());
+            } else {
+                state.partitioned.remove(client);
+            }
+        }
+
+        /// An object as stored (with its status).
+        pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+            let (plural, ..) = kind_of(kind);
+            self.state().objects.get(plural)?.get(&(namespace.to_owned(), name.to_owned())).cloned()
         }
 
         fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -1208,8 +1464,22 @@ mod apiserver {
             self.state().forbidden.remove(namespace);
         }
 
-        /// Every write request so far.
+        /// Every write request so far of an object (the waypoints' objects): not of a Lease,
+        /// not of a status.
         pub fn writes(&self) -> Vec<Write> {
+            self.all_writes()
+                .into_iter()
+                .filter(|w| !w.path.starts_with(LEASES) && !w.path.ends_with("/status"))
+                .collect()
+        }
+
+        /// Every write of a status subresource so far.
+        pub fn status_writes(&self) -> Vec<Write> {
+            self.all_writes().into_iter().filter(|w| w.path.ends_with("/status")).collect()
+        }
+
+        /// Every write request so far.
+        pub fn all_writes(&self) -> Vec<Write> {
             self.state().writes.clone()
         }
 
@@ -1248,6 +1518,16 @@ mod apiserver {
             let uid = self.objects.get(plural).and_then(|o| o.get(&key)).map(|o| o["metadata"]["uid"].clone());
             if object["metadata"].get("uid").is_none() {
                 object["metadata"]["uid"] = uid.unwrap_or_else(|| json!(format!("uid-{plural}-{}", self.version)));
+            }
+            // One more per change the test makes (a status write keeps it), as for a spec change;
+            // the status written so far is kept, as the API server keeps it across spec updates.
+            let old = self.objects.get(plural).and_then(|o| o.get(&key));
+            let generation = old.and_then(|o| o["metadata"]["generation"].as_i64()).unwrap_or(0) + 1;
+            object["metadata"]["generation"] = json!(generation);
+            if object.get("status").is_none()
+                && let Some(status) = old.and_then(|o| o.get("status"))
+            {
+                object["status"] = status.clone();
             }
             let objects = self.objects.entry(plural).or_default();
             let kind = if objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
@@ -1328,6 +1608,10 @@ mod apiserver {
 
     async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Response<Body> {
         let path = req.uri().path().to_owned();
+        let client = req.headers().get("x-client").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        if state.lock().unwrap().partitioned.contains(&client) {
+            return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "partitioned");
+        }
         let query: HashMap<String, String> = req
             .uri()
             .query()
@@ -1349,9 +1633,14 @@ mod apiserver {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             let mut state = state.lock().unwrap();
-            let response = write(&mut state, &method, &path, &query, &content_type, &body);
+            let response = if path.starts_with(LEASES) {
+                lease(&mut state, &method, &path, Some(&body))
+            } else {
+                write(&mut state, &method, &path, &query, &content_type, &body)
+            };
             state.writes.push(Write {
                 at: Instant::now(),
+                client,
                 method,
                 path,
                 query,
@@ -1361,6 +1650,16 @@ mod apiserver {
             return response;
         }
         let mut state = state.lock().unwrap();
+        if path.starts_with(LEASES) {
+            return lease(&mut state, "GET", &path, None);
+        }
+        if let Some((plural, namespace, name)) = object_path(&path) {
+            let key = (namespace.clone(), name.clone());
+            return match state.objects.get(plural).and_then(|o| o.get(&key)) {
+                Some(object) => full(StatusCode::OK, object.clone()),
+                None => status(StatusCode::NOT_FOUND, "NotFound", &format!("{plural} \"{name}\" not found")),
+            };
+        }
         if let Some(name) = path.strip_prefix("/api/v1/namespaces/weft-system/pods/") {
             let key = ("weft-system".to_owned(), name.to_owned());
             return match state.objects.get("pods").and_then(|p| p.get(&key)) {
@@ -1441,6 +1740,9 @@ mod apiserver {
         let (Some(at), "PATCH") = (at, method) else {
             return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", &format!("{method} {path}"));
         };
+        if let [namespace, plural, name, "status"] = parts[at + 1..] {
+            return write_status(state, path, namespace, plural, name, content_type, body);
+        }
         let [namespace, plural, name] = parts[at + 1..] else {
             return status(StatusCode::NOT_FOUND, "NotFound", &format!("no such object {path}"));
         };
@@ -1469,6 +1771,126 @@ mod apiserver {
         object["metadata"]["resourceVersion"] = json!(state.version.to_string());
         state.applied.insert(path.to_owned(), object.clone());
         full(if created { StatusCode::CREATED } else { StatusCode::OK }, object)
+    }
+
+    /// `/apis/<group>/<version>/namespaces/<ns>/<plural>/<name>` of a served kind: its plural,
+    /// namespace and name.
+    fn object_path(path: &str) -> Option<(&'static str, String, String)> {
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let at = parts.iter().position(|p| *p == "namespaces")?;
+        let [namespace, plural, name] = parts[at + 1..] else { return None };
+        let collection = format!("/{}/{plural}", parts[..at].join("/"));
+        let (plural, ..) = KINDS.into_iter().find(|k| k.3 == collection)?;
+        Some((plural, namespace.to_owned(), name.to_owned()))
+    }
+
+    /// A JSON merge patch (RFC 7386) of an object's `status`, refused with 409 when it names
+    /// another `resourceVersion` than the object's.
+    fn write_status(
+        state: &mut State,
+        path: &str,
+        namespace: &str,
+        plural: &str,
+        name: &str,
+        content_type: &str,
+        body: &Value,
+    ) -> Response<Body> {
+        let Some((plural, ..)) = KINDS.into_iter().find(|k| k.0 == plural) else {
+            return status(StatusCode::NOT_FOUND, "NotFound", &format!("no such object {path}"));
+        };
+        if content_type != "application/merge-patch+json" {
+            return status(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", content_type);
+        }
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(mut object) = state.objects.get(plural).and_then(|o| o.get(&key)).cloned() else {
+            return status(StatusCode::NOT_FOUND, "NotFound", &format!("{plural} \"{name}\" not found"));
+        };
+        if let Some(version) = body["metadata"]["resourceVersion"].as_str()
+            && Some(version) != object["metadata"]["resourceVersion"].as_str()
+        {
+            let message = format!(
+                "Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply \
+                 your changes to the latest version and try again"
+            );
+            return status(StatusCode::CONFLICT, "Conflict", &message);
+        }
+        merge_patch(&mut object["status"], &body["status"]);
+        state.version += 1;
+        object["metadata"]["resourceVersion"] = json!(state.version.to_string());
+        state.objects.get_mut(plural).unwrap().insert(key, object.clone());
+        state.record(plural, "MODIFIED", object.clone());
+        full(StatusCode::OK, object)
+    }
+
+    fn merge_patch(target: &mut Value, patch: &Value) {
+        let Value::Object(fields) = patch else {
+            *target = patch.clone();
+            return;
+        };
+        if !target.is_object() {
+            *target = json!({});
+        }
+        for (key, value) in fields {
+            if value.is_null() {
+                target.as_object_mut().unwrap().remove(key);
+            } else {
+                merge_patch(&mut target[key], value);
+            }
+        }
+    }
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/";
+
+    /// Leases: GET, POST (409 if it exists), PUT (409 unless the `resourceVersion` is the
+    /// stored one).
+    fn lease(state: &mut State, method: &str, path: &str, body: Option<&Value>) -> Response<Body> {
+        let rest = &path[LEASES.len()..];
+        let (namespace, name) = match rest.split('/').collect::<Vec<_>>()[..] {
+            [namespace, "leases"] => (namespace, None),
+            [namespace, "leases", name] => (namespace, Some(name)),
+            _ => return status(StatusCode::NOT_FOUND, "NotFound", path),
+        };
+        let not_found = |name: &str| status(StatusCode::NOT_FOUND, "NotFound", &format!("leases \"{name}\" not found"));
+        let conflict = |name: &str| {
+            status(StatusCode::CONFLICT, "Conflict", &format!("Operation cannot be fulfilled on leases \"{name}\""))
+        };
+        match (method, name, body) {
+            ("GET", Some(name), _) => match state.leases.get(&format!("{namespace}/{name}")) {
+                Some(lease) => full(StatusCode::OK, lease.clone()),
+                None => not_found(name),
+            },
+            ("POST", None, Some(body)) => {
+                let name = body["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let key = format!("{namespace}/{name}");
+                if state.leases.contains_key(&key) {
+                    return status(StatusCode::CONFLICT, "AlreadyExists", &format!("leases \"{name}\" already exists"));
+                }
+                state.version += 1;
+                let mut lease = body.clone();
+                lease["apiVersion"] = json!("coordination.k8s.io/v1");
+                lease["kind"] = json!("Lease");
+                lease["metadata"]["namespace"] = json!(namespace);
+                lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                state.leases.insert(key, lease.clone());
+                full(StatusCode::CREATED, lease)
+            }
+            ("PUT", Some(name), Some(body)) => {
+                let key = format!("{namespace}/{name}");
+                let Some(stored) = state.leases.get(&key) else { return not_found(name) };
+                if body["metadata"]["resourceVersion"] != stored["metadata"]["resourceVersion"] {
+                    return conflict(name);
+                }
+                state.version += 1;
+                let mut lease = body.clone();
+                lease["apiVersion"] = json!("coordination.k8s.io/v1");
+                lease["kind"] = json!("Lease");
+                lease["metadata"]["namespace"] = json!(namespace);
+                lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                state.leases.insert(key, lease.clone());
+                full(StatusCode::OK, lease)
+            }
+            _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", &format!("{method} {path}")),
+        }
     }
 
     /// Answers as the API server does: authenticated only for an audience both the token

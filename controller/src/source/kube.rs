@@ -279,7 +279,7 @@ pub async fn client() -> Result<Client, KubeError> {
 
 /// The resource a kind is watched as: its first version read (`v1`; `v1alpha1` for Weft's
 /// policy).
-fn api_resource(kind: ObjectKind) -> ApiResource {
+pub(crate) fn api_resource(kind: ObjectKind) -> ApiResource {
     let version = kind.versions()[0];
     let plural = match kind {
         ObjectKind::Namespace => "namespaces",

@@ -299,6 +299,11 @@ pub struct ParentReference {
     #[serde(default)]
     pub namespace: Option<String>,
     pub name: String,
+    /// Echoed in the route's status, which names each parent as written.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub section_name: Option<String>,
 }
 
 impl ParentReference {
