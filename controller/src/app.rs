@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::auth::{Authenticator, Tokens};
-use crate::ca::Authority;
+use crate::ca::{Authority, RootSource};
+use crate::ca_secret::{self, CaFiles, Refresher, RootPublisher};
 use crate::config::{Config, SourceSetting};
 use crate::deploy::Deployer;
 use crate::leader::{Election, Leading, LeaseSettings};
@@ -69,7 +70,22 @@ enum Cluster {
 async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
-    let authority = Arc::new(Authority::open(config.authority()).context("opening the certificate authority")?);
+    let mut authority_config = config.authority();
+    let mut ca_refresher = None;
+    if let (Some(secret), Cluster::Kubernetes(client)) = (&config.ca_secret, &cluster) {
+        let files = CaFiles::in_dir(&config.state_dir);
+        ca_secret::materialize(client, &config.namespace, secret, &config.trust_domain, &files).await?;
+        authority_config.root =
+            RootSource::Files { cert: files.cert.clone(), key: files.key.clone(), chain: files.chain() };
+        ca_refresher = Some(Refresher::start(
+            client.clone(),
+            config.namespace.clone(),
+            secret.clone(),
+            files,
+            config.ca_secret_refresh,
+        ));
+    }
+    let authority = Arc::new(Authority::open(authority_config).context("opening the certificate authority")?);
     let tokens = Tokens::open(&config.state_dir).context("opening the token key")?;
     let metrics = Arc::new(Metrics::new());
     let store =
@@ -98,13 +114,19 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
             let leading = election.as_ref().map_or_else(Leading::always, Election::leading);
             let deployer = Deployer::start(client.clone(), config.waypoints.clone(), leading.clone());
             let status = StatusWriter::start(client.clone(), leading.clone(), deployer.outcomes());
+            let roots = RootPublisher::start(client.clone(), config.namespace.clone(), leading.clone());
             let auth = KubernetesAuth { tokens, reviewer: TokenReviewer::new(client) };
-            (Box::new(cluster), Arc::new(auth), Some(Writers { election, leading, deployer, status }))
+            let writers = Writers { election, leading, deployer, status, roots, ca_refresher: ca_refresher.take() };
+            (Box::new(cluster), Arc::new(auth), Some(writers))
         }
     };
-    let (election, leading, deployer, status) = match writers {
-        Some(w) => (w.election, w.leading, Some(w.deployer), Some(w.status)),
-        None => (None, Leading::always(), None, None),
+    let (election, leading, kube_writers) = match writers {
+        Some(w) => (w.election, w.leading, Some((w.deployer, w.status, w.roots, w.ca_refresher))),
+        None => (None, Leading::always(), None),
+    };
+    let (deployer, status, roots, ca_refresher) = match kube_writers {
+        Some((d, s, r, c)) => (Some(d), Some(s), Some(r), c),
+        None => (None, None, None, None),
     };
     // The first scan runs before the servers answer, so the first subscriber already gets
     // the cluster rather than an empty snapshot.
@@ -114,6 +136,8 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
         cluster,
         deployer,
         status,
+        roots,
+        _ca_refresher: ca_refresher,
         translator: Translator::new(),
         store: store.clone(),
         authority: authority.clone(),
@@ -183,12 +207,14 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
     })
 }
 
-/// What writes to the Kubernetes API, and whether it may.
+/// What writes to (or reads for itself from) the Kubernetes API, and whether it may.
 struct Writers {
     election: Option<Election>,
     leading: Leading,
     deployer: Deployer,
     status: StatusWriter,
+    roots: RootPublisher,
+    ca_refresher: Option<Refresher>,
 }
 
 /// The Lease this replica campaigns for, named after its pod (or host) and this start.
@@ -202,7 +228,7 @@ fn lease_settings(config: &Config) -> LeaseSettings {
             .unwrap_or_else(|| "controller".to_owned())
     });
     LeaseSettings {
-        namespace: election.namespace.clone(),
+        namespace: config.namespace.clone(),
         identity: format!("{name}_{}", epoch()),
         duration: election.lease_duration,
         renew_deadline: election.renew_deadline.min(election.lease_duration),
@@ -252,6 +278,10 @@ struct Source {
     deployer: Option<Deployer>,
     /// On Kubernetes: writes the objects' status conditions.
     status: Option<StatusWriter>,
+    /// On Kubernetes: the nodes' copy of the trust bundle.
+    roots: Option<RootPublisher>,
+    /// On Kubernetes with `--ca-secret`: follows the Secret (held for its task).
+    _ca_refresher: Option<Refresher>,
     translator: Translator,
     store: Arc<Store>,
     authority: Arc<Authority>,
@@ -343,6 +373,9 @@ impl Source {
             TrustBundle { trust_domain: self.authority.trust_domain().to_owned(), roots: self.authority.bundle_pem() };
         if let Some(deployer) = &self.deployer {
             deployer.trust_bundle(&bundle.roots);
+        }
+        if let Some(roots) = &self.roots {
+            roots.publish(bundle.roots.concat());
         }
         self.store.commit(vec![Change::Upsert(Resource::TrustBundle(bundle))]);
     }

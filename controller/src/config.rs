@@ -36,6 +36,22 @@ pub struct Config {
     #[arg(long, env = "WEFT_CA_CHAIN")]
     pub ca_chain: Option<PathBuf>,
 
+    /// On Kubernetes: keep the CA in this Secret of the controller's namespace, shared by the
+    /// replicas. An existing Secret (keys `ca.crt`, `ca.key`, and `ca-chain.crt` for an
+    /// intermediate) is used as it is: a plug-in CA; without one, the first replica generates
+    /// a root and creates the Secret. Read again every 30 s for a rotation.
+    #[arg(long, env = "WEFT_CA_SECRET", conflicts_with_all = ["ca_cert", "source_dir"])]
+    pub ca_secret: Option<String>,
+
+    /// How often the CA Secret is read again, for a rotation by the operator.
+    #[arg(long, env = "WEFT_CA_SECRET_REFRESH", value_parser = parse_duration, default_value = "30s")]
+    pub ca_secret_refresh: Duration,
+
+    /// The controller's own namespace, where its Lease, its CA Secret and the nodes'
+    /// ConfigMap `weft-ca-root` are (the downward API's `POD_NAMESPACE`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
+    pub namespace: String,
+
     /// More roots (PEM) proxies must trust besides the signing one: during a root rotation,
     /// the incoming or the outgoing root. Re-read when it changes.
     #[arg(long, env = "WEFT_EXTRA_ROOTS")]
@@ -121,10 +137,6 @@ pub struct ElectionSettings {
     #[arg(long = "leader-elect", env = "WEFT_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub enabled: bool,
 
-    /// The namespace of the Lease: the controller's own (the downward API's `POD_NAMESPACE`).
-    #[arg(long = "leader-elect-namespace", env = "POD_NAMESPACE", default_value = "weft-system")]
-    pub namespace: String,
-
     /// This replica's name in the Lease (the downward API's `POD_NAME`; else the host name).
     /// A suffix unique to each start is added.
     #[arg(long = "leader-elect-identity", env = "POD_NAME")]
@@ -153,7 +165,6 @@ impl Default for ElectionSettings {
     fn default() -> ElectionSettings {
         ElectionSettings {
             enabled: true,
-            namespace: "weft-system".to_owned(),
             identity: None,
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),

@@ -15,6 +15,7 @@
 pub mod app;
 pub mod auth;
 pub mod ca;
+pub mod ca_secret;
 pub mod cli;
 pub mod config;
 pub mod deploy;

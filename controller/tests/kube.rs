@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use apiserver::Write;
 use controller::app::{self, Bound};
 use controller::auth::{AuthError, Authenticator, Caller, NodeName, ServiceAccount, Tokens};
 use controller::ca::{Authority, AuthorityConfig, RootSource};
@@ -443,26 +444,24 @@ impl Running {
     }
 
     async fn with_extra_roots(server: &ApiServer, test: &str, extra_roots: Option<PathBuf>) -> Running {
-        Running::launch(server, test, extra_roots, "", ElectionSettings::default()).await
+        Running::launch(server, test, "", |config| config.extra_roots = extra_roots).await
     }
 
-    /// A controller whose requests carry `x-client: <client>`, electing with `election`.
-    async fn launch(
-        server: &ApiServer,
-        test: &str,
-        extra_roots: Option<PathBuf>,
-        client: &str,
-        election: ElectionSettings,
-    ) -> Running {
+    /// A controller whose requests carry `x-client: <client>`, its configuration changed by
+    /// `tweak`.
+    async fn launch(server: &ApiServer, test: &str, client: &str, tweak: impl FnOnce(&mut Config)) -> Running {
         let dir = TempDir::new(test);
         let loopback = "127.0.0.1:0".parse().unwrap();
-        let config = Config {
+        let mut config = Config {
             source_dir: None,
             state_dir: dir.path().join("state"),
             ca_cert: None,
             ca_key: None,
             ca_chain: None,
-            extra_roots,
+            ca_secret: None,
+            ca_secret_refresh: Duration::from_secs(30),
+            namespace: "weft-system".into(),
+            extra_roots: None,
             trust_domain: "cluster.local".into(),
             cert_ttl: Duration::from_secs(3600),
             min_cert_ttl: Duration::from_secs(600),
@@ -479,8 +478,9 @@ impl Running {
                 image: "registry.example.com/weft/waypoint:v1".into(),
                 controller_address: "weft-controller.weft-system.svc:15012".into(),
             },
-            election,
+            election: ElectionSettings::default(),
         };
+        tweak(&mut config);
         let bound = tokio::time::timeout(EVENTUAL, app::build_with_client(config, server.client_named(client)))
             .await
             .expect("the controller lists the cluster")
@@ -884,9 +884,9 @@ async fn one_replica_writes_and_a_dead_leader_is_replaced_within_the_lease() {
     for object in cluster() {
         server.apply(object);
     }
-    let a = Running::launch(&server, "elect-a", None, "a", quick_election("a")).await;
+    let a = Running::launch(&server, "elect-a", "a", |c| c.election = quick_election("a")).await;
     until_leading("a to lead", || a.bound.as_ref().unwrap().leading()).await;
-    let b = Running::launch(&server, "elect-b", None, "b", quick_election("b")).await;
+    let b = Running::launch(&server, "elect-b", "b", |c| c.election = quick_election("b")).await;
     let lease = || server.lease("weft-system", "weft-controller").unwrap();
     assert!(lease()["spec"]["holderIdentity"].as_str().unwrap().starts_with("a_"), "{}", lease());
 
@@ -930,7 +930,7 @@ async fn one_replica_writes_and_a_dead_leader_is_replaced_within_the_lease() {
     assert!(server.status_writes().iter().any(|w| w.client == "b"), "b writes now");
 
     // A leader that shuts down releases the lease: the next takes over at once.
-    let c = Running::launch(&server, "elect-c", None, "c", quick_election("c")).await;
+    let c = Running::launch(&server, "elect-c", "c", |c| c.election = quick_election("c")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!c.bound.as_ref().unwrap().leading());
     let released = std::time::Instant::now();
@@ -947,6 +947,105 @@ async fn one_replica_writes_and_a_dead_leader_is_replaced_within_the_lease() {
     server.partition("c", false);
     until_leading("c to lead again", || c.bound.as_ref().unwrap().leading()).await;
     c.stop().await;
+}
+
+const CA_ROOT_IN_SYSTEM: &str = "/api/v1/namespaces/weft-system/configmaps/weft-ca-root";
+
+/// The keys of the Secret `weft-system/weft-ca`, decoded.
+fn ca_secret(server: &ApiServer) -> Option<BTreeMap<String, String>> {
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(server.secret("weft-system", "weft-ca")?).unwrap();
+    Some(secret.data?.into_iter().map(|(k, v)| (k, String::from_utf8(v.0).unwrap())).collect())
+}
+
+/// The roots of the trust bundle a controller serves.
+fn served_roots(replica: &Running) -> Vec<String> {
+    let lines = replica.bound.as_ref().unwrap().store.resources(Some(meshapi::Kind::TrustBundle));
+    let line = lines.first().expect("a trust bundle");
+    match Resource::from_wire(serde_json::from_str(line).unwrap()).unwrap() {
+        Resource::TrustBundle(bundle) => bundle.roots,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn base64(text: &str) -> Value {
+    serde_json::to_value(k8s_openapi::ByteString(text.as_bytes().to_vec())).unwrap()
+}
+
+#[tokio::test]
+async fn without_a_ca_secret_the_first_replica_creates_it_and_every_replica_signs_with_it() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let keep_ca = |c: &mut Config| c.ca_secret = Some("weft-ca".into());
+    let (a, b) = tokio::join!(
+        Running::launch(&server, "ca-secret-a", "a", keep_ca),
+        Running::launch(&server, "ca-secret-b", "b", keep_ca)
+    );
+    let secret = ca_secret(&server).expect("a replica created the Secret");
+    let root = &secret["ca.crt"];
+    assert!(root.starts_with("-----BEGIN CERTIFICATE-----") && secret["ca.key"].contains("PRIVATE KEY"), "{secret:?}");
+    let created: Vec<Write> =
+        server.system_writes().into_iter().filter(|w| w.method == "POST" && w.path.ends_with("/secrets")).collect();
+    assert_eq!(created.iter().filter(|w| w.status == 201).count(), 1, "created once: {created:#?}");
+    assert!(created.iter().all(|w| w.status == 201 || w.status == 409), "{created:#?}");
+
+    // Both sign with it (and serve the bundle with its root), whichever created it.
+    for (replica, name) in [(&a, "a"), (&b, "b")] {
+        let ca_dir = replica.dir.path().join("state/ca");
+        assert_eq!(&std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap(), root, "{name}");
+        assert_eq!(std::fs::read_to_string(ca_dir.join("ca.key")).unwrap(), secret["ca.key"], "{name}");
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(ca_dir.join("ca.key")).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+        assert_eq!(served_roots(replica).first(), Some(root), "{name}");
+    }
+    // The nodes' copy of the root, beside the Secret (ztunnel never mounts the Secret).
+    let copy = eventually("the nodes' ConfigMap weft-ca-root", || server.applied(CA_ROOT_IN_SYSTEM)).await;
+    assert_eq!(&copy["data"]["root-cert.pem"], root);
+
+    // A replica replacing one (a new pod, an empty state directory) signs with the same root.
+    a.stop().await;
+    let c = Running::launch(&server, "ca-secret-c", "c", keep_ca).await;
+    assert_eq!(&std::fs::read_to_string(c.dir.path().join("state/ca/ca.crt")).unwrap(), root);
+    assert_eq!(ca_secret(&server).unwrap(), secret, "never overwritten");
+    b.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_operators_ca_secret_is_used_as_it_is_and_its_rotation_taken_up() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let (first_cert, first_key) = hbone::ca::Ca::new_root("operator root 1").unwrap().to_pem();
+    server.put_secret("weft-system", "weft-ca", json!({"ca.crt": base64(&first_cert), "ca.key": base64(&first_key)}));
+    let controller = Running::launch(&server, "ca-plug-in", "", |c| {
+        c.ca_secret = Some("weft-ca".into());
+        c.ca_secret_refresh = Duration::from_millis(200);
+    })
+    .await;
+    let copy = eventually("the nodes' ConfigMap", || server.applied(CA_ROOT_IN_SYSTEM)).await;
+    assert_eq!(copy["data"]["root-cert.pem"], first_cert.as_str());
+    assert!(
+        server.system_writes().iter().all(|w| !w.path.contains("/secrets")),
+        "the operator's Secret is not written: {:#?}",
+        server.system_writes()
+    );
+
+    // The operator replaces the CA: the controller signs with the new one and the nodes'
+    // copy follows.
+    let (second_cert, second_key) = hbone::ca::Ca::new_root("operator root 2").unwrap().to_pem();
+    server.put_secret("weft-system", "weft-ca", json!({"ca.crt": base64(&second_cert), "ca.key": base64(&second_key)}));
+    eventually("the new root in the nodes' ConfigMap", || {
+        server.applied(CA_ROOT_IN_SYSTEM).filter(|c| c["data"]["root-cert.pem"] == second_cert.as_str())
+    })
+    .await;
+    eventually("the new root served", || served_roots(&controller).first().filter(|r| **r == second_cert).cloned())
+        .await;
+    controller.stop().await;
 }
 
 #[tokio::test]
@@ -1270,6 +1369,8 @@ mod apiserver {
         forbidden: BTreeSet<String>,
         /// Leases by `<namespace>/<name>`.
         leases: BTreeMap<String, Value>,
+        /// Secrets by `<namespace>/<name>`.
+        pub secrets: BTreeMap<String, Value>,
         /// Clients (their `x-client` header) whose requests are answered 503, as when a
         /// network partition separates them from the API server.
         partitioned: BTreeSet<String>,
@@ -1464,13 +1565,41 @@ mod apiserver {
             self.state().forbidden.remove(namespace);
         }
 
-        /// Every write request so far of an object (the waypoints' objects): not of a Lease,
-        /// not of a status.
+        /// Every write request so far of an object in another namespace than the
+        /// controller's (the waypoints' objects): not of a Lease, a status, the CA.
         pub fn writes(&self) -> Vec<Write> {
             self.all_writes()
                 .into_iter()
-                .filter(|w| !w.path.starts_with(LEASES) && !w.path.ends_with("/status"))
+                .filter(|w| {
+                    !w.path.starts_with(LEASES)
+                        && !w.path.ends_with("/status")
+                        && !w.path.contains("/namespaces/weft-system/")
+                })
                 .collect()
+        }
+
+        /// Every write request so far in the controller's namespace (its CA Secret, the
+        /// nodes' ConfigMap; not its Lease).
+        pub fn system_writes(&self) -> Vec<Write> {
+            self.all_writes()
+                .into_iter()
+                .filter(|w| w.path.contains("/namespaces/weft-system/") && !w.path.starts_with(LEASES))
+                .collect()
+        }
+
+        /// Stores a Secret as an operator would create it.
+        pub fn put_secret(&self, namespace: &str, name: &str, data: Value) {
+            let mut state = self.state();
+            state.version += 1;
+            let secret = json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                "metadata": {"name": name, "namespace": namespace,
+                                             "resourceVersion": state.version.to_string()},
+                                "data": data});
+            state.secrets.insert(format!("{namespace}/{name}"), secret);
+        }
+
+        pub fn secret(&self, namespace: &str, name: &str) -> Option<Value> {
+            self.state().secrets.get(&format!("{namespace}/{name}")).cloned()
         }
 
         /// Every write of a status subresource so far.
@@ -1635,6 +1764,8 @@ mod apiserver {
             let mut state = state.lock().unwrap();
             let response = if path.starts_with(LEASES) {
                 lease(&mut state, &method, &path, Some(&body))
+            } else if let Some(rest) = path.strip_prefix("/api/v1/namespaces/").filter(|r| r.contains("/secrets")) {
+                secret(&mut state, &method, rest, Some(&body))
             } else {
                 write(&mut state, &method, &path, &query, &content_type, &body)
             };
@@ -1652,6 +1783,9 @@ mod apiserver {
         let mut state = state.lock().unwrap();
         if path.starts_with(LEASES) {
             return lease(&mut state, "GET", &path, None);
+        }
+        if let Some(rest) = path.strip_prefix("/api/v1/namespaces/").filter(|r| r.contains("/secrets")) {
+            return secret(&mut state, "GET", rest, None);
         }
         if let Some((plural, namespace, name)) = object_path(&path) {
             let key = (namespace.clone(), name.clone());
@@ -1840,6 +1974,36 @@ mod apiserver {
     }
 
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/";
+
+    /// Secrets (`<ns>/secrets[/<name>]`): GET, and POST refused with 409 when it exists.
+    fn secret(state: &mut State, method: &str, rest: &str, body: Option<&Value>) -> Response<Body> {
+        let parts: Vec<&str> = rest.split('/').collect();
+        match (method, parts.as_slice(), body) {
+            ("GET", &[namespace, "secrets", name], _) => match state.secrets.get(&format!("{namespace}/{name}")) {
+                Some(secret) => full(StatusCode::OK, secret.clone()),
+                None => status(StatusCode::NOT_FOUND, "NotFound", &format!("secrets \"{name}\" not found")),
+            },
+            ("POST", &[namespace, "secrets"], Some(body)) => {
+                let name = body["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let key = format!("{namespace}/{name}");
+                if state.secrets.contains_key(&key) {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "AlreadyExists",
+                        &format!("secrets \"{name}\" already exists"),
+                    );
+                }
+                state.version += 1;
+                let mut secret = body.clone();
+                secret["apiVersion"] = json!("v1");
+                secret["kind"] = json!("Secret");
+                secret["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                state.secrets.insert(key, secret.clone());
+                full(StatusCode::CREATED, secret)
+            }
+            _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", &format!("{method} {rest}")),
+        }
+    }
 
     /// Leases: GET, POST (409 if it exists), PUT (409 unless the `resourceVersion` is the
     /// stored one).
