@@ -77,6 +77,8 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
         ca_secret::materialize(client, &config.namespace, secret, &config.trust_domain, &files).await?;
         authority_config.root =
             RootSource::Files { cert: files.cert.clone(), key: files.key.clone(), chain: files.chain() };
+        // The Secret's extra roots, unless the flag names a file of them.
+        authority_config.extra_roots.get_or_insert_with(|| files.extra_roots.clone());
         ca_refresher = Some(Refresher::start(
             client.clone(),
             config.namespace.clone(),

@@ -2,7 +2,9 @@
 //! every replica signs with the same root, and it outlives any pod:
 //!
 //! - **A Secret made by the operator** (a plug-in root or intermediate: keys `ca.crt`, `ca.key`
-//!   and, for an intermediate, `ca-chain.crt` up to the root) is used as it is.
+//!   and, for an intermediate, `ca-chain.crt` up to the root) is used as it is. An optional
+//!   key `extra-roots.pem` adds roots to the trust bundle (`--extra-roots`: the incoming or
+//!   outgoing root of a rotation).
 //! - **No Secret**: the first replica to start generates a root and creates the Secret with it;
 //!   a replica that loses that race (`409`) reads the winner's. Nothing is ever overwritten.
 //!
@@ -38,6 +40,7 @@ use crate::leader::Leading;
 pub const CERT_KEY: &str = "ca.crt";
 pub const KEY_KEY: &str = "ca.key";
 pub const CHAIN_KEY: &str = "ca-chain.crt";
+pub const EXTRA_ROOTS_KEY: &str = "extra-roots.pem";
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,12 +52,19 @@ pub struct CaFiles {
     pub key: PathBuf,
     /// Written only when the Secret has a chain.
     pub chain: PathBuf,
+    /// The Secret's extra roots; empty when it has none.
+    pub extra_roots: PathBuf,
 }
 
 impl CaFiles {
     pub fn in_dir(state_dir: &Path) -> CaFiles {
         let dir = state_dir.join("ca");
-        CaFiles { cert: dir.join(CERT_KEY), key: dir.join(KEY_KEY), chain: dir.join(CHAIN_KEY) }
+        CaFiles {
+            cert: dir.join(CERT_KEY),
+            key: dir.join(KEY_KEY),
+            chain: dir.join(CHAIN_KEY),
+            extra_roots: dir.join(EXTRA_ROOTS_KEY),
+        }
     }
 
     /// The chain file, if the Secret had one.
@@ -164,6 +174,7 @@ fn write_files(secret: &Secret, files: &CaFiles) -> anyhow::Result<bool> {
     // The key first: the authority reads a changed pair only once both match.
     let mut changed = replace(&files.key, &key, 0o600)?;
     changed |= replace(&files.cert, &cert, 0o644)?;
+    changed |= replace(&files.extra_roots, &value(EXTRA_ROOTS_KEY).unwrap_or_default(), 0o644)?;
     match value(CHAIN_KEY) {
         Some(chain) => changed |= replace(&files.chain, &chain, 0o644)?,
         None => {

@@ -38,8 +38,9 @@ pub struct Config {
 
     /// On Kubernetes: keep the CA in this Secret of the controller's namespace, shared by the
     /// replicas. An existing Secret (keys `ca.crt`, `ca.key`, and `ca-chain.crt` for an
-    /// intermediate) is used as it is: a plug-in CA; without one, the first replica generates
-    /// a root and creates the Secret. Read again every 30 s for a rotation.
+    /// intermediate; `extra-roots.pem` for more roots in the trust bundle) is used as it is: a
+    /// plug-in CA; without one, the first replica generates a root and creates the Secret.
+    /// Read again every `--ca-secret-refresh` for a rotation.
     #[arg(long, env = "WEFT_CA_SECRET", conflicts_with_all = ["ca_cert", "source_dir"])]
     pub ca_secret: Option<String>,
 

@@ -1035,16 +1035,20 @@ async fn an_operators_ca_secret_is_used_as_it_is_and_its_rotation_taken_up() {
         server.system_writes()
     );
 
-    // The operator replaces the CA: the controller signs with the new one and the nodes'
-    // copy follows.
+    // The operator rotates: the new CA signs, the old root stays trusted meanwhile (the
+    // Secret's extra roots), and the nodes' copy follows.
     let (second_cert, second_key) = hbone::ca::Ca::new_root("operator root 2").unwrap().to_pem();
-    server.put_secret("weft-system", "weft-ca", json!({"ca.crt": base64(&second_cert), "ca.key": base64(&second_key)}));
-    eventually("the new root in the nodes' ConfigMap", || {
-        server.applied(CA_ROOT_IN_SYSTEM).filter(|c| c["data"]["root-cert.pem"] == second_cert.as_str())
+    server.put_secret(
+        "weft-system",
+        "weft-ca",
+        json!({"ca.crt": base64(&second_cert), "ca.key": base64(&second_key), "extra-roots.pem": base64(&first_cert)}),
+    );
+    let both = format!("{second_cert}{first_cert}");
+    eventually("the new bundle in the nodes' ConfigMap", || {
+        server.applied(CA_ROOT_IN_SYSTEM).filter(|c| c["data"]["root-cert.pem"] == both.as_str())
     })
     .await;
-    eventually("the new root served", || served_roots(&controller).first().filter(|r| **r == second_cert).cloned())
-        .await;
+    assert_eq!(served_roots(&controller), [second_cert.clone(), first_cert.clone()]);
     controller.stop().await;
 }
 
