@@ -27,8 +27,8 @@
 //!   with a projected token for the audience `weft-controller` as their credential.
 //!
 //! **Applying is idempotent**: the same objects applied again by the same manager change
-//! nothing (not even a `resourceVersion`). So two controller replicas applying the same
-//! objects, which they do (there is no leader election), agree. Each namespace is applied
+//! nothing (not even a `resourceVersion`). Only the elected leader applies
+//! ([`crate::leader`]); a new leader applies every namespace at once. Each namespace is applied
 //! again every 5 minutes ([`RESYNC`]), which puts back an object deleted or edited by hand
 //! (the controller does not watch the objects it writes: that would need cluster-wide `list`
 //! on Deployments, which its RBAC grants only per namespace).
