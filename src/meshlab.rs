@@ -51,6 +51,9 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     pub enrolled: bool,
     pub strict: bool,
+    /// Named container ports (`spec.containers[0].ports`), which Services' named
+    /// `targetPort`s resolve to.
+    pub container_ports: Vec<(String, u16)>,
 }
 
 impl PodSpec {
@@ -64,6 +67,7 @@ impl PodSpec {
             labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
             enrolled: true,
             strict: false,
+            container_ports: Vec::new(),
         }
     }
 
@@ -479,11 +483,19 @@ impl MeshLab {
             if s.strict {
                 labels.insert("weft.dev/mtls".into(), json!("STRICT"));
             }
+            let mut container = json!({"name": "app", "image": "weft-lab-app"});
+            if !s.container_ports.is_empty() {
+                container["ports"] = s
+                    .container_ports
+                    .iter()
+                    .map(|(name, port)| json!({"name": name, "containerPort": port, "protocol": "TCP"}))
+                    .collect();
+            }
             let object = json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": s.name, "namespace": s.namespace, "labels": labels},
                 "spec": {"nodeName": Self::node_name(s.node), "serviceAccountName": s.service_account,
-                         "containers": [{"name": "app", "image": "weft-lab-app"}]},
+                         "containers": [container]},
                 "status": {"phase": "Running", "podIP": pod.ip().to_string(), "podIPs": [{"ip": pod.ip().to_string()}]},
             });
             files.insert(format!("pod-{}-{}.yaml", s.namespace, s.name), serde_json::to_string_pretty(&object)?);

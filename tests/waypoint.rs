@@ -286,3 +286,136 @@ fn retries_heal_a_backend_failing_half_of_its_requests() {
 fn ratings_route_without_retry() -> Value {
     ratings(false)
 }
+
+/// The objects of `manifests/examples/`, in the order its kustomization lists the files.
+fn examples() -> Vec<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/examples");
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let kustomization: Value = serde_saphyr::from_str(&read("kustomization.yaml")).expect("the kustomization");
+    let files = kustomization["resources"].as_array().expect("its resources");
+    files
+        .iter()
+        .flat_map(|file| {
+            let file = file.as_str().expect("a file name");
+            serde_saphyr::from_multiple::<Value>(&read(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+        })
+        .filter(|object| !object.is_null())
+        .collect()
+}
+
+fn string(value: &Value) -> String {
+    value.as_str().unwrap_or_else(|| panic!("{value} is not a string")).to_owned()
+}
+
+/// The example users copy (`manifests/examples/`: namespace `bookinfo`, reviews v1 and v2, a
+/// waypoint, the 90/10 route with retries, the policies) read as written and put into the lab:
+/// the Deployments become the pods their controller would make (labels, service account,
+/// named ports), the Services get the cluster IPs the API server would assign, and the
+/// waypoint's pod is what the controller deploys for the Gateway (its name as service
+/// account and label). Requests from a pod in the namespace split 90/10, and, with v1 failing
+/// every other request with 503, the route's retries hide every failure.
+#[test]
+fn the_examples_users_copy_split_90_10_and_retry() {
+    if !MeshLab::ready_here() {
+        return;
+    }
+    let objects = examples();
+    let of_kind = |kind: &'static str| objects.iter().filter(move |o| o["kind"] == kind);
+    let mut mesh = MeshLab::new("wp-examples", 2, weft()).expect("building the lab");
+
+    // The lab writes each pod's namespace itself, labelled for the mesh: the example's says so.
+    let namespace = of_kind("Namespace").next().expect("the example's namespace");
+    let ns = string(&namespace["metadata"]["name"]);
+    assert_eq!(namespace["metadata"]["labels"], json!({"weft.dev/mesh": "enabled"}), "{namespace}");
+
+    let mut versions = Vec::new();
+    for deployment in of_kind("Deployment") {
+        assert_eq!(deployment["spec"]["replicas"], 1, "{deployment}");
+        let template = &deployment["spec"]["template"];
+        let labels = template["metadata"]["labels"].as_object().expect("the pods' labels");
+        let name = format!("{}-0", string(&deployment["metadata"]["name"]));
+        let mut pod = PodSpec::new(1, &ns, &name, &string(&labels["app"]));
+        pod.labels.extend(labels.iter().map(|(k, v)| (k.clone(), string(v))));
+        pod.service_account = string(&template["spec"]["serviceAccountName"]);
+        let container = &template["spec"]["containers"][0];
+        pod.container_ports = container["ports"]
+            .as_array()
+            .expect("named ports")
+            .iter()
+            .map(|p| (string(&p["name"]), p["containerPort"].as_u64().expect("a port") as u16))
+            .collect();
+        let port = pod.container_ports[0].1;
+        mesh.add_pod(pod).expect("a reviews pod");
+        versions.push((name, string(&labels["version"]), port));
+    }
+    assert_eq!(versions.iter().map(|(_, v, _)| v.as_str()).collect::<Vec<_>>(), ["v1", "v2"]);
+
+    let gateway = of_kind("Gateway").next().expect("the example's waypoint");
+    assert_eq!(gateway["spec"]["gatewayClassName"], "weft-waypoint");
+    let waypoint = string(&gateway["metadata"]["name"]);
+    let mut waypoint_pod = PodSpec::new(0, &ns, &waypoint, &waypoint);
+    waypoint_pod.labels = BTreeMap::from([("gateway.networking.k8s.io/gateway-name".to_owned(), waypoint.clone())]);
+    mesh.add_pod(waypoint_pod).expect("the waypoint's pod");
+    mesh.add_pod(PodSpec::new(0, &ns, "productpage", "productpage")).expect("a client pod");
+
+    // The rest as written; the controller reads neither RBAC objects, ServiceAccounts nor
+    // Deployments.
+    let mut cluster = Vec::new();
+    let mut vips = BTreeMap::new();
+    for object in &objects {
+        match object["kind"].as_str() {
+            Some("Service") => {
+                let vip = vip(10 + vips.len() as u16).to_string();
+                let mut service = object.clone();
+                service["spec"]["clusterIP"] = json!(vip);
+                service["spec"]["clusterIPs"] = json!([vip]);
+                vips.insert(string(&object["metadata"]["name"]), vip);
+                cluster.push(service);
+            }
+            Some("Gateway" | "HTTPRoute" | "AuthorizationPolicy") => cluster.push(object.clone()),
+            _ => {}
+        }
+    }
+    mesh.put_objects("examples", &cluster).expect("the example's objects");
+    mesh.start_ztunnels().expect("starting the controller and ztunnels");
+    let mut apps = BTreeMap::new();
+    for (pod, version, port) in &versions {
+        apps.insert(version.clone(), mesh.start_web(pod, *port, version, 0).expect("an app"));
+    }
+    let process = mesh.start_waypoint(&waypoint, &waypoint).expect("starting the waypoint");
+    mesh.keep(process);
+
+    let route = of_kind("HTTPRoute").next().expect("the example's route");
+    let parent = &route["spec"]["parentRefs"][0];
+    let reviews =
+        SocketAddr::new(vips[&string(&parent["name"])].parse().unwrap(), parent["port"].as_u64().unwrap() as u16);
+    let host = format!("{}.{ns}", string(&parent["name"]));
+    let tally = |n| mesh.http_tally("productpage", reviews, &host, n, &[]).expect("requests from productpage");
+    assert!(
+        eventually(PROPAGATION * 2, || tally(20).get("v1").copied().unwrap_or(0) > 0),
+        "requests to {reviews} never reached v1 through the waypoint"
+    );
+
+    // 90/10, per request.
+    let counts = tally(1000);
+    let (v1, v2) = (counts.get("v1").copied().unwrap_or(0), counts.get("v2").copied().unwrap_or(0));
+    assert_eq!(v1 + v2, 1000, "some requests failed: {counts:?}");
+    assert!((860..=940).contains(&v1), "v1 got {v1} of 1000 requests: {counts:?}");
+
+    // v1 fails every other request with 503: the route's retries (503 among its codes) hide it.
+    drop(apps.remove("v1"));
+    let (v1_pod, _, v1_port) = &versions[0];
+    let failing = mesh.start_web(v1_pod, *v1_port, "v1", 50).expect("a failing v1");
+    let counts = tally(400);
+    assert_eq!(
+        counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0),
+        400,
+        "a failure reached the client despite the retries: {counts:?}"
+    );
+    let answered_by_v1 = counts.get("v1").copied().unwrap_or(0);
+    let seen_by_v1 = failing.logs().expect("v1's log").matches("request GET /").count();
+    assert!(
+        seen_by_v1 >= answered_by_v1 * 2 - 2,
+        "v1 saw {seen_by_v1} requests and answered {answered_by_v1}: its failures were not retried"
+    );
+}
