@@ -1297,6 +1297,61 @@ async fn in_a_cluster_controller_tokens_and_service_account_tokens_both_work() {
     assert_eq!(server.reviews().len(), 1, "nor a forged one");
 }
 
+/// A client of `controller`'s API as a ztunnel of `node` holding `token`.
+fn api_client(controller: &Running, token: &str, node: &str) -> ztunnel::control::client::Client {
+    use rustls::pki_types::pem::PemObject;
+    let roots = rustls::pki_types::CertificateDer::pem_slice_iter(controller.root_pem().as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let token_file = controller.dir.path().join(format!("token-{node}-{}", token.len()));
+    std::fs::write(&token_file, token).unwrap();
+    let addr = controller.bound.as_ref().unwrap().api_addr;
+    ztunnel::control::client::Client::new(ztunnel::control::client::Endpoint {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        server_name: rustls::pki_types::ServerName::try_from("weft-controller.weft-system.svc").unwrap(),
+        roots,
+        token_file,
+        subscriber: meshapi::watch::Subscriber::Node(node.to_owned()),
+    })
+    .unwrap()
+}
+
+/// The answer to a CSR for `shop/<account>`: the HTTP status and reason of a refusal, or 200.
+async fn csr_answer(client: &ztunnel::control::client::Client, account: &str) -> (u16, String) {
+    let identity = hbone::SpiffeId::new("cluster.local", "shop", account).unwrap();
+    let (csr, _key) = hbone::ca::new_csr(&identity).unwrap();
+    let request = meshapi::certificate::CertificateRequest { csr, ttl_seconds: None };
+    match client.certificate(&request).await {
+        Ok(_) => (200, String::new()),
+        Err(ztunnel::control::client::ControlError::Refused { status, reason, .. }) => (status.as_u16(), reason),
+        Err(other) => panic!("no answer: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_node_token_reviewed_by_the_api_server_obtains_its_own_nodes_identities_only() {
+    let server = ApiServer::start().await;
+    for object in cluster() {
+        server.apply(object);
+    }
+    let bound_to = |node: &str| ztunnel_user(json!({"authentication.kubernetes.io/node-name": [node]}));
+    server.token("node-1-token", &["weft-controller"], bound_to("node-1"));
+    server.token("other-audience", &["https://kubernetes.default.svc"], bound_to("node-1"));
+    let controller = Running::start(&server, "node-authz").await;
+
+    // web-0 runs on node-1, api-0 on node-2 (both enrolled).
+    let node_1 = api_client(&controller, "node-1-token", "node-1");
+    assert_eq!(csr_answer(&node_1, "web").await, (200, String::new()), "node-1's own workload");
+    assert_eq!(csr_answer(&node_1, "api").await, (403, "forbidden_identity".to_owned()), "node-2's workload");
+    // A token the API server does not know (expired, revoked) or one for another audience.
+    for token in ["expired-or-unknown", "other-audience"] {
+        let client = api_client(&controller, token, "node-1");
+        assert_eq!(csr_answer(&client, "web").await, (401, "bad_credential".to_owned()), "{token}");
+    }
+    controller.stop().await;
+}
+
 /// An API server faked at the HTTP level: enough of list, watch, TokenReview and server-side
 /// apply for the controller's client, with knobs for what real ones do (history compaction,
 /// bookmarks, restarts, kinds not served, writes forbidden in a namespace).
