@@ -443,7 +443,7 @@ fn check_prerequisites() -> anyhow::Result<()> {
         missing.push(format!("root privileges (CAP_NET_ADMIN and CAP_SYS_ADMIN): {e}; run with sudo"));
     }
     if Command::new("nft").arg("--version").output().is_err() {
-        missing.push("the `nft` program: install the nftables package (apt-get install nftables)".into());
+        missing.push("the `nft` program: install the nftables package (apt-get install nftables; `sudo scripts/run demo` does it)".into());
     }
     if Command::new("sleep").arg("0").output().is_err() {
         missing.push("the `sleep` program (coreutils)".into());
