@@ -943,7 +943,10 @@ async fn one_replica_writes_and_a_dead_leader_is_replaced_within_the_lease() {
     let cut = std::time::Instant::now();
     eventually("c to step down", || (!c.bound.as_ref().unwrap().leading()).then_some(())).await;
     let took = cut.elapsed();
-    assert!(took <= Duration::from_millis(1500 + 500), "within the renew deadline: {took:?}");
+    assert!(
+        took <= Duration::from_millis(1500 + 1000),
+        "within the renew deadline (and a busy machine's delay): {took:?}"
+    );
     server.partition("c", false);
     until_leading("c to lead again", || c.bound.as_ref().unwrap().leading()).await;
     c.stop().await;
