@@ -7,10 +7,15 @@
 //! - HTTP request/response at a fixed rate (open loop: latency counted from each request's
 //!   scheduled time, so a stall is not hidden), p50/p99;
 //! - connection setup rate: connect, 1-byte exchange, close, from 4 client threads;
-//! - memory: ztunnel RSS at rest and per 1,000 idle tunneled connections.
+//! - memory: ztunnel RSS at rest and per 1,000 idle tunneled connections;
+//! - what each throughput run cost, counted over the same run: CPU seconds, page faults and
+//!   context switches per GB of each ztunnel and of the endpoints (the client's writer threads
+//!   and the sink), and each ztunnel's syscalls per MB (`perf stat`, when installed); the same
+//!   per round trip over the latency runs.
 //!
 //! Run: `cargo bench --bench ztunnel` as root, with `nft` installed. Env: `WEFT_BENCH_SECS`
-//! (default 5), `WEFT_BENCH_REPS` (default 3, medians reported).
+//! (default 5), `WEFT_BENCH_REPS` (default 3, medians reported), `WEFT_BENCH_PERF` (`0`: no
+//! syscall counts).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -33,6 +38,22 @@ struct Pair {
 
 const DIRECT: Pair = Pair { name: "direct", client: "dclient", server: "dserver" };
 const MESHED: Pair = Pair { name: "meshed", client: "mclient", server: "mserver" };
+
+/// The processes whose costs a run counts.
+struct Watched {
+    /// ztunnel on node 0 (the client side) and node 1 (the server side).
+    ztunnels: [u32; 2],
+    /// The sink of each pair, by the pair's name.
+    sinks: Vec<(&'static str, u32)>,
+    /// Count syscalls with `perf stat` (installed, and not turned off).
+    perf: bool,
+}
+
+impl Watched {
+    fn sink(&self, pair: &Pair) -> u32 {
+        self.sinks.iter().find(|(name, _)| *name == pair.name).map_or(0, |(_, pid)| *pid)
+    }
+}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -69,9 +90,13 @@ fn main() {
     for node in 0..2 {
         mesh.start_ztunnel(node, &extra).expect("starting ztunnels");
     }
-    for server in ["dserver", "mserver"] {
+    let mut sinks = Vec::new();
+    for (pair, server) in [(&DIRECT, "dserver"), (&MESHED, "mserver")] {
         for (kind, port) in [("sink", SINK), ("http", HTTP)] {
             let p = mesh.start_app(server, kind, port).unwrap();
+            if kind == "sink" {
+                sinks.push((pair.name, p.pid()));
+            }
             mesh.keep(p);
         }
         let p = mesh.start_echo(server, ECHO, None).unwrap();
@@ -79,6 +104,8 @@ fn main() {
     }
     mesh.wait_enrolled(0, 1).unwrap();
     mesh.wait_enrolled(1, 1).unwrap();
+    let perf = std::env::var("WEFT_BENCH_PERF").map_or(true, |v| v != "0") && perf_works();
+    let watched = Watched { ztunnels: [mesh.ztunnel(0).pid(), mesh.ztunnel(1).pid()], sinks, perf };
     let only = std::env::var("WEFT_BENCH_ONLY").unwrap_or_default();
     let run = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
     println!(
@@ -101,25 +128,37 @@ fn main() {
     let per_conn = if run("memory") { idle_connections(&mesh, 1000) } else { (f64::NAN, f64::NAN) };
 
     let mut rows: Vec<(String, f64, f64, &str)> = Vec::new();
+    let mut flows = Vec::new();
     if run("throughput") {
         for streams in [1usize, 8] {
-            let (d, m) = alternate(
+            let (d, m) = runs(
                 reps,
-                || throughput(&mesh, &DIRECT, streams, secs),
-                || throughput(&mesh, &MESHED, streams, secs),
+                || throughput(&mesh, &watched, &DIRECT, streams, secs),
+                || throughput(&mesh, &watched, &MESHED, streams, secs),
             );
-            rows.push((format!("throughput, {streams} stream(s)"), d, m, "Gbit/s"));
+            let gbps = |v: &[Flow]| median(&mut v.iter().map(|f| f.gbps).collect::<Vec<_>>());
+            rows.push((format!("throughput, {streams} stream(s)"), gbps(&d), gbps(&m), "Gbit/s"));
+            flows.push((streams, d, m));
         }
     }
     let mut latency_rows = Vec::new();
+    let mut per_round_trip = Vec::new();
     if run("latency") {
         for size in [1usize, 64] {
+            let mut costs = Vec::new();
             let (d, m) = alternate_pair(
                 reps,
-                || ping_pong(&mesh, &DIRECT, size, 20_000),
-                || ping_pong(&mesh, &MESHED, size, 20_000),
+                || ping_pong(&mesh, &DIRECT, size, 20_000).0,
+                || {
+                    let before = watched.ztunnels.map(Usage::of_process);
+                    let (times, trips) = ping_pong(&mesh, &MESHED, size, 20_000);
+                    let spent = watched.ztunnels.map(Usage::of_process);
+                    costs.push(spent[0].since(before[0]).plus(spent[1].since(before[1])).per(trips as f64));
+                    times
+                },
             );
             latency_rows.push((format!("{size}-byte round trip"), d, m));
+            per_round_trip.push((size, costs));
         }
         let d = http_fixed_rate(&mesh, &DIRECT, 1000, secs);
         let m = http_fixed_rate(&mesh, &MESHED, 1000, secs);
@@ -138,6 +177,15 @@ fn main() {
     for (name, d, m) in &latency_rows {
         println!("{:<32} {:>8.1} / {:<7.1} {:>8.1} / {:<7.1} {:>+12.1}", name, d.0, d.1, m.0, m.1, m.0 - d.0);
     }
+    for (streams, d, m) in &flows {
+        print_flow_costs(*streams, d, m, watched.perf);
+    }
+    if !per_round_trip.is_empty() {
+        println!("\nper meshed round trip, both ztunnels: {}", USAGE_COLUMNS);
+        for (size, costs) in &per_round_trip {
+            println!("  {:<30} {}", format!("{size}-byte (CPU in µs)"), usage_cells(costs, 1e6));
+        }
+    }
     println!("\nmemory: ztunnel RSS at rest: node-0 {} KiB, node-1 {} KiB", rss_idle[0], rss_idle[1]);
     println!("memory: at rest, node-0 {}; node-1 {}", rss_split[0], rss_split[1]);
     println!(
@@ -146,8 +194,16 @@ fn main() {
     );
     let ratio = |name: &str| rows.iter().find(|r| r.0.starts_with(name)).map_or(f64::NAN, |r| r.2 / r.1 * 100.0);
     let added = latency_rows.get(1).map_or(f64::NAN, |r| r.2.0 - r.1.0);
+    let one_stream = flows.iter().find(|f| f.0 == 1);
+    let cpu_per_gb = |runs: &[Flow], of: fn(&Flow) -> Usage| {
+        median(&mut runs.iter().map(|f| of(f).per(f.bytes as f64 / 1e9).cpu).collect::<Vec<_>>())
+    };
+    let (ztunnels_cpu, direct_cpu) = one_stream.map_or((f64::NAN, f64::NAN), |(_, d, m)| {
+        (cpu_per_gb(m, |f| f.ztunnels[0].plus(f.ztunnels[1])), cpu_per_gb(d, |f| f.endpoints))
+    });
     println!(
-        "\nsummary: 1-stream throughput {:.1}% of direct; added p50 64-byte RTT {added:.1} µs; idle RSS {} KiB; {:.2} KiB/conn",
+        "\nsummary: 1-stream throughput {:.1}% of direct; both ztunnels {ztunnels_cpu:.2} CPU s/GB (direct endpoints {direct_cpu:.2}); \
+         added p50 64-byte RTT {added:.1} µs; idle RSS {} KiB; {:.2} KiB/conn",
         ratio("throughput, 1 "),
         rss_idle.iter().max().copied().unwrap_or(0),
         per_conn.0.max(per_conn.1)
@@ -202,16 +258,36 @@ fn target(mesh: &MeshLab, pair: &Pair, port: u16) -> SocketAddr {
     SocketAddr::from((mesh.pod(pair.server).ip(), port))
 }
 
-/// Gbit/s received by the sink over `streams` connections writing for `secs`.
-fn throughput(mesh: &MeshLab, pair: &Pair, streams: usize, secs: u64) -> f64 {
+/// One throughput run: what it moved and what it cost.
+struct Flow {
+    gbps: f64,
+    /// Bytes the sink received.
+    bytes: u64,
+    /// The client's writer threads and the sink process.
+    endpoints: Usage,
+    /// Each ztunnel, over the run.
+    ztunnels: [Usage; 2],
+    /// Each ztunnel's syscalls per MB received by the sink (`perf stat`), when counted.
+    syscalls_per_mb: [Option<f64>; 2],
+}
+
+/// Bytes received by the sink over `streams` connections writing for `secs`, and what the
+/// endpoints and both ztunnels spent meanwhile.
+fn throughput(mesh: &MeshLab, watched: &Watched, pair: &Pair, streams: usize, secs: u64) -> Flow {
     let to = target(mesh, pair, SINK);
     let conns: Vec<TcpStream> = (0..streams).map(|_| mesh.connect(pair.client, to).expect("connect")).collect();
+    let sink = watched.sink(pair);
+    let (sink_before, ztunnels_before) = (Usage::of_process(sink), watched.ztunnels.map(Usage::of_process));
+    // Counts over the writing time (`secs`); the run lasts a little longer while the last
+    // bytes drain, so the count is divided by the bytes of the same share of the run.
+    let perf = watched.ztunnels.map(|pid| if watched.perf { count_syscalls(pid, secs) } else { None });
     let started = Instant::now();
     let deadline = started + Duration::from_secs(secs);
     let handles: Vec<_> = conns
         .into_iter()
         .map(|mut c| {
             std::thread::spawn(move || {
+                let before = Usage::of_this_thread();
                 let buf = vec![0x5au8; 256 * 1024];
                 while Instant::now() < deadline {
                     if c.write_all(&buf).is_err() {
@@ -221,32 +297,227 @@ fn throughput(mesh: &MeshLab, pair: &Pair, streams: usize, secs: u64) -> f64 {
                 let _ = c.shutdown(Shutdown::Write);
                 let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
                 let mut count = [0u8; 8];
-                match c.read_exact(&mut count) {
+                let received = match c.read_exact(&mut count) {
                     Ok(()) => u64::from_be_bytes(count),
                     Err(_) => 0,
-                }
+                };
+                (received, Usage::of_this_thread().since(before))
             })
         })
         .collect();
-    let bytes: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+    let (mut bytes, mut endpoints) = (0, Usage::default());
+    for h in handles {
+        let (received, spent) = h.join().unwrap_or_default();
+        bytes += received;
+        endpoints = endpoints.plus(spent);
+    }
     let elapsed = started.elapsed().as_secs_f64();
+    let endpoints = endpoints.plus(Usage::of_process(sink).since(sink_before));
+    let ztunnels = [0, 1].map(|i| Usage::of_process(watched.ztunnels[i]).since(ztunnels_before[i]));
+    let mb_counted = bytes as f64 / 1e6 * (secs as f64 / elapsed).min(1.0);
+    let syscalls_per_mb = perf.map(|p| p.and_then(finish_syscall_count).map(|n| n as f64 / mb_counted));
     let gbps = bytes as f64 * 8.0 / elapsed / 1e9;
-    eprintln!("  {} throughput {streams} stream(s): {gbps:.2} Gbit/s", pair.name);
-    gbps
+    let gb = bytes as f64 / 1e9;
+    eprintln!(
+        "  {} throughput {streams} stream(s): {gbps:.2} Gbit/s; CPU s/GB endpoints {:.2}, ztunnels {:.2} + {:.2}",
+        pair.name,
+        endpoints.per(gb).cpu,
+        ztunnels[0].per(gb).cpu,
+        ztunnels[1].per(gb).cpu
+    );
+    Flow { gbps, bytes, endpoints, ztunnels, syscalls_per_mb }
 }
 
-/// (p50, p99) in µs of `n` sequential `size`-byte round trips on one connection.
-fn ping_pong(mesh: &MeshLab, pair: &Pair, size: usize, n: usize) -> (f64, f64) {
+const USAGE_COLUMNS: &str = "CPU s, minor faults, major faults, voluntary / involuntary context switches";
+
+/// Per GB moved, for each party of the runs of one stream count: median [min-max].
+fn print_flow_costs(streams: usize, direct: &[Flow], meshed: &[Flow], perf: bool) {
+    println!("\nper GB moved, {streams} stream(s): {USAGE_COLUMNS}; median [min-max] of the runs");
+    let per_gb = |runs: &[Flow], of: &dyn Fn(&Flow) -> Usage| -> Vec<Usage> {
+        runs.iter().map(|f| of(f).per(f.bytes as f64 / 1e9)).collect()
+    };
+    let parties: [(&str, Vec<Usage>); 5] = [
+        ("direct: endpoints", per_gb(direct, &|f| f.endpoints)),
+        ("meshed: endpoints", per_gb(meshed, &|f| f.endpoints)),
+        ("meshed: ztunnel node-0", per_gb(meshed, &|f| f.ztunnels[0])),
+        ("meshed: ztunnel node-1", per_gb(meshed, &|f| f.ztunnels[1])),
+        ("meshed: both ztunnels", per_gb(meshed, &|f| f.ztunnels[0].plus(f.ztunnels[1]))),
+    ];
+    for (name, costs) in &parties {
+        println!("  {name:<30} {}", usage_cells(costs, 1.0));
+    }
+    if !perf {
+        println!("  syscalls per MB: not counted (perf not installed, or WEFT_BENCH_PERF=0)");
+        return;
+    }
+    let calls = |i: usize| meshed.iter().filter_map(|f| f.syscalls_per_mb[i]).collect::<Vec<_>>();
+    println!("  syscalls per MB, ztunnel node-0 {}, node-1 {}", spread(&calls(0), 1), spread(&calls(1), 1));
+}
+
+/// Each column of [`USAGE_COLUMNS`] over `costs`, CPU scaled by `cpu_scale`: median [min-max].
+fn usage_cells(costs: &[Usage], cpu_scale: f64) -> String {
+    let column = |f: fn(&Usage) -> f64| costs.iter().map(f).collect::<Vec<_>>();
+    let cpu: Vec<f64> = costs.iter().map(|u| u.cpu * cpu_scale).collect();
+    format!(
+        "{} | {} | {} | {} / {}",
+        spread(&cpu, 2),
+        spread(&column(|u| u.minflt), 1),
+        spread(&column(|u| u.majflt), 1),
+        spread(&column(|u| u.voluntary), 1),
+        spread(&column(|u| u.involuntary), 1)
+    )
+}
+
+/// `median [min-max]` of `v`, with `decimals`.
+fn spread(v: &[f64], decimals: usize) -> String {
+    if v.is_empty() {
+        return "-".to_owned();
+    }
+    let mut sorted = v.to_vec();
+    let m = median(&mut sorted);
+    format!("{m:.decimals$} [{:.decimals$}-{:.decimals$}]", sorted[0], sorted[sorted.len() - 1])
+}
+
+/// What a process (all its threads) or one thread has spent: CPU time and page faults from
+/// `stat`, context switches from `status`. Counts kept as `f64` so they can be divided.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    /// utime + stime, seconds.
+    cpu: f64,
+    minflt: f64,
+    majflt: f64,
+    voluntary: f64,
+    involuntary: f64,
+}
+
+impl Usage {
+    /// The whole process: `stat` sums its threads; `status` counts context switches of one
+    /// thread only, so those are summed over `task/*`.
+    fn of_process(pid: u32) -> Usage {
+        let mut usage = Usage::from_stat(Path::new(&format!("/proc/{pid}/stat")));
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+            let (voluntary, involuntary) = context_switches(&task.path().join("status"));
+            usage.voluntary += voluntary;
+            usage.involuntary += involuntary;
+        }
+        usage
+    }
+
+    /// The calling thread alone.
+    fn of_this_thread() -> Usage {
+        let mut usage = Usage::from_stat(Path::new("/proc/thread-self/stat"));
+        (usage.voluntary, usage.involuntary) = context_switches(Path::new("/proc/thread-self/status"));
+        usage
+    }
+
+    /// CPU time and page faults from a `stat` file.
+    fn from_stat(stat: &Path) -> Usage {
+        let text = std::fs::read_to_string(stat).unwrap_or_default();
+        // The command name may hold spaces: fields are counted after its closing parenthesis.
+        let after = text.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // After ")": state is field 3, so minflt (10), majflt (12), utime (14) and stime (15)
+        // are at 7, 9, 11 and 12.
+        let at = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        Usage { cpu: (at(11) + at(12)) / clock_ticks(), minflt: at(7), majflt: at(9), ..Usage::default() }
+    }
+
+    fn since(self, before: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu - before.cpu,
+            minflt: self.minflt - before.minflt,
+            majflt: self.majflt - before.majflt,
+            voluntary: self.voluntary - before.voluntary,
+            involuntary: self.involuntary - before.involuntary,
+        }
+    }
+
+    fn plus(self, other: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu + other.cpu,
+            minflt: self.minflt + other.minflt,
+            majflt: self.majflt + other.majflt,
+            voluntary: self.voluntary + other.voluntary,
+            involuntary: self.involuntary + other.involuntary,
+        }
+    }
+
+    /// Each figure divided by `units` (GB moved, round trips).
+    fn per(self, units: f64) -> Usage {
+        Usage {
+            cpu: self.cpu / units,
+            minflt: self.minflt / units,
+            majflt: self.majflt / units,
+            voluntary: self.voluntary / units,
+            involuntary: self.involuntary / units,
+        }
+    }
+}
+
+/// (voluntary, involuntary) context switches of one thread, from its `status` file.
+fn context_switches(status: &Path) -> (f64, f64) {
+    let text = std::fs::read_to_string(status).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    (field("voluntary_ctxt_switches:"), field("nonvoluntary_ctxt_switches:"))
+}
+
+/// Clock ticks per second, the unit of `/proc/<pid>/stat`'s CPU times (`getconf CLK_TCK`).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Whether `perf stat` can count syscalls here (installed, tracepoints readable).
+fn perf_works() -> bool {
+    std::process::Command::new("perf")
+        .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "--", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Starts counting `pid`'s syscalls (all its threads) for `secs` seconds.
+fn count_syscalls(pid: u32, secs: u64) -> Option<std::process::Child> {
+    std::process::Command::new("perf")
+        .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p", &pid.to_string(), "--", "sleep", &secs.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()
+}
+
+/// The count `perf stat -x,` printed (its first CSV field), once it has ended.
+fn finish_syscall_count(child: std::process::Child) -> Option<u64> {
+    let out = child.wait_with_output().ok()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.lines().find(|l| l.contains("raw_syscalls:sys_enter"))?.split(',').next()?.trim().parse().ok()
+}
+
+/// (p50, p99) in µs of `n` sequential `size`-byte round trips on one connection, and how
+/// many round trips were made in all (warm-up included).
+fn ping_pong(mesh: &MeshLab, pair: &Pair, size: usize, n: usize) -> ((f64, f64), usize) {
     let mut c = mesh.connect(pair.client, target(mesh, pair, ECHO)).expect("connect");
     c.set_nodelay(true).unwrap();
     let msg = vec![7u8; size];
     let mut back = vec![0u8; size];
     let mut samples = Vec::with_capacity(n);
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut trips = 0;
     for i in 0..(n + 1000) {
         let t = Instant::now();
         c.write_all(&msg).unwrap();
         c.read_exact(&mut back).unwrap();
+        trips += 1;
         if i >= 1000 {
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }
@@ -256,7 +527,7 @@ fn ping_pong(mesh: &MeshLab, pair: &Pair, size: usize, n: usize) -> (f64, f64) {
     }
     let r = percentiles(&mut samples);
     eprintln!("  {} {size}-byte RTT p50 {:.1} µs p99 {:.1} µs", pair.name, r.0, r.1);
-    r
+    (r, trips)
 }
 
 /// (p50, p99) in µs of HTTP requests sent at `rate`/s on one keep-alive connection for
