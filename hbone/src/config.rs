@@ -56,8 +56,9 @@ pub const DEFAULT_SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Most bytes read from a plain socket at once: 256 KiB. Large reads cut syscalls on bulk
 /// transfers; each read is sent as DATA frames of at most 64 KiB that share its allocation
-/// (see `copy`), and the buffer is released whenever the socket has nothing to read, so an
-/// idle tunnel holds no buffer at all. The HTTP/2 send buffer of a stream is twice this.
+/// (see `copy`), and the buffer goes back to a small pool shared by every tunnel after each
+/// read, so an idle tunnel holds no buffer at all. The HTTP/2 send buffer of a stream is twice
+/// this.
 /// Measured on loopback, 64 KiB to 256 KiB reads cost the same CPU per byte, 1 MiB slightly
 /// more (docs/BENCHMARKS.md).
 pub const DEFAULT_COPY_BUFFER: usize = 256 * 1024;

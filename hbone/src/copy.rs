@@ -7,15 +7,20 @@
 //!   the socket (SO_LINGER 0, so closing it sends RST).
 //! - **Buffers**: socket reads (up to `buffer` bytes each) go straight into a `BytesMut` that is
 //!   frozen and handed to HTTP/2 without another copy, cut into DATA frames of
-//!   [`FRAME_PAYLOAD`] bytes that share the read's allocation. The buffer is released whenever
-//!   the socket has nothing to read, so an idle tunnel holds no buffer.
+//!   [`FRAME_PAYLOAD`] bytes that share the read's allocation. The buffer goes back to a small
+//!   process-wide pool after every read, so a tunnel waiting for data holds none, and the next
+//!   read (of any tunnel) takes back an allocation whose frames have all been sent: a busy
+//!   stream cycles through a few warm buffers instead of asking the allocator for fresh pages
+//!   per read (which cost a page fault per 4 KiB touched).
 //! - **Syscalls**: a read that does not fill the buffer ends the burst (no second read just to
 //!   learn EAGAIN), and the frames received by the time the socket is writable go out in one
 //!   `writev`, so neither direction costs a syscall, nor wakes the local peer, per frame.
 
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::pin::{Pin, pin};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -112,7 +117,6 @@ async fn socket_to_tunnel(
     buffer: usize,
     count: &AtomicU64,
 ) -> Result<(), CopyCause> {
-    let mut buf = BytesMut::new();
     loop {
         // Wait for data holding no buffer. Free of syscalls while the socket is known to be
         // readable (after a read that filled the buffer).
@@ -120,10 +124,8 @@ async fn socket_to_tunnel(
             send.send_reset(h2::Reason::CANCEL);
             return Err(CopyCause::LocalRead(e));
         }
-        if buf.capacity() < buffer {
-            buf.reserve(buffer);
-        }
-        let room = buf.capacity() - buf.len();
+        let mut buf = BUFFERS.take(buffer);
+        let room = buf.capacity();
         // On Linux, tokio's `AsyncRead` (unlike `try_read`) forgets the socket's readiness
         // after a read that does not fill the buffer, so a small message costs one `recv`, not
         // a second one that only returns EAGAIN. Polled once: it never waits holding the buffer.
@@ -132,26 +134,24 @@ async fn socket_to_tunnel(
             Poll::Pending => Poll::Ready(None),
         })
         .await;
+        let mut chunk = buf.split().freeze();
+        // Back to the pool at once: the handle keeps the allocation, which a later `take`
+        // reclaims once the frames cut from `chunk` are sent and dropped.
+        BUFFERS.give(buf);
         let n = match read {
             Some(Ok(n)) => n,
             // Readiness was stale (tokio has now cleared it): wait again, without a buffer.
-            None => {
-                buf = BytesMut::new();
-                continue;
-            }
+            None => continue,
             Some(Err(e)) => {
                 send.send_reset(h2::Reason::CANCEL);
                 return Err(CopyCause::LocalRead(e));
             }
         };
+        debug_assert_eq!(chunk.len(), n);
+        debug_assert!(n <= room);
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(|e| CopyCause::Tunnel(h2_to_io(e)))?;
             return Ok(());
-        }
-        let mut chunk = buf.split().freeze();
-        if n < room {
-            // The socket is drained: give the rest of the buffer back before waiting.
-            buf = BytesMut::new();
         }
         while !chunk.is_empty() {
             let mut cap = poll_fn(|cx| poll_send_capacity(send, chunk.len(), cx)).await.map_err(CopyCause::Tunnel)?;
@@ -207,6 +207,55 @@ async fn tunnel_to_socket(
 /// that large come back from the allocator as fresh pages (110-140 page faults per MB moved,
 /// against 6-60 with 64 KiB frames).
 pub(crate) const FRAME_PAYLOAD: usize = 64 * 1024 - 9;
+
+/// Read buffers kept for reuse, across tunnels: 8, 2 MiB with the default 256 KiB buffer.
+///
+/// A stream moving bulk data has a buffer or two in HTTP/2's send queue while it reads into
+/// the next, so each busy stream cycles through two or three; 8 keeps one to three busy
+/// streams off the allocator (eight busy streams still take new buffers, docs/BENCHMARKS.md).
+/// Pages are committed only as reads touch them, so a node that never moves bulk data keeps
+/// little of this resident; one that did keeps up to 2 MiB after the burst. Without reuse,
+/// each read allocated a fresh 256 KiB that glibc returned to the kernel once its frames were
+/// sent, and the next read paid a page fault per 4 KiB: 14,000-34,000 per GB on the sending
+/// ztunnel, against under 100 with the pool.
+const POOLED_BUFFERS: usize = 8;
+
+static BUFFERS: BufferPool = BufferPool { free: Mutex::new(VecDeque::new()) };
+
+/// Handles on read buffers whose allocations may still be shared with DATA frames in flight.
+struct BufferPool {
+    free: Mutex<VecDeque<BytesMut>>,
+}
+
+impl BufferPool {
+    /// An empty buffer with room for `size` bytes: a pooled allocation none of whose frames is
+    /// still in flight, or a new one.
+    fn take(&self, size: usize) -> BytesMut {
+        {
+            // A poisoned lock only means a panic elsewhere while pushing a handle: the list is
+            // still a list of handles.
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = free.iter_mut().position(|b| b.is_empty() && b.try_reclaim(size))
+                && let Some(buf) = free.remove(i)
+            {
+                return buf;
+            }
+        }
+        BytesMut::with_capacity(size)
+    }
+
+    /// Keeps `buf`'s allocation for a later [`take`](Self::take); the oldest handle is dropped
+    /// when the pool is full (its allocation is freed once its frames are).
+    fn give(&self, buf: BytesMut) {
+        let oldest = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            free.push_back(buf);
+            if free.len() > POOLED_BUFFERS { free.pop_front() } else { None }
+        };
+        // Freed, if it is, outside the lock.
+        drop(oldest);
+    }
+}
 
 /// Most DATA frames gathered into one `writev` to the local socket. Bounded by the stream
 /// window anyway (4 MiB by default, 64 full frames).
@@ -279,6 +328,49 @@ mod tests {
         }
         let size = future_size(super::bidirectional);
         assert!(size <= 700, "copy future grew to {size} bytes");
+    }
+
+    /// A read's allocation comes back once every frame cut from it is dropped, and not before:
+    /// a busy stream reads into warm memory, and never into bytes still being sent.
+    #[test]
+    fn read_buffers_are_reused_once_their_frames_are_sent() {
+        use bytes::BufMut;
+
+        let pool = super::BufferPool { free: std::sync::Mutex::new(std::collections::VecDeque::new()) };
+        let size = 64 * 1024;
+        let mut buf = pool.take(size);
+        let first = buf.as_ptr();
+        buf.put_bytes(7, 1000);
+        let chunk = buf.split().freeze();
+        pool.give(buf);
+        let frames = [chunk.slice(..500), chunk.slice(500..)];
+        drop(chunk);
+
+        // The frames are still queued: the next read must not get their memory.
+        let second = pool.take(size);
+        assert_ne!(second.as_ptr(), first, "a buffer was reused while its frames were in flight");
+        assert!(second.capacity() >= size);
+        assert!(frames.iter().all(|f| f.iter().all(|&b| b == 7)));
+        pool.give(second);
+
+        drop(frames);
+        let again = pool.take(size);
+        assert_eq!(again.as_ptr(), first, "the sent buffer's allocation was not reused");
+        assert!(again.capacity() >= size && again.is_empty());
+    }
+
+    /// The pool keeps at most `POOLED_BUFFERS` allocations, dropping the oldest.
+    #[test]
+    fn pool_is_bounded() {
+        let pool = super::BufferPool { free: std::sync::Mutex::new(std::collections::VecDeque::new()) };
+        let buffers: Vec<_> = (0..super::POOLED_BUFFERS + 3).map(|_| pool.take(4096)).collect();
+        let newest: Vec<_> = buffers.iter().skip(3).map(|b| b.as_ptr()).collect();
+        for b in buffers {
+            pool.give(b);
+        }
+        let kept = pool.free.lock().unwrap();
+        assert_eq!(kept.len(), super::POOLED_BUFFERS);
+        assert_eq!(kept.iter().map(|b| b.as_ptr()).collect::<Vec<_>>(), newest);
     }
 
     use tokio::net::TcpStream;
