@@ -15,6 +15,20 @@ struct Cli {
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
+/// jemalloc, with the options in `.cargo/config.toml` (one arena, no thread caches).
+///
+/// The receiving side of a tunnel allocates a buffer per HTTP/2 DATA frame (h2's read buffer,
+/// about 72 KiB each), freed once the frame is written to the app. glibc returns the top of
+/// its heap to the kernel whenever more than 128 KiB is free there, so the next frames were
+/// read into fresh pages: about 165,000 page faults per GB received. jemalloc keeps freed
+/// pages mapped for reuse (returning them after 10 s unused), which removes most of those
+/// faults and a third of the receiving side's CPU per byte (docs/BENCHMARKS.md). Its default
+/// per-CPU arenas and per-thread caches cost about 1 MiB more resident memory at rest; one
+/// arena and no caches cost about 0.2 MiB.
+#[cfg(not(feature = "dhat-heap"))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     // Written when this guard drops, at exit (see benches/README.md, heap profile).
     #[cfg(feature = "dhat-heap")]
