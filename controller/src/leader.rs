@@ -268,16 +268,8 @@ impl Elector {
         };
         let Some(lease) = lease else {
             let fresh = self.lease(None, now, &Record::of(&Lease::default()));
-            return match self.api.create(&PostParams::default(), &fresh).await {
-                Ok(created) => {
-                    self.observe(&created);
-                    Attempt::Holding
-                }
-                Err(e) => {
-                    debug!(lease = %self.lease_name(), error = %e, "cannot create the lease (another replica first?)");
-                    Attempt::Failed
-                }
-            };
+            let created = self.api.create(&PostParams::default(), &fresh).await;
+            return self.wrote(created, "cannot create the lease (another replica first?)");
         };
         let record = self.observe(&lease);
         let mine = record.holder.as_deref() == Some(self.settings.identity.as_str());
@@ -293,13 +285,19 @@ impl Elector {
             info!(lease = %self.lease_name(), holder = ?record.holder, "the leader stopped renewing: taking over");
         }
         let updated = self.lease(lease.metadata.resource_version.clone(), now, &record);
-        match self.api.replace(LEASE_NAME, &PostParams::default(), &updated).await {
+        let replaced = self.api.replace(LEASE_NAME, &PostParams::default(), &updated).await;
+        self.wrote(replaced, "cannot write the lease (another replica wrote it?)")
+    }
+
+    /// The end of an attempt that wrote the Lease as its holder: held if the write succeeded.
+    fn wrote(&mut self, result: kube::Result<Lease>, failure: &str) -> Attempt {
+        match result {
             Ok(written) => {
                 self.observe(&written);
                 Attempt::Holding
             }
             Err(e) => {
-                debug!(lease = %self.lease_name(), error = %e, "cannot write the lease (another replica wrote it?)");
+                debug!(lease = %self.lease_name(), error = %e, "{failure}");
                 Attempt::Failed
             }
         }

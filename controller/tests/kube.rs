@@ -216,10 +216,7 @@ impl Drop for TempDir {
 
 #[tokio::test]
 async fn the_initial_list_translates_exactly_as_the_yaml_directory() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let (_mesh, from_api) = Mesh::start(&server).await;
 
     // The same objects as YAML files (JSON is YAML), one document each.
@@ -259,10 +256,7 @@ async fn the_initial_list_translates_exactly_as_the_yaml_directory() {
 
 #[tokio::test]
 async fn added_modified_and_deleted_each_make_their_one_change() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let (mut mesh, _) = Mesh::start(&server).await;
 
     server.apply(pod("shop", "web-1", "node-2", "10.244.2.7", json!({"app": "web"})));
@@ -296,10 +290,7 @@ async fn added_modified_and_deleted_each_make_their_one_change() {
 
 #[tokio::test]
 async fn an_expired_watch_relists_and_deletes_what_vanished_exactly_once() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let (mut mesh, _) = Mesh::start(&server).await;
     let lists = server.lists("pods");
 
@@ -316,10 +307,7 @@ async fn an_expired_watch_relists_and_deletes_what_vanished_exactly_once() {
 
 #[tokio::test]
 async fn a_too_old_resource_version_after_a_disconnect_relists() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let (mut mesh, _) = Mesh::start(&server).await;
 
     // While no watch is open: a pod deleted, a service changed, and the history compacted
@@ -337,10 +325,7 @@ async fn a_too_old_resource_version_after_a_disconnect_relists() {
 
 #[tokio::test]
 async fn an_http_410_on_the_watch_request_relists() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let (mut mesh, _) = Mesh::start(&server).await;
     let lists = server.lists("pods");
 
@@ -357,10 +342,7 @@ async fn an_http_410_on_the_watch_request_relists() {
 
 #[tokio::test]
 async fn a_bookmark_moves_where_the_watch_resumes() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let (mut mesh, _) = Mesh::start(&server).await;
     let lists = server.lists("pods");
 
@@ -379,10 +361,7 @@ async fn a_bookmark_moves_where_the_watch_resumes() {
 
 #[tokio::test]
 async fn an_api_server_restart_loses_and_repeats_nothing() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let (mut mesh, _) = Mesh::start(&server).await;
     let lists = server.lists("pods");
 
@@ -557,10 +536,7 @@ async fn eventually<T>(what: &str, f: impl Fn() -> Option<T>) -> T {
 
 #[tokio::test]
 async fn a_waypoint_gateway_gets_its_service_account_ca_root_and_deployment_by_server_side_apply() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     server.apply(gateway("shop", "waypoint-b", "weft-waypoint"));
     let controller = Running::start(&server, "deploy").await;
 
@@ -726,10 +702,7 @@ async fn a_new_root_in_the_trust_bundle_is_written_to_the_ca_root() {
     let extra = other.path().join("extra-roots.pem");
     std::fs::write(&extra, &b).unwrap();
 
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let controller = Running::with_extra_roots(&server, "rotation", Some(extra.clone())).await;
     let a = controller.root_pem();
     let bundle = |expected: String| {
@@ -765,10 +738,7 @@ fn route_parent(server: &ApiServer, route: &str, parent: &str) -> Option<Value> 
 
 #[tokio::test]
 async fn conditions_are_written_on_waypoint_gateways_routes_and_policies_once() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     server.apply(gateway("shop", "ingress", "istio"));
     server.apply(json!({"apiVersion": "v1", "kind": "Service",
            "metadata": {"name": "api-v1", "namespace": "shop"},
@@ -880,10 +850,7 @@ async fn until_leading(what: &str, leading: impl Fn() -> bool) -> Duration {
 
 #[tokio::test]
 async fn one_replica_writes_and_a_dead_leader_is_replaced_within_the_lease() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let a = Running::launch(&server, "elect-a", "a", |c| c.election = quick_election("a")).await;
     until_leading("a to lead", || a.bound.as_ref().unwrap().leading()).await;
     let b = Running::launch(&server, "elect-b", "b", |c| c.election = quick_election("b")).await;
@@ -977,10 +944,7 @@ fn base64(text: &str) -> Value {
 
 #[tokio::test]
 async fn without_a_ca_secret_the_first_replica_creates_it_and_every_replica_signs_with_it() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let keep_ca = |c: &mut Config| c.ca_secret = Some("weft-ca".into());
     let (a, b) = tokio::join!(
         Running::launch(&server, "ca-secret-a", "a", keep_ca),
@@ -1019,10 +983,7 @@ async fn without_a_ca_secret_the_first_replica_creates_it_and_every_replica_sign
 
 #[tokio::test]
 async fn an_operators_ca_secret_is_used_as_it_is_and_its_rotation_taken_up() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let (first_cert, first_key) = hbone::ca::Ca::new_root("operator root 1").unwrap().to_pem();
     server.put_secret("weft-system", "weft-ca", json!({"ca.crt": base64(&first_cert), "ca.key": base64(&first_key)}));
     let controller = Running::launch(&server, "ca-plug-in", "", |c| {
@@ -1057,10 +1018,7 @@ async fn an_operators_ca_secret_is_used_as_it_is_and_its_rotation_taken_up() {
 
 #[tokio::test]
 async fn the_applied_objects_pass_the_kubernetes_schemas_the_manifests_are_checked_against() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let controller = Running::start(&server, "schemas").await;
     let deployed = eventually("the Deployment", || server.applied(&deployment_path("shop", "waypoint"))).await;
     let objects = [
@@ -1334,10 +1292,7 @@ async fn csr_answer(client: &ztunnel::control::client::Client, account: &str) ->
 
 #[tokio::test]
 async fn a_node_token_reviewed_by_the_api_server_obtains_its_own_nodes_identities_only() {
-    let server = ApiServer::start().await;
-    for object in cluster() {
-        server.apply(object);
-    }
+    let server = ApiServer::with_cluster().await;
     let bound_to = |node: &str| ztunnel_user(json!({"authentication.kubernetes.io/node-name": [node]}));
     server.token("node-1-token", &["weft-controller"], bound_to("node-1"));
     server.token("other-audience", &["https://kubernetes.default.svc"], bound_to("node-1"));
@@ -1464,6 +1419,15 @@ mod apiserver {
     }
 
     impl ApiServer {
+        /// A server holding the cluster the tests start from ([`super::cluster`]).
+        pub async fn with_cluster() -> ApiServer {
+            let server = ApiServer::start().await;
+            for object in super::cluster() {
+                server.apply(object);
+            }
+            server
+        }
+
         pub async fn start() -> ApiServer {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -2091,14 +2055,7 @@ mod apiserver {
                 if state.leases.contains_key(&key) {
                     return status(StatusCode::CONFLICT, "AlreadyExists", &format!("leases \"{name}\" already exists"));
                 }
-                state.version += 1;
-                let mut lease = body.clone();
-                lease["apiVersion"] = json!("coordination.k8s.io/v1");
-                lease["kind"] = json!("Lease");
-                lease["metadata"]["namespace"] = json!(namespace);
-                lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
-                state.leases.insert(key, lease.clone());
-                full(StatusCode::CREATED, lease)
+                store_lease(state, namespace, key, body, StatusCode::CREATED)
             }
             ("PUT", Some(name), Some(body)) => {
                 let key = format!("{namespace}/{name}");
@@ -2106,17 +2063,22 @@ mod apiserver {
                 if body["metadata"]["resourceVersion"] != stored["metadata"]["resourceVersion"] {
                     return conflict(name);
                 }
-                state.version += 1;
-                let mut lease = body.clone();
-                lease["apiVersion"] = json!("coordination.k8s.io/v1");
-                lease["kind"] = json!("Lease");
-                lease["metadata"]["namespace"] = json!(namespace);
-                lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
-                state.leases.insert(key, lease.clone());
-                full(StatusCode::OK, lease)
+                store_lease(state, namespace, key, body, StatusCode::OK)
             }
             _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", &format!("{method} {path}")),
         }
+    }
+
+    /// Stores `body` as the Lease `key` at a new resourceVersion; answers it with `code`.
+    fn store_lease(state: &mut State, namespace: &str, key: String, body: &Value, code: StatusCode) -> Response<Body> {
+        state.version += 1;
+        let mut lease = body.clone();
+        lease["apiVersion"] = json!("coordination.k8s.io/v1");
+        lease["kind"] = json!("Lease");
+        lease["metadata"]["namespace"] = json!(namespace);
+        lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+        state.leases.insert(key, lease.clone());
+        full(code, lease)
     }
 
     /// Answers as the API server does: authenticated only for an audience both the token
