@@ -267,7 +267,11 @@ impl Translator {
                     .map(|p| format!("{}/{}", p.namespace.as_deref().unwrap_or(&namespace), p.name))
                     .collect();
                 if parents.is_empty() {
-                    self.routes.remove(&r);
+                    // No longer the mesh's: its status keeps no entry of Weft's (an empty list
+                    // removes them), until the route is deleted.
+                    if let Some(facts) = self.routes.get_mut(&r) {
+                        *facts = RouteFacts { parents: Vec::new(), backends: BTreeSet::new(), usable: true };
+                    }
                 } else {
                     let parsed = parse_route(&namespace, &route.spec);
                     let backends = parsed

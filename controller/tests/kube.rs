@@ -801,6 +801,17 @@ async fn conditions_are_written_on_waypoint_gateways_routes_and_policies_once() 
     assert_eq!(condition(&typo, "Accepted"), is("False", "Invalid"));
     assert!(typo.to_string().contains("rulez"), "says what is wrong: {typo}");
 
+    // A route that stops naming a Service loses Weft's entry in its status.
+    server.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": "no-waypoint", "namespace": "shop"},
+           "spec": {"parentRefs": [{"name": "ingress"}], "rules": [{"backendRefs": [{"name": "api-v1", "port": 80}]}]}}));
+    eventually("Weft's entry gone", || {
+        let route = server.object("HTTPRoute", "shop", "no-waypoint")?;
+        let parents = route["status"]["parents"].as_array()?;
+        parents.iter().all(|p| p["controllerName"] != "weft.dev/waypoint-controller").then_some(())
+    })
+    .await;
+
     // Another class's Gateway is not Weft's to report on.
     assert!(server.object("Gateway", "shop", "ingress").unwrap().get("status").is_none());
 
