@@ -6,6 +6,7 @@
 //! | Gateway of class `weft-waypoint` | `status.conditions` | `Accepted`; `Programmed` once its waypoint's objects are applied |
 //! | HTTPRoute with Service parents | `status.parents[]`, one per Service parent, `controllerName: weft.dev/waypoint-controller` | `Accepted`, `ResolvedRefs`, and `PartiallyInvalid` when rules were skipped |
 //! | AuthorizationPolicy | `status.conditions` | `Accepted` |
+//! | GatewayClass `weft-waypoint`, when its `controllerName` is Weft's | `status.conditions` | `Accepted` |
 //!
 //! The reasons and messages are in [`crate::translate::Translator::statuses`] and
 //! [`programmed`]. Writing one object: read it, merge the controller's conditions into its
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -32,6 +33,7 @@ use crate::deploy::Outcome;
 use crate::leader::Leading;
 use crate::source::kube::api_resource;
 use crate::source::{ObjectRef, ParentReference};
+use crate::translate::WAYPOINT_CLASS;
 
 /// The GatewayClass's `controllerName`: whose entry of an HTTPRoute's `status.parents` is
 /// Weft's.
@@ -104,7 +106,7 @@ impl StatusWriter {
         outcomes: watch::Receiver<BTreeMap<ObjectRef, Outcome>>,
     ) -> StatusWriter {
         let (desired, wanted) = watch::channel(BTreeMap::new());
-        let task = Task { client, written: BTreeMap::new(), retries: BTreeMap::new() };
+        let task = Task { client, written: BTreeMap::new(), retries: BTreeMap::new(), class_checked: false };
         StatusWriter { desired, task: tokio::spawn(task.run(wanted, outcomes, leading)) }
     }
 
@@ -132,6 +134,9 @@ struct Task {
     written: BTreeMap<ObjectRef, Desired>,
     /// Objects whose last write failed: when to try again, and how many failures in a row.
     retries: BTreeMap<ObjectRef, (Instant, u32)>,
+    /// Whether the GatewayClass was written (or found absent, or another's) since this
+    /// replica became leader or the last resync.
+    class_checked: bool,
 }
 
 impl Task {
@@ -145,6 +150,17 @@ impl Task {
         let mut resync = Instant::now() + RESYNC;
         loop {
             if leader {
+                if !self.class_checked {
+                    self.class_checked = true;
+                    match write_class(&self.client).await {
+                        Ok(_) => {}
+                        Err(e) if e.gone => {
+                            debug!(class = WAYPOINT_CLASS, "no such GatewayClass: nothing to report on")
+                        }
+                        Err(e) => warn!(class = WAYPOINT_CLASS, error = %e.message,
+                                        "cannot write the GatewayClass's status; again in 5 minutes"),
+                    }
+                }
                 let all = complete(&wanted.borrow_and_update(), &outcomes.borrow_and_update());
                 self.write_due(all).await;
             }
@@ -158,10 +174,12 @@ impl Task {
                     // A new leader checks everything: the last one may have left it stale.
                     self.written.clear();
                     self.retries.clear();
+                    self.class_checked = false;
                 }
                 () = tokio::time::sleep_until(wake) => {
                     if Instant::now() >= resync {
                         self.written.clear();
+                        self.class_checked = false;
                         resync = Instant::now() + RESYNC;
                     }
                 }
@@ -259,11 +277,47 @@ impl WriteError {
 async fn write(client: &Client, object: &ObjectRef, desired: &Desired) -> Result<bool, WriteError> {
     let Some(namespace) = object.namespace.as_deref() else { return Ok(false) };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &api_resource(object.kind));
-    let current = match tokio::time::timeout(REQUEST_TIMEOUT, api.get(&object.name)).await {
-        Ok(Ok(current)) => current,
-        Ok(Err(e)) => return Err(WriteError::of(e)),
-        Err(_) => return Err(WriteError::timeout()),
-    };
+    let current = get(&api, &object.name).await?;
+    let what = format!("{} {}", object.kind, object.qualified_name());
+    write_to(&api, current, desired, &what).await
+}
+
+/// The GatewayClass `weft-waypoint`'s `Accepted`, if the class exists and names this
+/// controller; true when it wrote.
+async fn write_class(client: &Client) -> Result<bool, WriteError> {
+    let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GatewayClass");
+    let api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ApiResource::from_gvk_with_plural(&gvk, "gatewayclasses"));
+    let current = get(&api, WAYPOINT_CLASS).await?;
+    if current.data["spec"]["controllerName"].as_str() != Some(CONTROLLER_NAME) {
+        debug!(class = WAYPOINT_CLASS, "the GatewayClass names another controller: not Weft's to report on");
+        return Ok(false);
+    }
+    let accepted = Condition::new(
+        "Accepted",
+        true,
+        "Accepted",
+        "Weft's waypoints: the controller deploys and programs one for each Gateway of this class",
+    );
+    write_to(&api, current, &Desired::Gateway(vec![accepted]), &format!("GatewayClass {WAYPOINT_CLASS}")).await
+}
+
+async fn get(api: &Api<DynamicObject>, name: &str) -> Result<DynamicObject, WriteError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, api.get(name)).await {
+        Ok(Ok(current)) => Ok(current),
+        Ok(Err(e)) => Err(WriteError::of(e)),
+        Err(_) => Err(WriteError::timeout()),
+    }
+}
+
+/// Merges `desired` into `current`'s status and writes it if that changed anything.
+async fn write_to(
+    api: &Api<DynamicObject>,
+    current: DynamicObject,
+    desired: &Desired,
+    what: &str,
+) -> Result<bool, WriteError> {
+    let name = current.metadata.name.clone().unwrap_or_default();
     let generation = current.metadata.generation.unwrap_or(0);
     let status = current.data.get("status").cloned().unwrap_or(Value::Null);
     let now = Timestamp::now();
@@ -275,14 +329,11 @@ async fn write(client: &Client, object: &ObjectRef, desired: &Desired) -> Result
         "metadata": {"resourceVersion": current.metadata.resource_version},
         "status": merged,
     });
-    match tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        api.patch_status(&object.name, &PatchParams::default(), &Patch::Merge(&patch)),
-    )
-    .await
+    match tokio::time::timeout(REQUEST_TIMEOUT, api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)))
+        .await
     {
         Ok(Ok(_)) => {
-            info!(object = %object.qualified_name(), kind = %object.kind, summary = %summary(desired), "status written");
+            info!(object = what, summary = %summary(desired), "status written");
             Ok(true)
         }
         Ok(Err(e)) => Err(WriteError::of(e)),

@@ -740,6 +740,8 @@ fn route_parent(server: &ApiServer, route: &str, parent: &str) -> Option<Value> 
 async fn conditions_are_written_on_waypoint_gateways_routes_and_policies_once() {
     let server = ApiServer::with_cluster().await;
     server.apply(gateway("shop", "ingress", "istio"));
+    server.put_class("weft-waypoint", "weft.dev/waypoint-controller");
+    server.put_class("istio", "istio.io/gateway-controller");
     server.apply(json!({"apiVersion": "v1", "kind": "Service",
            "metadata": {"name": "api-v1", "namespace": "shop"},
            "spec": {"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"], "selector": {"app": "api"},
@@ -812,8 +814,16 @@ async fn conditions_are_written_on_waypoint_gateways_routes_and_policies_once() 
     })
     .await;
 
-    // Another class's Gateway is not Weft's to report on.
+    // Another class's Gateway is not Weft's to report on, nor another controller's class; the
+    // class whose controllerName is Weft's is Accepted.
     assert!(server.object("Gateway", "shop", "ingress").unwrap().get("status").is_none());
+    let class = eventually("the GatewayClass Accepted", || {
+        server.class("weft-waypoint").filter(|c| condition(&c["status"]["conditions"], "Accepted").is_some())
+    })
+    .await;
+    assert_eq!(condition(&class["status"]["conditions"], "Accepted"), is("True", "Accepted"));
+    assert_eq!(class["status"]["conditions"][0]["observedGeneration"], 1);
+    assert!(server.class("istio").unwrap().get("status").is_none());
 
     // Written once: the controller's own status writes come back as watch events and change
     // nothing, so nothing is written again.
@@ -1399,6 +1409,8 @@ mod apiserver {
         leases: BTreeMap<String, Value>,
         /// Secrets by `<namespace>/<name>`.
         pub secrets: BTreeMap<String, Value>,
+        /// GatewayClasses (cluster-scoped), by name.
+        classes: BTreeMap<String, Value>,
         /// Clients (their `x-client` header) whose requests are answered 503, as when a
         /// network partition separates them from the API server.
         partitioned: BTreeSet<String>,
@@ -1635,6 +1647,21 @@ mod apiserver {
             state.secrets.insert(format!("{namespace}/{name}"), secret);
         }
 
+        /// Stores a GatewayClass naming `controller`.
+        pub fn put_class(&self, name: &str, controller: &str) {
+            let mut state = self.state();
+            state.version += 1;
+            let class = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                               "metadata": {"name": name, "generation": 1,
+                                            "resourceVersion": state.version.to_string()},
+                               "spec": {"controllerName": controller}});
+            state.classes.insert(name.to_owned(), class);
+        }
+
+        pub fn class(&self, name: &str) -> Option<Value> {
+            self.state().classes.get(name).cloned()
+        }
+
         pub fn secret(&self, namespace: &str, name: &str) -> Option<Value> {
             self.state().secrets.get(&format!("{namespace}/{name}")).cloned()
         }
@@ -1803,6 +1830,8 @@ mod apiserver {
                 lease(&mut state, &method, &path, Some(&body))
             } else if let Some(rest) = path.strip_prefix("/api/v1/namespaces/").filter(|r| r.contains("/secrets")) {
                 secret(&mut state, &method, rest, Some(&body))
+            } else if let Some(rest) = path.strip_prefix(CLASSES) {
+                class(&mut state, &method, rest, &content_type, Some(&body))
             } else {
                 write(&mut state, &method, &path, &query, &content_type, &body)
             };
@@ -1823,6 +1852,9 @@ mod apiserver {
         }
         if let Some(rest) = path.strip_prefix("/api/v1/namespaces/").filter(|r| r.contains("/secrets")) {
             return secret(&mut state, "GET", rest, None);
+        }
+        if let Some(rest) = path.strip_prefix(CLASSES) {
+            return class(&mut state, "GET", rest, "", None);
         }
         if let Some((plural, namespace, name)) = object_path(&path) {
             let key = (namespace.clone(), name.clone());
@@ -2011,6 +2043,39 @@ mod apiserver {
     }
 
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/";
+    const CLASSES: &str = "/apis/gateway.networking.k8s.io/v1/gatewayclasses/";
+
+    /// GatewayClasses (`<name>`, `<name>/status`): GET, and a status merge patch refused with
+    /// 409 when it names another `resourceVersion`.
+    fn class(state: &mut State, method: &str, rest: &str, content_type: &str, body: Option<&Value>) -> Response<Body> {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let not_found =
+            |name: &str| status(StatusCode::NOT_FOUND, "NotFound", &format!("gatewayclasses \"{name}\" not found"));
+        match (method, parts.as_slice(), body) {
+            ("GET", &[name], _) => match state.classes.get(name) {
+                Some(class) => full(StatusCode::OK, class.clone()),
+                None => not_found(name),
+            },
+            ("PATCH", &[name, "status"], Some(body)) => {
+                if content_type != "application/merge-patch+json" {
+                    return status(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", content_type);
+                }
+                state.version += 1;
+                let version = state.version.to_string();
+                let Some(class) = state.classes.get_mut(name) else { return not_found(name) };
+                if body["metadata"]["resourceVersion"]
+                    .as_str()
+                    .is_some_and(|v| Some(v) != class["metadata"]["resourceVersion"].as_str())
+                {
+                    return status(StatusCode::CONFLICT, "Conflict", "the object has been modified");
+                }
+                merge_patch(&mut class["status"], &body["status"]);
+                class["metadata"]["resourceVersion"] = json!(version);
+                full(StatusCode::OK, class.clone())
+            }
+            _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", &format!("{method} {rest}")),
+        }
+    }
 
     /// Secrets (`<ns>/secrets[/<name>]`): GET, and POST refused with 409 when it exists.
     fn secret(state: &mut State, method: &str, rest: &str, body: Option<&Value>) -> Response<Body> {
