@@ -168,7 +168,7 @@ impl Task {
             let wake = retry.map_or(resync, |r| r.min(resync));
             tokio::select! {
                 changed = wanted.changed() => if changed.is_err() { return },
-                _ = outcomes.changed() => {}
+                changed = outcomes.changed() => if changed.is_err() { return },
                 now = leading.changed() => {
                     leader = now;
                     // A new leader checks everything: the last one may have left it stale.
