@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::deploy::{CA_ROOT_CONFIG_MAP, CA_ROOT_KEY, FIELD_MANAGER};
+use crate::deploy::{BACKOFF_MAX, BACKOFF_MIN, CA_ROOT_CONFIG_MAP, CA_ROOT_KEY, FIELD_MANAGER, RESYNC, backoff};
 use crate::leader::Leading;
 
 /// The Secret's keys.
@@ -223,7 +223,7 @@ impl RootPublisher {
             let mut failures = 0u32;
             loop {
                 let roots = current.borrow_and_update().clone();
-                let mut wait = crate::deploy::RESYNC;
+                let mut wait = RESYNC;
                 if leader && !roots.is_empty() && applied.as_ref() != Some(&roots) {
                     match apply(&api, &namespace, &roots).await {
                         Ok(()) => {
@@ -233,9 +233,7 @@ impl RootPublisher {
                         }
                         Err(e) => {
                             failures = failures.saturating_add(1);
-                            wait = crate::deploy::BACKOFF_MIN
-                                .saturating_mul(1 << failures.saturating_sub(1).min(5))
-                                .min(crate::deploy::BACKOFF_MAX);
+                            wait = backoff(failures, BACKOFF_MIN, BACKOFF_MAX);
                             warn!(config_map = %format!("{namespace}/{CA_ROOT_CONFIG_MAP}"), error = %e, retry_in = ?wait,
                                   "cannot apply the nodes' copy of the trust bundle; ztunnels cannot start without it");
                         }

@@ -50,7 +50,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
@@ -447,7 +446,6 @@ pub enum Outcome {
 /// replica leads; stops when dropped.
 pub struct Deployer {
     updates: mpsc::UnboundedSender<Update>,
-    problems: Arc<Mutex<BTreeMap<ObjectRef, Rejection>>>,
     outcomes: watch::Receiver<BTreeMap<ObjectRef, Outcome>>,
     task: JoinHandle<()>,
 }
@@ -469,18 +467,16 @@ impl Deployer {
         max: Duration,
     ) -> Deployer {
         let (updates, receiver) = mpsc::unbounded_channel();
-        let problems = Arc::new(Mutex::new(BTreeMap::new()));
         let (outcomes_tx, outcomes) = watch::channel(BTreeMap::new());
         let task = Task {
             client,
             settings,
             roots: None,
             namespaces: BTreeMap::new(),
-            problems: problems.clone(),
             outcomes: outcomes_tx,
             backoff: (min, max.max(min)),
         };
-        Deployer { updates, problems, outcomes, task: tokio::spawn(task.run(receiver, leading)) }
+        Deployer { updates, outcomes, task: tokio::spawn(task.run(receiver, leading)) }
     }
 
     /// What became of each waypoint Gateway this replica deployed or could not deploy, as it
@@ -522,7 +518,14 @@ impl Deployer {
 
     /// Gateways whose waypoint is not deployed, and why: for `/status`.
     pub fn problems(&self) -> Vec<Rejection> {
-        self.problems.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        let outcomes = self.outcomes.borrow();
+        let problem = |(gateway, outcome): (&ObjectRef, &Outcome)| match outcome {
+            Outcome::Invalid(why) | Outcome::Failing(why) => {
+                Some(Rejection::new(format!("its waypoint is not deployed: {why}")).about(gateway.clone()))
+            }
+            Outcome::Deployed => None,
+        };
+        outcomes.iter().filter_map(problem).collect()
     }
 }
 
@@ -545,7 +548,6 @@ struct Task {
     /// The trust bundle, once known.
     roots: Option<String>,
     namespaces: BTreeMap<String, Namespace>,
-    problems: Arc<Mutex<BTreeMap<ObjectRef, Rejection>>>,
     outcomes: watch::Sender<BTreeMap<ObjectRef, Outcome>>,
     backoff: (Duration, Duration),
 }
@@ -593,7 +595,6 @@ impl Task {
                         }
                     } else {
                         // What the leader reports, not this replica.
-                        self.problems.lock().unwrap_or_else(|p| p.into_inner()).clear();
                         self.outcomes.send_replace(BTreeMap::new());
                         for entry in self.namespaces.values_mut() {
                             entry.deployed.clear();
@@ -768,8 +769,8 @@ impl Task {
         }
     }
 
-    /// Sets or clears (`None`: forgotten) a Gateway's outcome, and its problem for `/status`;
-    /// true when its problem changed.
+    /// Sets or clears (`None`: forgotten) a Gateway's outcome, which its conditions and its
+    /// problem in `/status` are made from; true when it changed.
     fn set_outcome(&self, gateway: &ObjectRef, outcome: Option<Outcome>) -> bool {
         self.outcomes.send_if_modified(|all| {
             let before = match &outcome {
@@ -777,24 +778,12 @@ impl Task {
                 None => all.remove(gateway),
             };
             before != outcome
-        });
-        let problem = match outcome {
-            Some(Outcome::Invalid(why) | Outcome::Failing(why)) => Some(format!("its waypoint is not deployed: {why}")),
-            Some(Outcome::Deployed) | None => None,
-        };
-        let mut problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
-        match problem {
-            None => problems.remove(gateway).is_some(),
-            Some(reason) => {
-                let rejection = Rejection::new(reason).about(gateway.clone());
-                problems.insert(gateway.clone(), rejection.clone()) != Some(rejection)
-            }
-        }
+        })
     }
 }
 
 /// The wait before attempt `failures + 1`: `min`, doubled per failure, at most `max`.
-fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
+pub(crate) fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     min.saturating_mul(1 << doublings).min(max)
 }

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::deploy::Outcome;
+use crate::deploy::{BACKOFF_MAX, BACKOFF_MIN, Outcome, backoff};
 use crate::leader::Leading;
 use crate::source::kube::api_resource;
 use crate::source::{ObjectRef, ParentReference};
@@ -44,9 +44,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often everything is written again (only what differs is written).
 const RESYNC: Duration = Duration::from_secs(300);
-
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// One condition as the controller means it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,7 +209,7 @@ impl Task {
                 }
                 Err(e) => {
                     let failures = self.retries.get(&object).map_or(1, |(_, f)| f.saturating_add(1));
-                    let delay = BACKOFF_MIN.saturating_mul(1 << failures.saturating_sub(1).min(5)).min(BACKOFF_MAX);
+                    let delay = backoff(failures, BACKOFF_MIN, BACKOFF_MAX);
                     if e.conflict {
                         debug!(object = %object.qualified_name(), kind = %object.kind, "status changed while written; again");
                     } else {
