@@ -266,13 +266,15 @@ impl Translator {
                     .filter(|p| p.is_service())
                     .map(|p| format!("{}/{}", p.namespace.as_deref().unwrap_or(&namespace), p.name))
                     .collect();
-                if parents.is_empty() {
-                    // No longer the mesh's: its status keeps no entry of Weft's (an empty list
-                    // removes them), until the route is deleted.
+                let t = if parents.is_empty() {
+                    // Not the mesh's: nothing in the model. Its status keeps no entry of Weft's
+                    // (an empty list removes them), until the route is deleted.
                     if let Some(facts) = self.routes.get_mut(&r) {
                         *facts = RouteFacts { parents: Vec::new(), backends: BTreeSet::new(), usable: true };
                     }
+                    Translated { resource: None, problem: None }
                 } else {
+                    // Read once, for the model's problems and for the status.
                     let parsed = parse_route(&namespace, &route.spec);
                     let backends = parsed
                         .valid()
@@ -282,9 +284,9 @@ impl Translator {
                     let parent_refs = route.parent_refs.iter().filter(|p| p.is_service()).cloned().collect();
                     let usable = parsed.rules.is_empty() || parsed.valid().next().is_some();
                     self.routes.insert(r.clone(), RouteFacts { parents: parent_refs, backends, usable });
-                }
-                let annotations = route.metadata.annotations.clone().unwrap_or_default();
-                let t = http_route(&r, name, namespace, parents, &route.spec, &annotations);
+                    let annotations = route.metadata.annotations.clone().unwrap_or_default();
+                    http_route(&r, name, namespace, parents, &route.spec, &parsed, &annotations)
+                };
                 self.put(&r, t, changes);
             }
         }
@@ -1007,20 +1009,17 @@ fn authorization(policy: &AuthorizationPolicy, r: &ObjectRef) -> Translated {
     }
 }
 
-/// A route attached to Services, with its `spec` as written, and the problems the waypoint
-/// would find in it: each rule through the waypoint's reader, each regular expression compiled
-/// as it compiles them. A route with no Service parent is not the mesh's: nothing.
+/// A route attached to Services (`parents`, at least one), with its `spec` as written, and
+/// the problems the waypoint would find in it (`parsed`: [`parse_route`] of the spec).
 fn http_route(
     r: &ObjectRef,
     name: String,
     namespace: String,
     parents: Vec<String>,
     spec: &serde_json::Value,
+    parsed: &ParsedRoute,
     annotations: &BTreeMap<String, String>,
 ) -> Translated {
-    if parents.is_empty() {
-        return Translated { resource: None, problem: None };
-    }
     let (fault, fault_problem) = match fault(annotations) {
         Ok(f) => (f, None),
         Err((annotation, why)) => (
@@ -1032,8 +1031,7 @@ fn http_route(
             ),
         ),
     };
-    let parsed = parse_route(&namespace, spec);
-    let problem = route_problem(r, &parsed).or(fault_problem);
+    let problem = route_problem(r, parsed).or(fault_problem);
     let route = HttpRoute { name, namespace, parents, spec: spec.clone(), fault };
     Translated { resource: Some(Resource::HttpRoute(route)), problem }
 }
