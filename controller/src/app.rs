@@ -98,6 +98,7 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
     // The cluster: a directory, or the Kubernetes API, which then also reviews proxies'
     // service-account tokens and is where waypoints are deployed. The Kubernetes source
     // returns once every kind is listed.
+    let (mut election, mut leading) = (None, Leading::always());
     type Read = (Box<dyn ObjectSource>, Arc<dyn Authenticator>, Option<Writers>);
     let (cluster, authenticator, writers): Read = match cluster {
         Cluster::Dir(dir) => (Box::new(DirSource::new(dir)), Arc::new(tokens), None),
@@ -112,23 +113,17 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
                 );
             }
             let cluster = KubeSource::start(client.clone()).await;
-            let election = config.election.enabled.then(|| Election::start(client.clone(), lease_settings(&config)));
-            let leading = election.as_ref().map_or_else(Leading::always, Election::leading);
+            election = config.election.enabled.then(|| Election::start(client.clone(), lease_settings(&config)));
+            if let Some(e) = &election {
+                leading = e.leading();
+            }
             let deployer = Deployer::start(client.clone(), config.waypoints.clone(), leading.clone());
             let status = StatusWriter::start(client.clone(), leading.clone(), deployer.outcomes());
             let roots = RootPublisher::start(client.clone(), config.namespace.clone(), leading.clone());
             let auth = KubernetesAuth { tokens, reviewer: TokenReviewer::new(client) };
-            let writers = Writers { election, leading, deployer, status, roots, ca_refresher: ca_refresher.take() };
+            let writers = Writers { deployer, status, roots, _ca_refresher: ca_refresher.take() };
             (Box::new(cluster), Arc::new(auth), Some(writers))
         }
-    };
-    let (election, leading, kube_writers) = match writers {
-        Some(w) => (w.election, w.leading, Some((w.deployer, w.status, w.roots, w.ca_refresher))),
-        None => (None, Leading::always(), None),
-    };
-    let (deployer, status, roots, ca_refresher) = match kube_writers {
-        Some((d, s, r, c)) => (Some(d), Some(s), Some(r), c),
-        None => (None, None, None, None),
     };
     // The first scan runs before the servers answer, so the first subscriber already gets
     // the cluster rather than an empty snapshot.
@@ -136,10 +131,7 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
         server_cert: None,
         server_names: config.server_names.clone(),
         cluster,
-        deployer,
-        status,
-        roots,
-        _ca_refresher: ca_refresher,
+        writers,
         translator: Translator::new(),
         store: store.clone(),
         authority: authority.clone(),
@@ -209,14 +201,17 @@ async fn build_with(config: Config, cluster: Cluster) -> anyhow::Result<Bound> {
     })
 }
 
-/// What writes to (or reads for itself from) the Kubernetes API, and whether it may.
+/// On Kubernetes, what writes to the cluster (while this replica leads) and follows the CA
+/// Secret.
 struct Writers {
-    election: Option<Election>,
-    leading: Leading,
+    /// Deploys the waypoints of the Gateways the scans bring.
     deployer: Deployer,
+    /// Writes the objects' status conditions.
     status: StatusWriter,
+    /// The nodes' copy of the trust bundle.
     roots: RootPublisher,
-    ca_refresher: Option<Refresher>,
+    /// With `--ca-secret`: follows the Secret (held for its task).
+    _ca_refresher: Option<Refresher>,
 }
 
 /// The Lease this replica campaigns for, named after its pod (or host) and this start.
@@ -276,14 +271,8 @@ struct Source {
     server_cert: Option<hbone::WorkloadCert>,
     server_names: Vec<String>,
     cluster: Box<dyn ObjectSource>,
-    /// On Kubernetes: deploys the waypoints of the Gateways the scans bring.
-    deployer: Option<Deployer>,
-    /// On Kubernetes: writes the objects' status conditions.
-    status: Option<StatusWriter>,
-    /// On Kubernetes: the nodes' copy of the trust bundle.
-    roots: Option<RootPublisher>,
-    /// On Kubernetes with `--ca-secret`: follows the Secret (held for its task).
-    _ca_refresher: Option<Refresher>,
+    /// On Kubernetes: the waypoints' deployer, the status writer, the nodes' trust bundle.
+    writers: Option<Writers>,
     translator: Translator,
     store: Arc<Store>,
     authority: Arc<Authority>,
@@ -317,13 +306,13 @@ impl Source {
         for r in &scan.rejected {
             warn!(rejected = %r, "source object rejected; everything else keeps working");
         }
-        if let Some(deployer) = &self.deployer {
-            deployer.observe(&scan.events);
+        if let Some(writers) = &self.writers {
+            writers.deployer.observe(&scan.events);
         }
         let changes = self.translator.apply_all(scan.events);
         let mut all = self.cluster.rejected();
-        if let Some(status) = &self.status {
-            status.publish(self.translator.statuses(&all));
+        if let Some(writers) = &self.writers {
+            writers.status.publish(self.translator.statuses(&all));
         }
         // Translation knows the object, the source where it is written.
         all.extend(self.translator.rejected().into_iter().map(|r| {
@@ -344,8 +333,8 @@ impl Source {
     /// loop, at least every `--poll-interval`).
     fn publish_rejections(&self) {
         let mut all = self.source_rejections.clone();
-        if let Some(deployer) = &self.deployer {
-            all.extend(deployer.problems());
+        if let Some(writers) = &self.writers {
+            all.extend(writers.deployer.problems());
         }
         let mut shown = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
         if *shown != all {
@@ -373,11 +362,9 @@ impl Source {
     fn publish_bundle(&self) {
         let bundle =
             TrustBundle { trust_domain: self.authority.trust_domain().to_owned(), roots: self.authority.bundle_pem() };
-        if let Some(deployer) = &self.deployer {
-            deployer.trust_bundle(&bundle.roots);
-        }
-        if let Some(roots) = &self.roots {
-            roots.publish(bundle.roots.concat());
+        if let Some(writers) = &self.writers {
+            writers.deployer.trust_bundle(&bundle.roots);
+            writers.roots.publish(bundle.roots.concat());
         }
         self.store.commit(vec![Change::Upsert(Resource::TrustBundle(bundle))]);
     }
