@@ -321,11 +321,21 @@ impl Manager {
             .await
             .map_err(|e| EnrollError::Identity { uid: uid.into(), reason: e.to_string() })?;
 
-        let listen =
-            |port| socket::listen(&netns, port).map_err(|error| EnrollError::Listen { uid: uid.into(), port, error });
-        let outbound_l = listen(OUTBOUND_PORT)?;
-        let plaintext_l = listen(INBOUND_PLAINTEXT_PORT)?;
-        let hbone_l = listen(HBONE_PORT)?;
+        // One set of listeners per address family the pod has (IPv4 `0.0.0.0`, IPv6 `[::]`).
+        let mut families: Vec<bool> = ips.iter().map(IpAddr::is_ipv6).collect();
+        families.sort();
+        families.dedup();
+        let mut listeners = Vec::new();
+        for ipv6 in families {
+            for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT] {
+                let listener = socket::listen(&netns, port, ipv6).map_err(|error| EnrollError::Listen {
+                    uid: uid.into(),
+                    port,
+                    error,
+                })?;
+                listeners.push((port, listener));
+            }
+        }
 
         let (nft, rules_netns, probes) = (self.nft.clone(), netns.clone(), self.probes.pod_rules());
         tokio::task::spawn_blocking(move || rules::install(&nft, &rules_netns, probes))
@@ -345,25 +355,31 @@ impl Manager {
             &self.proxy.trust,
             Inbound { proxy: self.proxy.clone(), pod: info.clone() },
         );
-        let tasks = vec![
-            tokio::spawn(proxy::serve(
-                "outbound",
-                outbound_l,
-                info.clone(),
-                self.proxy.clone(),
-                watch.clone(),
-                outbound::handle,
-            )),
-            tokio::spawn(proxy::serve(
-                "plaintext",
-                plaintext_l,
-                info.clone(),
-                self.proxy.clone(),
-                watch.clone(),
-                plaintext::handle,
-            )),
-            tokio::spawn(async move { server.serve(hbone_l, watch).await }),
-        ];
+        let tasks = listeners
+            .into_iter()
+            .map(|(port, listener)| match port {
+                OUTBOUND_PORT => tokio::spawn(proxy::serve(
+                    "outbound",
+                    listener,
+                    info.clone(),
+                    self.proxy.clone(),
+                    watch.clone(),
+                    outbound::handle,
+                )),
+                INBOUND_PLAINTEXT_PORT => tokio::spawn(proxy::serve(
+                    "plaintext",
+                    listener,
+                    info.clone(),
+                    self.proxy.clone(),
+                    watch.clone(),
+                    plaintext::handle,
+                )),
+                _ => {
+                    let (server, watch) = (server.clone(), watch.clone());
+                    tokio::spawn(async move { server.serve(listener, watch).await })
+                }
+            })
+            .collect();
         Ok(Enrolled { info, trigger, tasks })
     }
 

@@ -16,14 +16,23 @@ use crate::config::BYPASS_MARK;
 /// SYNs dropped.
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// Opens a listener on `0.0.0.0:port` inside `netns`. Must be called from the runtime (the
-/// socket is registered with it after the namespace switch).
-pub fn listen(netns: &Netns, port: u16) -> io::Result<TcpListener> {
+/// Opens a listener on `port` of every address of one family inside `netns`: `0.0.0.0` when
+/// `ipv6` is false, `[::]` (IPv6 only: IPv4 has its own listener) when it is true. Must be
+/// called from the runtime (the socket is registered with it after the namespace switch).
+pub fn listen(netns: &Netns, port: u16, ipv6: bool) -> io::Result<TcpListener> {
     let std_listener = netns.run(|| -> io::Result<std::net::TcpListener> {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        let (domain, any) = if ipv6 {
+            (Domain::IPV6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        } else {
+            (Domain::IPV4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        };
+        let socket = Socket::new(domain, Type::STREAM, None)?;
+        if ipv6 {
+            socket.set_only_v6(true)?;
+        }
         socket.set_reuse_address(true)?;
         socket.set_nonblocking(true)?;
-        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        socket.bind(&any.into())?;
         socket.listen(LISTEN_BACKLOG)?;
         Ok(socket.into())
     })??;
