@@ -1,6 +1,6 @@
 //! Packet capture inside a lab namespace, in Rust (no tcpdump): an `AF_PACKET` socket records the
 //! frames of every interface of the namespace on a background thread; [`Capture::stop`] returns
-//! the IPv4/TCP ones, parsed.
+//! the IPv4/TCP ones, parsed, and [`Capture::stop_all`] the IPv4 and IPv6 ones.
 //!
 //! On the fabric (see [`Lab::capture`](crate::Lab::capture)) the interfaces are the bridge's
 //! ports, one per node, so a frame from node 0 to node 1 is seen **twice**: received on port
@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +53,7 @@ const PACKET_OVERHEAD: usize = 96;
 pub struct Capture {
     netns: String,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<Vec<Packet>, LabError>>>,
+    thread: Option<JoinHandle<Result<Vec<IpPacket>, LabError>>>,
 }
 
 /// One captured IPv4/TCP segment.
@@ -76,6 +76,60 @@ pub struct Packet {
 }
 
 impl fmt::Debug for Packet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {} -> {} [{}] seq={} len={}",
+            self.interface,
+            if self.outgoing { "out" } else { "in" },
+            self.src,
+            self.dst,
+            self.flags,
+            self.seq,
+            self.payload.len()
+        )
+    }
+}
+
+/// One captured TCP segment of either family: what [`Capture::stop_all`] returns. [`Packet`]
+/// is its IPv4-only form.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IpPacket {
+    /// The interface it was seen on (a bridge port on the fabric: `node0`, `node1`, ...).
+    pub interface: String,
+    /// True when seen leaving the interface, false when seen arriving (see the module docs).
+    pub outgoing: bool,
+    /// Source address and port.
+    pub src: SocketAddr,
+    /// Destination address and port.
+    pub dst: SocketAddr,
+    /// TCP flags.
+    pub flags: TcpFlags,
+    /// TCP sequence number.
+    pub seq: u32,
+    /// TCP payload (may be empty).
+    pub payload: Vec<u8>,
+}
+
+impl IpPacket {
+    /// The IPv4 form, or `None` for an IPv6 segment.
+    pub fn to_v4(&self) -> Option<Packet> {
+        match (self.src, self.dst) {
+            (SocketAddr::V4(src), SocketAddr::V4(dst)) => Some(Packet {
+                interface: self.interface.clone(),
+                outgoing: self.outgoing,
+                src,
+                dst,
+                flags: self.flags,
+                seq: self.seq,
+                payload: self.payload.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for IpPacket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -180,7 +234,13 @@ impl Netns {
 impl Capture {
     /// Stops recording and returns the IPv4/TCP packets seen, in arrival order. Fails if the
     /// capture broke or reached a bound (a partial capture would make assertions lie).
-    pub fn stop(mut self) -> Result<Vec<Packet>, LabError> {
+    pub fn stop(self) -> Result<Vec<Packet>, LabError> {
+        Ok(self.stop_all()?.iter().filter_map(IpPacket::to_v4).collect())
+    }
+
+    /// Stops recording and returns the TCP packets seen over IPv4 and IPv6, in arrival order;
+    /// fails as [`Capture::stop`] does.
+    pub fn stop_all(mut self) -> Result<Vec<IpPacket>, LabError> {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(result)) => result,
@@ -210,7 +270,7 @@ fn record(
     netns: &str,
     names: &HashMap<u32, String>,
     stop: &AtomicBool,
-) -> Result<Vec<Packet>, LabError> {
+) -> Result<Vec<IpPacket>, LabError> {
     let started = Instant::now();
     let mut frame = vec![0u8; FRAME_BUFFER];
     let mut packets = Vec::new();
@@ -245,7 +305,7 @@ fn record(
             }
             None => (String::from("?"), false),
         };
-        packets.push(Packet {
+        packets.push(IpPacket {
             interface,
             outgoing,
             src: tcp.src,
@@ -258,22 +318,23 @@ fn record(
     Ok(packets)
 }
 
-/// An IPv4/TCP segment inside an Ethernet frame, borrowing the frame.
+/// An IPv4 or IPv6 TCP segment inside an Ethernet frame, borrowing the frame.
 #[derive(Debug, PartialEq, Eq)]
 struct TcpSegment<'a> {
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: SocketAddr,
+    dst: SocketAddr,
     flags: TcpFlags,
     seq: u32,
     payload: &'a [u8],
 }
 
-/// Parses Ethernet (optionally one VLAN tag) / IPv4 / TCP; `None` for anything else, for
-/// non-first fragments and for truncated headers.
+/// Parses Ethernet (optionally one VLAN tag) / IPv4 or IPv6 / TCP; `None` for anything else,
+/// for non-first fragments, for IPv6 with extension headers before TCP (the lab's traffic has
+/// none) and for truncated headers.
 fn parse_frame(frame: &[u8]) -> Option<TcpSegment<'_>> {
     const ETHERTYPE_IPV4: u16 = 0x0800;
+    const ETHERTYPE_IPV6: u16 = 0x86dd;
     const ETHERTYPE_VLAN: u16 = 0x8100;
-    const IPPROTO_TCP: u8 = 6;
 
     let mut offset = 12;
     let mut ethertype = be16(frame, offset)?;
@@ -282,10 +343,29 @@ fn parse_frame(frame: &[u8]) -> Option<TcpSegment<'_>> {
         ethertype = be16(frame, offset + 2)?;
         offset += 4;
     }
-    if ethertype != ETHERTYPE_IPV4 {
+    let ip = frame.get(offset..)?;
+    let (src_ip, dst_ip, tcp) = match ethertype {
+        ETHERTYPE_IPV4 => parse_ipv4(ip)?,
+        ETHERTYPE_IPV6 => parse_ipv6(ip)?,
+        _ => return None,
+    };
+    let data_offset = usize::from(*tcp.get(12)? >> 4) * 4;
+    if data_offset < 20 || tcp.len() < data_offset {
         return None;
     }
-    let ip = frame.get(offset..)?;
+    Some(TcpSegment {
+        src: SocketAddr::new(src_ip, be16(tcp, 0)?),
+        dst: SocketAddr::new(dst_ip, be16(tcp, 2)?),
+        flags: TcpFlags(tcp[13]),
+        seq: u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?),
+        payload: &tcp[data_offset..],
+    })
+}
+
+const IPPROTO_TCP: u8 = 6;
+
+/// An IPv4 packet's addresses and TCP bytes (header and payload, without Ethernet padding).
+fn parse_ipv4(ip: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
     let version_ihl = *ip.first()?;
     let ihl = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || ihl < 20 || ip.len() < ihl {
@@ -299,20 +379,25 @@ fn parse_frame(frame: &[u8]) -> Option<TcpSegment<'_>> {
     if ip[9] != IPPROTO_TCP || be16(ip, 6)? & 0x1fff != 0 || total < ihl {
         return None;
     }
-    let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let tcp = ip.get(ihl..total)?;
-    let data_offset = usize::from(*tcp.get(12)? >> 4) * 4;
-    if data_offset < 20 || tcp.len() < data_offset {
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    Some((src.into(), dst.into(), ip.get(ihl..total)?))
+}
+
+/// An IPv6 packet's addresses and TCP bytes, when TCP is its first next header.
+fn parse_ipv6(ip: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+    const HEADER: usize = 40;
+    if *ip.first()? >> 4 != 6 || ip.len() < HEADER || ip[6] != IPPROTO_TCP {
         return None;
     }
-    Some(TcpSegment {
-        src: SocketAddrV4::new(src_ip, be16(tcp, 0)?),
-        dst: SocketAddrV4::new(dst_ip, be16(tcp, 2)?),
-        flags: TcpFlags(tcp[13]),
-        seq: u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?),
-        payload: &tcp[data_offset..],
-    })
+    // Payload length 0 is a jumbogram (BIG TCP): then the frame tells.
+    let end = match usize::from(be16(ip, 4)?) {
+        0 => ip.len(),
+        n => (HEADER + n).min(ip.len()),
+    };
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(ip.get(8..24)?).ok()?);
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(ip.get(24..40)?).ok()?);
+    Some((src.into(), dst.into(), ip.get(HEADER..end)?))
 }
 
 fn be16(bytes: &[u8], at: usize) -> Option<u16> {
@@ -356,6 +441,52 @@ mod tests {
         assert!(seg.flags.psh() && seg.flags.ack() && !seg.flags.syn());
         assert_eq!(seg.payload, b"hello");
         assert_eq!(seg.flags.to_string(), "P.");
+    }
+
+    /// Ethernet + IPv6 + TCP with `payload`, then `padding` trailing bytes.
+    fn frame6(next_header: u8, payload: &[u8], padding: usize) -> Vec<u8> {
+        let mut f = vec![0xaa; 12];
+        f.extend_from_slice(&[0x86, 0xdd]);
+        let mut ip = vec![0x60, 0, 0, 0, 0, 0, next_header, 64];
+        ip[4..6].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&"fd00:244:1::2".parse::<Ipv6Addr>().unwrap().octets());
+        ip.extend_from_slice(&"fd00:244:2::2".parse::<Ipv6Addr>().unwrap().octets());
+        f.extend_from_slice(&ip);
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&15008u16.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = TcpFlags::PSH | TcpFlags::ACK;
+        f.extend_from_slice(&tcp);
+        f.extend_from_slice(payload);
+        f.extend(std::iter::repeat_n(0u8, padding));
+        f
+    }
+
+    #[test]
+    fn parses_ipv6() {
+        let f = frame6(6, b"\x16\x03\x01", 5);
+        let seg = parse_frame(&f).expect("a TCP segment");
+        assert_eq!(seg.src, "[fd00:244:1::2]:40000".parse().unwrap());
+        assert_eq!(seg.dst, "[fd00:244:2::2]:15008".parse().unwrap());
+        assert_eq!(seg.payload, b"\x16\x03\x01");
+        // UDP, or a hop-by-hop header before TCP, is not parsed; nor is a truncated header.
+        assert_eq!(parse_frame(&frame6(17, b"x", 0)), None);
+        assert_eq!(parse_frame(&frame6(0, b"x", 0)), None);
+        let f = frame6(6, b"", 0);
+        for cut in 0..14 + 40 + 20 {
+            assert_eq!(parse_frame(&f[..cut]), None, "cut at {cut}");
+        }
+        let packet = IpPacket {
+            interface: "node0".into(),
+            outgoing: false,
+            src: seg.src,
+            dst: seg.dst,
+            flags: seg.flags,
+            seq: 0,
+            payload: Vec::new(),
+        };
+        assert_eq!(packet.to_v4(), None);
     }
 
     #[test]

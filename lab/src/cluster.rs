@@ -2,14 +2,14 @@
 //! wired to their node's `cni0` bridge, and the teardown that removes all of it.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use crate::addresses::{self, Ipv4Cidr, MAX_NODES, MAX_PODS_PER_NODE};
+use crate::addresses::{self, IpCidr, IpStack, Ipv4Cidr, Ipv6Cidr, MAX_NODES, MAX_PODS_PER_NODE};
 use crate::capture::Capture;
 use crate::netlink::netlink;
 use crate::netns::{self, NAME_PREFIX, Netns, delete_namespace, sanitize};
@@ -35,6 +35,8 @@ static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
 pub struct Lab {
     /// `weft-<pid>-<n>-<test>`: the start of every namespace name of this lab.
     name: String,
+    /// The address families of nodes and pods.
+    stack: IpStack,
     shared: Arc<LabShared>,
     fabric: Netns,
     nodes: Vec<Node>,
@@ -57,6 +59,7 @@ struct Inner {
 #[derive(Clone, Debug)]
 pub struct Node {
     index: usize,
+    stack: IpStack,
     netns: Netns,
 }
 
@@ -66,17 +69,26 @@ pub struct Pod {
     name: String,
     node: usize,
     index: usize,
+    stack: IpStack,
     netns: Netns,
     pause_pid: u32,
 }
 
 impl Lab {
-    /// Builds a lab of `nodes` nodes (no pods yet) for the test `test_name`.
+    /// Builds an IPv4 lab of `nodes` nodes (no pods yet) for the test `test_name`.
     ///
     /// First removes what crashed runs left behind ([`crate::clean_leftovers`]). Namespace names
     /// are `weft-<pid>-<n>-<test>-<role>`, unique per process and per lab, so tests run in
     /// parallel. If a step fails, everything created so far is removed before the error returns.
     pub fn new(test_name: &str, nodes: usize) -> Result<Lab, LabError> {
+        Lab::with_stack(test_name, nodes, IpStack::Ipv4)
+    }
+
+    /// Builds a lab whose nodes and pods have the address families of `stack` (the IPv6 plan
+    /// is in [`addresses`]): as [`Lab::new`] for [`IpStack::Ipv4`]. With IPv6, every lab
+    /// namespace has duplicate address detection off (`accept_dad=0`, and addresses are added
+    /// `nodad`), so planned addresses are usable at once, and nodes forward IPv6.
+    pub fn with_stack(test_name: &str, nodes: usize, stack: IpStack) -> Result<Lab, LabError> {
         Lab::require_root()?;
         if nodes == 0 || nodes > MAX_NODES {
             return Err(LabError::Invalid(format!("a lab has 1 to {MAX_NODES} nodes, not {nodes}")));
@@ -91,7 +103,7 @@ impl Lab {
         fs::create_dir_all(&log_dir).map_err(|e| LabError::io("create the log directory", &log_dir, e))?;
         let shared = Arc::new(LabShared::new(log_dir));
         let fabric = Netns::new(format!("{name}-fabric"), Arc::clone(&shared));
-        let mut lab = Lab { name, shared, fabric, nodes: Vec::new(), inner: Mutex::default(), torn_down: false };
+        let mut lab = Lab { name, stack, shared, fabric, nodes: Vec::new(), inner: Mutex::default(), torn_down: false };
         // On error, `lab` is dropped here and its Drop removes what was built.
         lab.build(nodes)?;
         Ok(lab)
@@ -131,18 +143,23 @@ impl Lab {
         let netns =
             Netns::new(format!("{}-n{node}p{index}-{}", self.name, sanitize(name, 16)), Arc::clone(&self.shared));
         self.create_netns(&netns)?;
+        self.prepare_ipv6(&netns, false)?;
 
-        let ip = addresses::pod_ip(node, index);
-        let gateway = addresses::pod_gateway(node);
-        let prefix_len = addresses::pod_cidr(node).prefix_len();
+        let stack = self.stack;
+        let addrs = pod_addresses(stack, node, index);
         let peer = format!("veth{index}");
         let node_netns = node_ref.netns.clone();
         netlink(&netns, |nl| async move {
             nl.up("lo").await?;
             nl.add_veth(ETH0, &peer, &node_netns).await?;
-            nl.add_address(ETH0, ip, prefix_len).await?;
+            for (ip, prefix_len, _) in &addrs {
+                nl.add_address(ETH0, *ip, *prefix_len).await?;
+            }
             nl.up(ETH0).await?;
-            nl.add_route(None, gateway).await
+            for (_, _, gateway) in &addrs {
+                nl.add_route(None, *gateway).await?;
+            }
+            Ok(())
         })?;
         let peer = format!("veth{index}");
         netlink(&node_ref.netns, |nl| async move {
@@ -156,7 +173,7 @@ impl Lab {
         let mut pause = Command::new("sleep");
         pause.arg("infinity");
         let pause = netns.spawn(pause)?;
-        let pod = Pod { name: name.to_owned(), node, index, netns, pause_pid: pause.pid() };
+        let pod = Pod { name: name.to_owned(), node, index, stack, netns, pause_pid: pause.pid() };
         self.lock().pods.push((pod.clone(), pause));
         Ok(pod)
     }
@@ -165,6 +182,11 @@ impl Lab {
     /// frame twice, see [`crate::capture`]).
     pub fn capture(&self) -> Result<Capture, LabError> {
         self.fabric.capture()
+    }
+
+    /// The address families of the lab's nodes and pods.
+    pub fn stack(&self) -> IpStack {
+        self.stack
     }
 
     /// The lab's name, `weft-<pid>-<n>-<test>`: every namespace name of the lab starts with it.
@@ -201,7 +223,9 @@ impl Lab {
     }
 
     fn build(&mut self, nodes: usize) -> Result<(), LabError> {
+        let stack = self.stack;
         self.create_netns(&self.fabric)?;
+        self.prepare_ipv6(&self.fabric, false)?;
         netlink(&self.fabric, |nl| async move {
             nl.up("lo").await?;
             nl.add_bridge(FABRIC_BRIDGE).await
@@ -212,17 +236,22 @@ impl Lab {
             let netns = Netns::new(format!("{}-node{i}", self.name), Arc::clone(&self.shared));
             self.create_netns(&netns)?;
             write_sysctl(&netns, "/proc/sys/net/ipv4/ip_forward", "1")?;
+            self.prepare_ipv6(&netns, true)?;
             let fabric = self.fabric.clone();
             let port = fabric_port(i);
-            let fabric_prefix = addresses::FABRIC_SUBNET.prefix_len();
-            let pod_prefix = addresses::pod_cidr(i).prefix_len();
+            let addrs = node_addresses(stack, i);
             netlink(&netns, |nl| async move {
                 nl.up("lo").await?;
                 nl.add_veth(ETH0, &port, &fabric).await?;
-                nl.add_address(ETH0, addresses::node_fabric_ip(i), fabric_prefix).await?;
+                for (fabric_ip, fabric_prefix, _, _) in &addrs {
+                    nl.add_address(ETH0, *fabric_ip, *fabric_prefix).await?;
+                }
                 nl.up(ETH0).await?;
                 nl.add_bridge(CNI_BRIDGE).await?;
-                nl.add_address(CNI_BRIDGE, addresses::pod_gateway(i), pod_prefix).await
+                for (_, _, gateway, pod_prefix) in &addrs {
+                    nl.add_address(CNI_BRIDGE, *gateway, *pod_prefix).await?;
+                }
+                Ok(())
             })?;
             let port = fabric_port(i);
             netlink(&self.fabric, |nl| async move {
@@ -230,14 +259,19 @@ impl Lab {
                 nl.wait_ready(&[&port], LINK_READY_TIMEOUT).await?;
                 nl.attach(&port, FABRIC_BRIDGE).await
             })?;
-            self.nodes.push(Node { index: i, netns });
+            self.nodes.push(Node { index: i, stack, netns });
         }
 
         for node in &self.nodes {
-            let others: Vec<(Ipv4Cidr, Ipv4Addr)> = (0..nodes)
-                .filter(|&j| j != node.index)
-                .map(|j| (addresses::pod_cidr(j), addresses::node_fabric_ip(j)))
-                .collect();
+            let mut others: Vec<(IpCidr, IpAddr)> = Vec::new();
+            for j in (0..nodes).filter(|&j| j != node.index) {
+                if stack.has_ipv4() {
+                    others.push((IpCidr::V4(addresses::pod_cidr(j)), addresses::node_fabric_ip(j).into()));
+                }
+                if stack.has_ipv6() {
+                    others.push((IpCidr::V6(addresses::pod_cidr_v6(j)), addresses::node_fabric_ipv6(j).into()));
+                }
+            }
             netlink(&node.netns, |nl| async move {
                 for (cidr, via) in others {
                     nl.add_route(Some(cidr), via).await?;
@@ -246,6 +280,22 @@ impl Lab {
             })?;
         }
         netlink(&self.fabric, |nl| async move { nl.wait_ready(&[FABRIC_BRIDGE], LINK_READY_TIMEOUT).await })
+    }
+
+    /// In a lab with IPv6, before any interface is made in `netns`: duplicate address
+    /// detection off for every interface to come (`default`) and those there (`all`, `lo`), and
+    /// for a node, IPv6 forwarding on. Nothing changes in an IPv4 lab.
+    fn prepare_ipv6(&self, netns: &Netns, forward: bool) -> Result<(), LabError> {
+        if !self.stack.has_ipv6() {
+            return Ok(());
+        }
+        for scope in ["all", "default"] {
+            write_sysctl(netns, &format!("/proc/sys/net/ipv6/conf/{scope}/accept_dad"), "0")?;
+        }
+        if forward {
+            write_sysctl(netns, "/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+        }
+        Ok(())
     }
 
     /// Records `netns` for teardown, then creates it (so a half-made one is removed too).
@@ -294,7 +344,11 @@ impl Drop for Lab {
 
 impl std::fmt::Debug for Lab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lab").field("name", &self.name).field("nodes", &self.nodes.len()).finish()
+        f.debug_struct("Lab")
+            .field("name", &self.name)
+            .field("stack", &self.stack)
+            .field("nodes", &self.nodes.len())
+            .finish()
     }
 }
 
@@ -309,9 +363,25 @@ impl Node {
         &self.netns
     }
 
-    /// The node's address on the fabric (`eth0`): `10.255.0.(i+1)`.
+    /// The node's IPv4 address on the fabric (`eth0`): `10.255.0.(i+1)`. In an IPv6-only lab
+    /// no interface holds it: see [`Node::fabric_ips`].
     pub fn fabric_ip(&self) -> Ipv4Addr {
         addresses::node_fabric_ip(self.index)
+    }
+
+    /// The node's IPv6 address on the fabric, `fd00:255::(i+1)`, in a lab with IPv6.
+    pub fn fabric_ipv6(&self) -> Option<Ipv6Addr> {
+        self.stack.has_ipv6().then(|| addresses::node_fabric_ipv6(self.index))
+    }
+
+    /// The node's addresses on the fabric, one per family of the lab (IPv4 first).
+    pub fn fabric_ips(&self) -> Vec<IpAddr> {
+        node_addresses(self.stack, self.index).into_iter().map(|(ip, ..)| ip).collect()
+    }
+
+    /// The node's IPv6 pod CIDR, `fd00:244:(i+1)::/64`, in a lab with IPv6.
+    pub fn pod_cidr_v6(&self) -> Option<Ipv6Cidr> {
+        self.stack.has_ipv6().then(|| addresses::pod_cidr_v6(self.index))
     }
 
     /// The node's pod CIDR: `10.244.(i+1).0/24`.
@@ -341,9 +411,51 @@ impl Pod {
         self.index
     }
 
-    /// The pod's address on `eth0`.
+    /// The pod's IPv4 address on `eth0`. In an IPv6-only lab the pod has none and no interface
+    /// holds this one: code meant for every family uses [`Pod::primary_ip`] or [`Pod::ips`].
     pub fn ip(&self) -> Ipv4Addr {
         addresses::pod_ip(self.node, self.index)
+    }
+
+    /// The pod's addresses on `eth0`, one per family of the lab, IPv4 first (Kubernetes'
+    /// `status.podIPs`).
+    pub fn ips(&self) -> Vec<IpAddr> {
+        pod_addresses(self.stack, self.node, self.index).into_iter().map(|(ip, ..)| ip).collect()
+    }
+
+    /// The pod's first address (`status.podIP`): its IPv4 address, or in an IPv6-only lab
+    /// its IPv6 one.
+    pub fn primary_ip(&self) -> IpAddr {
+        if self.stack.has_ipv4() {
+            IpAddr::V4(self.ip())
+        } else {
+            IpAddr::V6(addresses::pod_ipv6(self.node, self.index))
+        }
+    }
+
+    /// The pod's IPv6 address, `fd00:244:(node+1)::(index+2)`, in a lab with IPv6.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.stack.has_ipv6().then(|| addresses::pod_ipv6(self.node, self.index))
+    }
+
+    /// The pod's IPv4 address in a lab with IPv4.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.stack.has_ipv4().then(|| self.ip())
+    }
+
+    /// The pod's address of the family of `like` (an address of the peer or service it talks
+    /// to), if it has one.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        match like {
+            IpAddr::V4(_) => self.ipv4().map(IpAddr::V4),
+            IpAddr::V6(_) => self.ipv6().map(IpAddr::V6),
+        }
+    }
+
+    /// Each of the pod's addresses with its prefix length and default gateway (its node's
+    /// `cni0`), IPv4 first: what a CNI plugin reports as the pod's `ips`.
+    pub fn networks(&self) -> Vec<(IpAddr, u8, IpAddr)> {
+        pod_addresses(self.stack, self.node, self.index)
     }
 
     /// The pod's default gateway, its node's `cni0`: `10.244.(node+1).1`.
@@ -361,6 +473,44 @@ impl Pod {
     pub fn pause_pid(&self) -> u32 {
         self.pause_pid
     }
+}
+
+/// A pod's addresses in a lab built with `stack`, IPv4 first: (address, prefix length of its
+/// node's pod CIDR, default gateway).
+fn pod_addresses(stack: IpStack, node: usize, k: usize) -> Vec<(IpAddr, u8, IpAddr)> {
+    let mut addrs = Vec::new();
+    if stack.has_ipv4() {
+        let cidr = addresses::pod_cidr(node);
+        addrs.push((addresses::pod_ip(node, k).into(), cidr.prefix_len(), addresses::pod_gateway(node).into()));
+    }
+    if stack.has_ipv6() {
+        let cidr = addresses::pod_cidr_v6(node);
+        addrs.push((addresses::pod_ipv6(node, k).into(), cidr.prefix_len(), addresses::pod_gateway_v6(node).into()));
+    }
+    addrs
+}
+
+/// A node's addresses in a lab built with `stack`, IPv4 first: (fabric address, fabric prefix
+/// length, `cni0` address, pod CIDR prefix length).
+fn node_addresses(stack: IpStack, node: usize) -> Vec<(IpAddr, u8, IpAddr, u8)> {
+    let mut addrs = Vec::new();
+    if stack.has_ipv4() {
+        addrs.push((
+            addresses::node_fabric_ip(node).into(),
+            addresses::FABRIC_SUBNET.prefix_len(),
+            addresses::pod_gateway(node).into(),
+            addresses::pod_cidr(node).prefix_len(),
+        ));
+    }
+    if stack.has_ipv6() {
+        addrs.push((
+            addresses::node_fabric_ipv6(node).into(),
+            addresses::FABRIC_SUBNET_V6.prefix_len(),
+            addresses::pod_gateway_v6(node).into(),
+            addresses::pod_cidr_v6(node).prefix_len(),
+        ));
+    }
+    addrs
 }
 
 /// The name of node `i`'s port on the fabric bridge.

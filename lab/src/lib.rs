@@ -29,7 +29,9 @@
 //! A packet from pod `a` to pod `b` leaves `a`'s `eth0`, is routed by node 0 (the route to
 //! node 1's pod CIDR) over the fabric bridge to node 1, which delivers it on its `cni0`. Service
 //! VIPs (`10.96.0.0/16`) are routed nowhere: a node proxy resolves them. The whole address plan
-//! is in [`addresses`].
+//! is in [`addresses`]. [`Lab::with_stack`] builds the same picture with IPv6 addresses instead
+//! of IPv4 ones ([`addresses::IpStack::Ipv6`]) or beside them ([`addresses::IpStack::Dual`]), in
+//! unique-local ranges (`fd00:255::/64`, `fd00:244:<node>::/64`, VIPs `fd00:96::/108`).
 //!
 //! Names: every namespace is `weft-<pid>-<n>-<test>-<role>` (role `fabric`, `node<i>`,
 //! `n<i>p<k>-<pod>`) under `/run/netns`, so `ip netns exec <name> ...` works on a running lab and
@@ -95,7 +97,7 @@ use std::fmt::Display;
 use std::fs;
 use std::io::Write;
 
-pub use capture::{Capture, Packet, TcpFlags};
+pub use capture::{Capture, IpPacket, Packet, TcpFlags};
 pub use cluster::{CNI_BRIDGE, ETH0, FABRIC_BRIDGE, Lab, Node, Pod};
 pub use error::LabError;
 pub use netlink::{AddressState, LinkState, NetState, RouteState};

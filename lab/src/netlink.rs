@@ -7,17 +7,17 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, State};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::addresses::Ipv4Cidr;
+use crate::addresses::{IpCidr, Ipv4Cidr};
 use crate::{LabError, Netns};
 
 /// Upper bound for one batch of netlink requests: the kernel answers in microseconds, so this
@@ -230,31 +230,43 @@ impl Nl {
             .map_err(|e| LabError::netlink(&self.netns, format!("attach {name} to bridge {bridge}"), e))
     }
 
-    /// `ip addr add <ip>/<prefix_len> dev <name>`.
-    pub(crate) async fn add_address(&self, name: &str, ip: Ipv4Addr, prefix_len: u8) -> Result<(), LabError> {
+    /// `ip addr add <ip>/<prefix_len> dev <name>`; an IPv6 address with `nodad`: usable at
+    /// once instead of tentative for the second or so of duplicate address detection (the lab
+    /// plans its addresses, so there is no duplicate to detect).
+    pub(crate) async fn add_address(&self, name: &str, ip: IpAddr, prefix_len: u8) -> Result<(), LabError> {
         let index = self.index(name).await?;
-        self.handle
-            .address()
-            .add(index, IpAddr::V4(ip), prefix_len)
+        let mut request = self.handle.address().add(index, ip, prefix_len);
+        if ip.is_ipv6() {
+            request.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        }
+        request
             .execute()
             .await
             .map_err(|e| LabError::netlink(&self.netns, format!("add address {ip}/{prefix_len} to {name}"), e))
     }
 
     /// `ip route add <destination> via <gateway>` (the default route when `destination` is
-    /// `None`).
-    pub(crate) async fn add_route(&self, destination: Option<Ipv4Cidr>, gateway: Ipv4Addr) -> Result<(), LabError> {
-        let mut route = RouteMessageBuilder::<Ipv4Addr>::new();
-        if let Some(dst) = destination {
-            route = route.destination_prefix(dst.network(), dst.prefix_len());
-        }
+    /// `None`), for either family: `destination` and `gateway` must be of the same one.
+    pub(crate) async fn add_route(&self, destination: Option<IpCidr>, gateway: IpAddr) -> Result<(), LabError> {
         let dst_text = destination.map_or_else(|| "default".to_owned(), |d| d.to_string());
-        self.handle
-            .route()
-            .add(route.gateway(gateway).build())
-            .execute()
-            .await
-            .map_err(|e| LabError::netlink(&self.netns, format!("add route {dst_text} via {gateway}"), e))
+        let step = || format!("add route {dst_text} via {gateway}");
+        let message = match (destination, gateway) {
+            (None, IpAddr::V4(gw)) => RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).build(),
+            (Some(IpCidr::V4(dst)), IpAddr::V4(gw)) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .gateway(gw)
+                .build(),
+            (None, IpAddr::V6(gw)) => RouteMessageBuilder::<Ipv6Addr>::new().gateway(gw).build(),
+            (Some(IpCidr::V6(dst)), IpAddr::V6(gw)) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .gateway(gw)
+                .build(),
+            _ => {
+                let mixed = std::io::Error::new(std::io::ErrorKind::InvalidInput, "mixed address families");
+                return Err(LabError::netlink(&self.netns, step(), mixed));
+            }
+        };
+        self.handle.route().add(message).execute().await.map_err(|e| LabError::netlink(&self.netns, step(), e))
     }
 
     /// Waits (bounded) until each of `names` can transmit: it has a carrier and the kernel has
