@@ -405,3 +405,59 @@ fn local_file_mode_rejects_a_malformed_config_and_keeps_the_last_good_one() {
     assert_eq!(echo(&mut conn, b"still"), b"still");
     assert_eq!(mesh.ztunnel(0).try_status().unwrap(), None, "ztunnel is still running");
 }
+
+/// The app sees its client's own address as its peer, as it would without the mesh: over HBONE
+/// from a pod on another node and from one on the same node, and in plaintext from a pod
+/// outside the mesh (PERMISSIVE); and an `ipBlocks` ALLOW rule matches that address.
+#[test]
+fn the_app_sees_its_clients_address_and_ip_blocks_match_it() {
+    let Some(mut mesh) = mesh("client-address") else { return };
+    mesh.add_pod(PodSpec::new(0, "front", "web", "web")).unwrap();
+    mesh.add_pod(PodSpec::new(1, "front", "near", "near")).unwrap();
+    mesh.add_pod(PodSpec::new(0, "legacy", "old", "old").not_enrolled()).unwrap();
+    mesh.add_pod(PodSpec::new(1, "back", "api", "api")).unwrap();
+    mesh.start_ztunnels().unwrap();
+    let app = mesh.start_echo("api", APP_PORT, None).unwrap();
+    mesh.wait_enrolled(0, 1).unwrap();
+    mesh.wait_enrolled(1, 2).unwrap();
+    let target = addr(mesh.pod("api"), APP_PORT);
+
+    for (client, path) in [("web", "HBONE from another node"), ("near", "HBONE on the same node"), ("old", "plaintext")]
+    {
+        let mut conn = mesh.connect(client, target).unwrap();
+        let msg = marker(client);
+        assert_eq!(echo(&mut conn, msg.as_bytes()), msg.as_bytes(), "{client}: echo");
+        let ip = mesh.pod(client).ip();
+        let seen = app.wait_for_log(&format!("accepted {ip}:"), Duration::from_secs(5));
+        assert!(seen.is_ok(), "{path}: the app must see {client}'s address {ip} as its peer: {seen:?}");
+    }
+    let api_ip = mesh.pod("api").ip();
+    let logs = app.logs().unwrap();
+    assert!(!logs.contains(&format!("accepted {api_ip}:")), "no connection from the pod's own address: {logs}");
+
+    // ALLOW web's address only: web is served, near (same node, same namespace) is refused.
+    let web_ip = mesh.pod("web").ip();
+    mesh.add_policy(&format!(
+        "{{name: web-only, namespace: back, selector: {{app: api}}, action: ALLOW, rules: [{{from: [{{ipBlocks: [\"{web_ip}/32\"]}}]}}]}}"
+    ));
+    mesh.write_config().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !refused(&mesh, "near", target) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(refused(&mesh, "near", target), "ALLOW for web's address refuses near");
+    assert!(!refused(&mesh, "web", target), "ALLOW for web's address admits web");
+    assert!(refused(&mesh, "old", target), "ALLOW for web's address refuses old's plaintext");
+
+    // Released, the pod is left as it was: no capture table, no client-address rule.
+    let netns = ztunnel::inpod::Netns::open(mesh.pod("api").netns().path()).unwrap();
+    assert!(ztunnel::inpod::route::installed(&netns).unwrap(), "the rule is there while api is captured");
+    mesh.set_enrolled("api", false);
+    mesh.write_config().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nft_table_exists(&mesh, "api") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!nft_table_exists(&mesh, "api"), "api released");
+    assert!(!ztunnel::inpod::route::installed(&netns).unwrap(), "the client-address rule left with the table");
+}

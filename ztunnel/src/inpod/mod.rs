@@ -5,6 +5,7 @@
 
 pub mod netns;
 pub mod probes;
+pub mod route;
 pub mod rules;
 pub mod scan;
 pub mod socket;

@@ -15,12 +15,24 @@
 //!   chain output {                # traffic the pod sends
 //!     type nat hook output priority -100;
 //!     meta mark 0x5746 return                  # ztunnel's own sockets
+//!     meta mark 0x5747 return                  # ztunnel's, to the app with the client's address
 //!     oifname "lo" return                      # to the pod itself
 //!     tcp flags syn / fin,syn,rst,ack \
 //!         redirect to :15001                   # any other new outbound TCP: outbound
 //!   }
+//!   chain client_address {        # the app's answers to a client address go back to ztunnel
+//!     type route hook output priority mangle;
+//!     meta mark 0x5747 ct mark set 0x5747      # ztunnel's connection to the app: remembered
+//!     ct mark 0x5747 meta mark set 0x5747      # the app's packets on it: marked, re-routed
+//!   }
 //! }
 //! ```
+//!
+//! ztunnel connects to the app with the client's own address as source (an `IP_TRANSPARENT`
+//! socket marked 0x5747), so the app sees who its client is. The app's answers to that address
+//! would leave the pod through its interface; `client_address` marks them (a `route` chain:
+//! changing the mark routes the packet again), and the rule and route of [`super::route`]
+//! deliver marked packets inside the pod, to ztunnel's socket.
 //!
 //! Only a connection's first SYN is redirected. Connections that exist when a pod is enrolled
 //! must keep flowing untouched, and conntrack alone does not ensure it: a namespace that had
@@ -44,6 +56,7 @@ use std::process::{Command, Stdio};
 use serde_json::{Value, json};
 
 use super::netns::Netns;
+use super::route::{self, CLIENT_MARK, RouteError};
 use crate::config::{
     BYPASS_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, NFT_TABLE, OUTBOUND_PORT, PROBE_SOURCE_V4, PROBE_SOURCE_V6,
 };
@@ -56,6 +69,8 @@ pub enum RulesError {
     Nft { what: &'static str, table: &'static str, stderr: String },
     #[error("cannot enter the pod's network namespace: {0}")]
     Netns(io::Error),
+    #[error(transparent)]
+    Route(#[from] RouteError),
 }
 
 /// Whether the pod's rules let its node's probes through (`--probe-snat`).
@@ -67,18 +82,22 @@ pub enum Probes {
     Capture,
 }
 
-/// Installs (or replaces) the capture rules in `netns`.
+/// Installs (or replaces) the capture rules in `netns`, with the routing that brings the app's
+/// answers to a client's address back to ztunnel ([`route`]) first.
 pub fn install(nft: &Path, netns: &Netns, probes: Probes) -> Result<(), RulesError> {
+    route::install(netns)?;
     run_nft(nft, Some(netns), &ruleset(probes), NFT_TABLE, "installation")
 }
 
-/// Removes the capture rules from `netns` (no error if they are not there).
+/// Removes the capture rules from `netns`, then their routing (no error if they are not there).
 pub fn remove(nft: &Path, netns: &Netns) -> Result<(), RulesError> {
     let doc = json!({"nftables": [
         {"add": {"table": table()}},
         {"delete": {"table": table()}},
     ]});
-    run_nft(nft, Some(netns), &doc, NFT_TABLE, "removal")
+    run_nft(nft, Some(netns), &doc, NFT_TABLE, "removal")?;
+    route::remove(netns)?;
+    Ok(())
 }
 
 /// Whether the table exists in `netns` (for tests and the config dump).
@@ -98,11 +117,16 @@ fn table() -> Value {
     json!({"family": "inet", "name": NFT_TABLE})
 }
 
-fn chain(name: &str, hook: &str) -> Value {
+fn chain(name: &str, kind: &str, hook: &str, prio: i32) -> Value {
     json!({"add": {"chain": {
         "family": "inet", "table": NFT_TABLE, "name": name,
-        "type": "nat", "hook": hook, "prio": -100, "policy": "accept",
+        "type": kind, "hook": hook, "prio": prio, "policy": "accept",
     }}})
+}
+
+/// `<key> set <value>` for a `meta` or `ct` key, as `ct mark set 0x5747`.
+fn set(kind: &str, key: &str, value: u32) -> Value {
+    json!({"mangle": {"key": {kind: {"key": key}}, "value": value}})
 }
 
 fn rule(chain: &str, expr: Vec<Value>) -> Value {
@@ -140,14 +164,25 @@ fn ruleset(probes: Probes) -> Value {
         json!({"add": {"table": table()}}),
         json!({"delete": {"table": table()}}),
         json!({"add": {"table": table()}}),
-        chain("prerouting", "prerouting"),
-        chain("output", "output"),
+        chain("prerouting", "nat", "prerouting", -100),
+        chain("output", "nat", "output", -100),
+        // priority mangle (-150): after conntrack has found the connection.
+        chain("client_address", "route", "output", -150),
     ];
     commands.extend(prerouting);
     commands.extend([
         rule("output", vec![meta_eq("mark", json!(BYPASS_MARK)), ret.clone()]),
+        rule("output", vec![meta_eq("mark", json!(CLIENT_MARK)), ret.clone()]),
         rule("output", vec![meta_eq("oifname", json!("lo")), ret]),
         rule("output", vec![first_syn(), json!({"redirect": {"port": OUTBOUND_PORT}})]),
+        rule("client_address", vec![meta_eq("mark", json!(CLIENT_MARK)), set("ct", "mark", CLIENT_MARK)]),
+        rule(
+            "client_address",
+            vec![
+                json!({"match": {"op": "==", "left": {"ct": {"key": "mark"}}, "right": CLIENT_MARK}}),
+                set("meta", "mark", CLIENT_MARK),
+            ],
+        ),
     ]);
     json!({ "nftables": commands })
 }

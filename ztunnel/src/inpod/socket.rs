@@ -3,13 +3,14 @@
 //! destination.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::netns::Netns;
+use super::route::CLIENT_MARK;
 use crate::config::BYPASS_MARK;
 
 /// Backlog of the captured ports: a burst of new connections from a busy pod must not see
@@ -48,6 +49,30 @@ pub async fn connect(netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream> {
         socket.set_mark(BYPASS_MARK)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
+        Ok(socket.into())
+    })??;
+    TcpSocket::from_std_stream(std_stream).connect(dst).await
+}
+
+/// Connects to `dst`, an address of the pod `netns` belongs to, from inside it with `client`
+/// as the source address: an `IP_TRANSPARENT` socket bound to an address the pod does not
+/// have, so the app sees its real client. It carries [`CLIENT_MARK`], which the pod's rules and
+/// routes ([`super::route`]) use to bring the app's answers back to this socket.
+pub async fn connect_as(netns: &Netns, client: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let std_stream = netns.run(|| -> io::Result<std::net::TcpStream> {
+        let socket = if dst.is_ipv4() {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_ip_transparent_v4(true)?;
+            socket
+        } else {
+            let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+            socket.set_ip_transparent_v6(true)?;
+            socket
+        };
+        socket.set_mark(CLIENT_MARK)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&SocketAddr::new(client, 0).into())?;
         Ok(socket.into())
     })??;
     TcpSocket::from_std_stream(std_stream).connect(dst).await

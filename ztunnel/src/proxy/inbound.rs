@@ -1,7 +1,9 @@
 //! Inbound HBONE: the destination pod's :15008 listener terminates mTLS with the pod's
 //! certificate; each CONNECT is checked (the target must be this pod, the source it claims
 //! must be one its peer may claim, policy must allow the peer) and then dialed from inside
-//! the pod's namespace.
+//! the pod's namespace, with the client's address as source: the app sees who its client is
+//! (the claimed address, else the peer's, of the target's family; a waypoint claims nothing,
+//! so its clients' apps see the waypoint).
 //!
 //! **The source of a tunnel.** Two addresses describe where a tunnel comes from: the peer
 //! address of the HBONE connection, which the network vouches for (ztunnel opens outbound
@@ -29,7 +31,7 @@ use hbone::server::{Handler, InboundRequest, Rejection};
 use tokio::net::TcpStream;
 
 use super::record::{ConnectionRecord, Direction, Outcome, Protocol, Traffic};
-use super::{PodInfo, Proxy};
+use super::{PodInfo, Proxy, net};
 use crate::authz::{self, Verdict};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::metrics::Refusal;
@@ -185,7 +187,14 @@ impl Handler for Inbound {
 
     async fn dial(&self, req: &InboundRequest) -> io::Result<(TcpStream, Session)> {
         let mut record = self.record(&self.proxy.state.load(), req);
-        match self.proxy.pods.connect(&self.pod, req.target).await {
+        // The app sees the client's address: the claimed one (checked in `authorize`), else the
+        // peer's, whichever is of the target's family.
+        let candidates = req.forwarded_for.into_iter().chain([req.peer_addr.ip()]);
+        let connecting = match net::client_source(&self.pod, candidates, req.target) {
+            Some(client) => self.proxy.pods.net.connect_as(&self.pod.netns, client, req.target),
+            None => self.proxy.pods.connect(&self.pod, req.target),
+        };
+        match connecting.await {
             Ok(stream) => {
                 record.open();
                 Ok((stream, Session(record)))

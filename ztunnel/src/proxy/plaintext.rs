@@ -1,7 +1,7 @@
 //! Inbound plaintext: TCP that reached an enrolled pod without HBONE (from a pod outside the
 //! mesh, or another node's non-mesh traffic), redirected to :15006. Allowed only when the
 //! pod's mode is PERMISSIVE and policy admits a peer without identity; in STRICT mode it is
-//! closed and recorded as denied.
+//! closed and recorded as denied. The app sees the client's address as its peer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use meshapi::MtlsMode;
 
 use super::record::{ConnectionRecord, Direction, Outcome, Protocol};
-use super::{Accepted, PodInfo, Proxy, copy_tcp};
+use super::{Accepted, PodInfo, Proxy, copy_tcp, net};
 use crate::authz::{self, Verdict};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::metrics::Refusal;
@@ -29,7 +29,12 @@ pub async fn handle(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
             return record.refuse(refusal, detail);
         }
     }
-    let mut upstream = match proxy.pods.connect(pod, orig).await {
+    // The app sees its client's address, as without the mesh.
+    let connecting = match net::client_source(pod, [peer.ip()], orig) {
+        Some(client) => proxy.pods.net.connect_as(&pod.netns, client, orig),
+        None => proxy.pods.connect(pod, orig),
+    };
+    let mut upstream = match connecting.await {
         Ok(u) => u,
         Err(e) => return record.refuse(Refusal::Unreachable, format_args!("connect to {orig}: {e}")),
     };
