@@ -1,8 +1,10 @@
-//! Wiring: `build(config)` loads the CA, trust bundle and local config, enrolls the local
-//! pods, starts the admin/metrics/readiness servers and the reload and renewal loops, and
-//! returns a [`Bound`] with the addresses it bound and a shutdown handle.
+//! Wiring: `build(config)` takes the node over from a running ztunnel if one offers its
+//! sockets (`handoff`), else binds the node's listeners; loads the CA, trust bundle and local
+//! config, enrolls the local pods, starts the admin/metrics/readiness servers and the reload
+//! and renewal loops, and returns a [`Bound`] with the addresses it bound and a shutdown handle.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,9 +23,10 @@ use tracing::{error, info, warn};
 use crate::admin::{self, Call, Reply, Routes};
 use crate::certs::{CertManager, Issuer};
 use crate::config::{Config, Mode};
+use crate::handoff::{self, Giver, Held, NodeListeners, NodeRole, Phase, Received, ServerRole, Takeover};
 use crate::inpod::Netns;
 use crate::manager::Manager;
-use crate::metrics::Metrics;
+use crate::metrics::{HandoffOutcome, Metrics};
 use crate::proxy::{Balancer, PodDialer, PodRegistry, Proxy};
 use crate::state::StateStore;
 use crate::{control, local};
@@ -42,6 +45,12 @@ pub struct Bound {
     servers: drain::Trigger,
     /// Config reload and certificate renewal.
     loops: Vec<JoinHandle<()>>,
+    /// The node socket and the HTTP servers' listeners (given away in a handoff).
+    node: Arc<tokio::sync::Mutex<NodeListeners>>,
+    /// Whether a handoff is in progress or committed.
+    phase: Arc<tokio::sync::Mutex<Phase>>,
+    handed_over: Arc<tokio::sync::Notify>,
+    upgrade_drain: Duration,
 }
 
 pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::Result<Bound> {
@@ -51,6 +60,40 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     let mode = config.mode().map_err(anyhow::Error::msg)?;
     let state = StateStore::default();
     let metrics = Arc::new(Metrics::new().with_log_limit(config.log_limit));
+
+    // A ztunnel already serving this node hands its sockets over, if it can; if it cannot, this
+    // one binds them once it has exited.
+    let handoff_path = config.handoff_socket();
+    let (takeover, mut received) = match Takeover::start(&handoff_path).await {
+        Ok(Some((takeover, received))) => {
+            info!(
+                pid = takeover.pid,
+                version = takeover.version,
+                pods = received.pods.len(),
+                "the running ztunnel handed its sockets over; taking the node over"
+            );
+            (Some(takeover), received)
+        }
+        Ok(None) => (None, Received::default()),
+        Err(e) => {
+            warn!(error = %e, socket = %handoff_path.display(),
+                "cannot take the node over from the running ztunnel; starting normally once it has exited");
+            (None, Received::default())
+        }
+    };
+    // The node's listeners: the HTTP servers first (which waits for a ztunnel that would not
+    // hand over to exit), then the sockets whose files a fresh start replaces.
+    let admin_l = server_listener(&mut received, ServerRole::Admin, config.admin_addr).await?;
+    let metrics_l = server_listener(&mut received, ServerRole::Metrics, config.metrics_addr).await?;
+    let ready_l = server_listener(&mut received, ServerRole::Readiness, config.readiness_addr).await?;
+    let node_socket = match received.node_socket.take() {
+        Some(fd) => fd,
+        None => OwnedFd::from(crate::runtime::bind(&config.node_socket)?.into_std()?),
+    };
+    let handoff_l = match received.handoff_socket.take() {
+        Some(fd) => handoff::HandoffListener::from_fd(fd)?,
+        None => handoff::HandoffListener::bind(&handoff_path)?,
+    };
 
     // Where the cluster view and certificates come from.
     let (issuer, bundle, plane) = match &mode {
@@ -131,6 +174,9 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         config.drain_deadline,
         config.probe_snat,
     ));
+    if takeover.is_some() {
+        manager.adopt(std::mem::take(&mut received.pods)).context("taking the handed-over pods")?;
+    }
 
     let mut loops = Vec::new();
     let pending = match plane {
@@ -180,24 +226,58 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         }
     };
     info!(node = %config.node, pending, "initial enrollment done");
-    let node_socket = crate::runtime::bind(&config.node_socket)?;
-    loops.push(tokio::spawn(crate::runtime::serve(node_socket, manager.clone(), config.pod_wait)));
 
     let ready = Arc::new(AtomicBool::new(true));
     let (servers, watch) = drain::channel();
-    let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} server on {addr}"))
-    };
-    let admin_l = bind(config.admin_addr, "admin").await?;
-    let metrics_l = bind(config.metrics_addr, "metrics").await?;
-    let ready_l = bind(config.readiness_addr, "readiness").await?;
-    let (admin_addr, metrics_addr, readiness_addr) =
-        (admin_l.local_addr()?, metrics_l.local_addr()?, ready_l.local_addr()?);
-
+    let (admin_addr, metrics_addr, readiness_addr) = (admin_l.0, metrics_l.0, ready_l.0);
+    let mut node = NodeListeners::default();
+    let (wait, runtime_manager) = (config.pod_wait, manager.clone());
+    node.push(
+        NodeRole::NodeSocket,
+        Held::new(
+            node_socket,
+            Box::new(move |fd| {
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                listener.set_nonblocking(true)?;
+                let listener = tokio::net::UnixListener::from_std(listener)?;
+                Ok(tokio::spawn(crate::runtime::serve(listener, runtime_manager.clone(), wait)))
+            }),
+        ),
+    );
     // The servers stop on `servers`' drain; the loops below are aborted at shutdown.
-    tokio::spawn(admin::serve(admin_l, admin_routes(proxy.clone(), manager.clone(), log_control), watch.clone()));
-    tokio::spawn(admin::serve(metrics_l, metrics_routes(metrics.clone()), watch.clone()));
-    tokio::spawn(admin::serve(ready_l, admin::readiness_routes(ready.clone()), watch.clone()));
+    let routes = [
+        (ServerRole::Admin, admin_l, admin_routes(proxy.clone(), manager.clone(), log_control)),
+        (ServerRole::Metrics, metrics_l, metrics_routes(metrics.clone())),
+        (ServerRole::Readiness, ready_l, admin::readiness_routes(ready.clone())),
+    ];
+    for (role, (addr, socket), routes) in routes {
+        let watch = watch.clone();
+        let start: handoff::StartAccepting = Box::new(move |fd| {
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true)?;
+            Ok(tokio::spawn(admin::serve(TcpListener::from_std(listener)?, routes.clone(), watch.clone())))
+        });
+        node.push(NodeRole::Server(role, addr), Held::new(socket, start));
+    }
+    drop(watch);
+    let node = Arc::new(tokio::sync::Mutex::new(node));
+
+    if let Some(takeover) = takeover {
+        take_over(takeover, &manager, &node, &metrics, config.reload_interval).await?;
+    } else {
+        node.lock().await.resume();
+    }
+    let (phase, handed_over) =
+        (Arc::new(tokio::sync::Mutex::new(Phase::Serving)), Arc::new(tokio::sync::Notify::new()));
+    let giver = Giver {
+        manager: manager.clone(),
+        node: node.clone(),
+        metrics: metrics.clone(),
+        phase: phase.clone(),
+        handed_over: handed_over.clone(),
+    };
+    loops.push(tokio::spawn(handoff::serve(handoff_l, giver)));
+
     // Renew certificates at half-life.
     let renew_proxy = proxy.clone();
     let every = (config.cert_ttl / 8).clamp(Duration::from_secs(1), Duration::from_secs(300));
@@ -222,7 +302,105 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         }
     }));
 
-    Ok(Bound { admin_addr, metrics_addr, readiness_addr, proxy, manager, ready, servers, loops })
+    Ok(Bound {
+        admin_addr,
+        metrics_addr,
+        readiness_addr,
+        proxy,
+        manager,
+        ready,
+        servers,
+        loops,
+        node,
+        phase,
+        handed_over,
+        upgrade_drain: config.upgrade_drain,
+    })
+}
+
+/// How long a ztunnel taking over may take to enroll every handed-over pod on the received
+/// sockets before it gives up (and exits, leaving the old one serving): 50 s, within the old
+/// ztunnel's 60 s wait for `ready` (`handoff::READY_TIMEOUT`).
+const TAKEOVER_WITHIN: Duration = Duration::from_secs(50);
+
+/// The new ztunnel's side of a handoff, once the pods it was given are being enrolled: waits
+/// until every one is (retrying on the reload beat), tells the old ztunnel, starts accepting
+/// everywhere once it has stopped, and commits. The old ztunnel's drain reports then set
+/// `weft_upgrade_draining_connections`.
+async fn take_over(
+    takeover: Takeover,
+    manager: &Arc<Manager>,
+    node: &tokio::sync::Mutex<NodeListeners>,
+    metrics: &Arc<Metrics>,
+    retry: Duration,
+) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let left = manager.adopting();
+        if left.is_empty() {
+            break;
+        }
+        if started.elapsed() >= TAKEOVER_WITHIN {
+            anyhow::bail!(
+                "could not enroll the handed-over pods {left:?} within {TAKEOVER_WITHIN:?} (see the warnings above); \
+                 the running ztunnel (pid {}) keeps serving the node",
+                takeover.pid
+            );
+        }
+        tokio::time::sleep(retry).await;
+        manager.reconcile().await;
+    }
+    let old = takeover.pid;
+    takeover.ready().await.with_context(|| format!("handing over from the ztunnel of pid {old}"))?;
+    manager.start_accepting().await;
+    node.lock().await.resume();
+    let channel = takeover.done().await.with_context(|| format!("handing over from the ztunnel of pid {old}"))?;
+    metrics.handoff(HandoffOutcome::took_over);
+    info!(pid = old, "took the node over: serving every pod; the previous ztunnel drains its connections");
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        while let Ok((handoff::Message::Draining { connections }, _)) = channel.recv().await {
+            metrics.upgrade_draining.set(connections as i64);
+        }
+        metrics.upgrade_draining.set(0);
+        info!(pid = old, "the previous ztunnel has exited");
+    });
+    Ok(())
+}
+
+/// One HTTP server's listening socket: the one handed over for it, else one bound at `addr`,
+/// waiting while another process holds the address (a ztunnel that could not hand over, or
+/// one of an older version, still running: it exits once Kubernetes replaces it).
+async fn server_listener(
+    received: &mut Received,
+    role: ServerRole,
+    addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, OwnedFd)> {
+    if let Some((was, fd)) = received.servers.remove(&role) {
+        if was == addr {
+            return Ok((addr, fd));
+        }
+        warn!(?role, was = %was, now = %addr, "the handed-over server listened elsewhere; binding the configured address");
+    }
+    let started = tokio::time::Instant::now();
+    let mut told = false;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => {
+                let addr = listener.local_addr()?;
+                return Ok((addr, OwnedFd::from(listener)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if !told || started.elapsed() >= Duration::from_secs(10) {
+                    warn!(%addr, ?role, waited = ?started.elapsed(),
+                        "the address is in use (by a ztunnel that did not hand over?); waiting for it to be free");
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding the {role:?} server on {addr}")),
+        }
+    }
 }
 
 /// The HBONE settings: the library's, with the limits of `config`, and a budget shared by
@@ -238,15 +416,37 @@ fn hbone_config(config: &Config, state: &StateStore, metrics: &Arc<Metrics>) -> 
 }
 
 impl Bound {
+    /// Resolves once a newer ztunnel has taken the node over: then [`Bound::shutdown`].
+    pub async fn handed_over(&self) {
+        self.handed_over.notified().await
+    }
+
     /// Graceful shutdown: readiness turns 503, pods' listeners stop accepting, connections
     /// finish within the drain deadline (or are cut), then the servers stop.
+    ///
+    /// After a handoff (or a SIGTERM during one that then commits), the new ztunnel accepts
+    /// everywhere already: the connections held here finish within `--upgrade-drain`, and
+    /// their count is reported to the new ztunnel meanwhile.
     pub async fn shutdown(self) -> drain::Outcome {
+        // Waits for a handoff in progress to commit or fail; none starts after this.
+        let phase = std::mem::replace(&mut *self.phase.lock().await, Phase::Closing);
         self.ready.store(false, Ordering::Release);
         for l in &self.loops {
             l.abort();
         }
-        info!("draining");
-        let outcome = self.manager.shutdown().await;
+        let outcome = match phase {
+            Phase::HandedOver(handover) => {
+                info!(deadline = ?self.upgrade_drain, connections = self.proxy.metrics.open_connections(),
+                    "handed over: draining the connections held here");
+                handover.drain(self.upgrade_drain, &self.proxy.metrics).await
+            }
+            Phase::Serving | Phase::Closing => {
+                info!("draining");
+                self.manager.shutdown().await
+            }
+        };
+        // The accept loops hold the servers' drain watch.
+        self.node.lock().await.close();
         self.servers.drain(Duration::from_secs(1)).await;
         self.proxy.hbone.budget.flush_logs();
         self.proxy.metrics.flush_access_log();

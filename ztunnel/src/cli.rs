@@ -15,7 +15,8 @@ pub struct Args {
 }
 
 /// Sets up logging (`WEFT_LOG`, default `info`; changeable at run time through the admin
-/// server), builds ztunnel, runs until SIGTERM or SIGINT, drains, and returns.
+/// server), builds ztunnel (taking the node over from a running one if it can), runs until
+/// SIGTERM or SIGINT or until a newer ztunnel takes the node over, drains, and returns.
 ///
 /// A log filter is a level (`debug`) or per-target levels (`info,hbone=debug,h2=warn`):
 /// `tracing`'s `Targets` syntax, which needs no regular-expression engine in the binary.
@@ -57,7 +58,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async {
         let bound = crate::build(args.config, Some(log_control)).await?;
         tracing::info!(admin = %bound.admin_addr, metrics = %bound.metrics_addr, readiness = %bound.readiness_addr, "ztunnel ready");
-        hbone::drain::terminated().await?;
+        // Until SIGTERM, or until a newer ztunnel has taken the node over (`handoff`); a
+        // SIGTERM during a handoff waits for it to commit or fail (`Bound::shutdown`).
+        tokio::select! {
+            signal = hbone::drain::terminated() => signal?,
+            () = bound.handed_over() => {}
+        }
         let outcome = bound.shutdown().await;
         tracing::info!(?outcome, "ztunnel stopped");
         anyhow::Ok(())

@@ -126,6 +126,22 @@ pub struct Config {
     #[arg(long, env = "WEFT_NODE_SOCKET", default_value = meshapi::node::DEFAULT_SOCKET)]
     pub node_socket: PathBuf,
 
+    /// The handoff socket, where a newer ztunnel on this node takes this one's sockets over
+    /// (upgrades that reset no connection; `docs/PROTOCOL.md`, "The handoff socket"). Mode
+    /// 0600. Default: beside the node socket, `<its name>-handoff.sock`
+    /// (`/var/run/weft/ztunnel-handoff.sock`).
+    #[arg(long, env = "WEFT_HANDOFF_SOCKET")]
+    pub handoff_socket: Option<PathBuf>,
+
+    /// After handing the node over to a newer ztunnel, how long this one keeps serving the
+    /// connections it has before it cuts what is left and exits. 1 h: long enough for nearly
+    /// every connection (requests, most streams, database sessions between pool recycles) to
+    /// end by itself, short enough that a node runs two ztunnels for a bounded time (the old
+    /// one's memory is its connections', a few KiB each). Set the pod's
+    /// `terminationGracePeriodSeconds` above it (ARCHITECTURE §4.9). `0s` cuts at once.
+    #[arg(long, env = "WEFT_UPGRADE_DRAIN", value_parser = parse_duration, default_value = "1h")]
+    pub upgrade_drain: Duration,
+
     /// How long a pod handed over by the runtime may wait for the controller to report it
     /// before its start is refused. 10 s: the controller pushes a new pod within a second
     /// or two; a pod it does not know after that is better retried by the runtime than
@@ -231,6 +247,16 @@ impl Config {
         }
     }
 
+    /// The handoff socket: `--handoff-socket`, else `<node socket's name>-handoff.sock` beside
+    /// the node socket.
+    pub fn handoff_socket(&self) -> PathBuf {
+        if let Some(path) = &self.handoff_socket {
+            return path.clone();
+        }
+        let stem = self.node_socket.file_stem().and_then(|s| s.to_str()).unwrap_or("ztunnel");
+        self.node_socket.with_file_name(format!("{stem}-handoff.sock"))
+    }
+
     /// The mode the settings select, or an error naming the missing setting.
     pub fn mode(&self) -> Result<Mode, String> {
         match (&self.controller, &self.local_config) {
@@ -301,6 +327,18 @@ mod tests {
         assert!(!parse(&["--probe-snat", "false"]).unwrap().probe_snat);
         let err = parse(&["--probe-snat=maybe"]).expect_err("a value that is no boolean is refused").to_string();
         assert!(err.contains("--probe-snat"), "the error names the setting: {err}");
+    }
+
+    #[test]
+    fn the_handoff_socket_sits_beside_the_node_socket() {
+        assert_eq!(parse(&[]).unwrap().handoff_socket(), PathBuf::from("/var/run/weft/ztunnel-handoff.sock"));
+        let lab = parse(&["--node-socket=/tmp/lab/node-1.sock"]).unwrap();
+        assert_eq!(lab.handoff_socket(), PathBuf::from("/tmp/lab/node-1-handoff.sock"));
+        let set = parse(&["--handoff-socket=/run/h.sock"]).unwrap();
+        assert_eq!(set.handoff_socket(), PathBuf::from("/run/h.sock"));
+        assert_eq!(parse(&[]).unwrap().upgrade_drain, Duration::from_secs(3600));
+        let err = parse(&["--upgrade-drain=forever"]).err().unwrap().to_string();
+        assert!(err.contains("--upgrade-drain"), "the error names the setting: {err}");
     }
 
     /// The flags' defaults are the library's: one number, written once.

@@ -7,7 +7,9 @@
 //! HBONE (`hbone` crate) → [`proxy::inbound`] / [`proxy::plaintext`] → the app. Around them:
 //! [`state`] with [`control`] (the controller's watch stream) or [`local`] (a local file) as
 //! the cluster view, [`authz`], [`certs`], [`manager`]
-//! (enrollment) with [`runtime`] (pods handed over by the container runtime), [`metrics`], [`admin`], and [`app`] which wires them.
+//! (enrollment) with [`runtime`] (pods handed over by the container runtime), [`handoff`]
+//! (upgrades: a new ztunnel takes the running one's sockets), [`metrics`], [`admin`], and [`app`]
+//! which wires them.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +20,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod handoff;
 pub mod inpod;
 pub mod local;
 pub mod manager;

@@ -8,22 +8,29 @@
 //!
 //! A pod whose namespace cannot be found yet (not started) is retried on every reconcile.
 //!
+//! A pod's listening sockets stay open for as long as it is captured ([`Held`]): their accept
+//! loops stop and start again around an upgrade, and the sockets themselves can be given to a
+//! newer ztunnel ([`crate::handoff`]), which enrolls the pods on them ([`Manager::adopt`]).
+//!
 //! The probe SNAT's sets ([`crate::inpod::probes`]) follow the captured pods: a pod's
 //! addresses are added before its rules go in, and every change ends with the sets equal to
 //! the captured pods' addresses. A failure there is logged and never stops an enrollment.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hbone::{Server, drain};
 use meshapi::node::{NodeRequest, NodeResponse};
-use tokio::task::JoinHandle;
+use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::handoff::{Family, Held, PodPort, ReceivedPod};
 use crate::inpod::probes::{self, ProbeSnat};
 use crate::inpod::{Netns, rules, scan, socket};
 use crate::proxy::inbound::Inbound;
@@ -43,11 +50,23 @@ pub enum EnrollError {
     Identity { uid: String, reason: String },
 }
 
-/// A captured pod and the tasks serving it.
+/// A captured pod: its listeners (kept open, their accept loops running unless paused) and
+/// the drain of its connections.
 struct Enrolled {
     info: Arc<PodInfo>,
     trigger: drain::Trigger,
-    tasks: Vec<JoinHandle<()>>,
+    listeners: Vec<(PodPort, Held)>,
+}
+
+impl Enrolled {
+    /// Closes this process's copies of the listeners (their accept loops stop; another ztunnel
+    /// may hold the sockets still), then lets the connections finish within `deadline`.
+    async fn drain(self, deadline: Duration) -> drain::Outcome {
+        let Enrolled { info: _, trigger, listeners } = self;
+        // The accept loops hold the drain's watch: they must be gone for the drain to end.
+        drop(listeners);
+        trigger.drain(deadline).await
+    }
 }
 
 /// What a pod looks like in the dump.
@@ -69,9 +88,18 @@ pub struct Manager {
     /// Pods that should be enrolled but are not yet (their namespace not found, or their
     /// certificate not obtained), as of the last reconcile.
     pending: std::sync::atomic::AtomicUsize,
-    /// Network namespaces handed over by the container runtime (the node socket), by pod uid:
-    /// used instead of scanning /proc.
+    /// Network namespaces handed over by the container runtime (the node socket) or by the
+    /// ztunnel this one took over from, by pod uid: used instead of scanning /proc.
     handed: std::sync::Mutex<HashMap<String, Netns>>,
+    /// Listening sockets received from the ztunnel this one took over from, by pod uid, until
+    /// the pod is enrolled on them.
+    adopted: std::sync::Mutex<HashMap<String, Vec<(PodPort, OwnedFd)>>>,
+    /// Whether pods' accept loops run: false in a ztunnel taking over until the handoff
+    /// commits (`start_accepting`).
+    accepting: AtomicBool,
+    /// Set once this ztunnel has handed its pods to a newer one: nothing is enrolled or
+    /// released any more.
+    retired: AtomicBool,
 }
 
 impl Manager {
@@ -92,7 +120,45 @@ impl Manager {
             pods: tokio::sync::Mutex::new(HashMap::new()),
             pending: Default::default(),
             handed: Default::default(),
+            adopted: Default::default(),
+            accepting: AtomicBool::new(true),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// Takes the pods a running ztunnel handed over: their namespaces and listening sockets are
+    /// used when they are enrolled, and no accept loop starts until [`Manager::start_accepting`].
+    pub fn adopt(&self, pods: Vec<ReceivedPod>) -> std::io::Result<()> {
+        self.accepting.store(false, Ordering::Release);
+        let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
+        for pod in pods {
+            handed.insert(pod.uid.clone(), Netns::from_fd(pod.netns)?);
+            adopted.insert(pod.uid, pod.listeners);
+        }
+        Ok(())
+    }
+
+    /// The pods handed over by another ztunnel that are not enrolled here yet.
+    pub fn adopting(&self) -> Vec<String> {
+        let mut uids: Vec<String> = self.adopted.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        uids.sort();
+        uids
+    }
+
+    /// Starts every pod's accept loops (those of pods enrolled from now on start at once).
+    pub async fn start_accepting(&self) {
+        let mut pods = self.pods.lock().await;
+        self.accepting.store(true, Ordering::Release);
+        for e in pods.values_mut() {
+            resume(e);
+        }
+    }
+
+    /// Holds enrollment still (no pod is enrolled or released) until the returned value is
+    /// dropped or retired: what a handoff gives away must not change under it.
+    pub async fn freeze(&self) -> Frozen<'_> {
+        Frozen { manager: self, pods: self.pods.lock().await }
     }
 
     /// Brings the captured pods in line with the current state. Returns the number of pods
@@ -110,6 +176,9 @@ impl Manager {
         drop(state);
 
         let mut pods = self.pods.lock().await;
+        if self.retired.load(Ordering::Acquire) {
+            return 0;
+        }
         let leaving: Vec<String> = pods
             .iter()
             .filter(|(uid, e)| desired.get(*uid).is_none_or(|ips| *ips != e.info.ips))
@@ -176,13 +245,7 @@ impl Manager {
     pub async fn shutdown(&self) -> drain::Outcome {
         let pods: Vec<Enrolled> = self.pods.lock().await.drain().map(|(_, e)| e).collect();
         let deadline = self.drain_deadline;
-        let drains = pods.into_iter().map(|e| async move {
-            let outcome = e.trigger.drain(deadline).await;
-            for t in e.tasks {
-                t.abort();
-            }
-            outcome
-        });
+        let drains = pods.into_iter().map(|e| e.drain(deadline));
         let outcomes = futures_join_all(drains).await;
         if outcomes.contains(&drain::Outcome::DeadlineExceeded) {
             drain::Outcome::DeadlineExceeded
@@ -196,11 +259,17 @@ impl Manager {
     /// or one it deleted.
     pub async fn runtime_request(&self, request: NodeRequest, wait: Duration) -> NodeResponse {
         let answer = |ok: bool, message: String| NodeResponse { ok, message };
+        if self.retired.load(Ordering::Acquire) {
+            return answer(false, RETIRED.into());
+        }
         match request {
             NodeRequest::Del(pod) => {
                 let uid = format!("{}/{}", pod.namespace, pod.name);
                 self.handed.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
                 let mut pods = self.pods.lock().await;
+                if self.retired.load(Ordering::Acquire) {
+                    return answer(false, RETIRED.into());
+                }
                 match pods.remove(&uid) {
                     Some(e) => {
                         self.unenroll(e).await;
@@ -256,6 +325,9 @@ impl Manager {
                 // that lock throughout) then either ran before and could not find the pod, or
                 // runs after and finds it captured; the capture is always this request's.
                 let mut pods = self.pods.lock().await;
+                if self.retired.load(Ordering::Acquire) {
+                    return answer(false, RETIRED.into());
+                }
                 self.handed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), netns);
                 match pods.get(&uid) {
                     Some(e) if e.info.netns.inode() == inode => return answer(true, "captured".into()),
@@ -321,30 +393,42 @@ impl Manager {
             .await
             .map_err(|e| EnrollError::Identity { uid: uid.into(), reason: e.to_string() })?;
 
-        // One set of listeners per address family the pod has (IPv4 `0.0.0.0`, IPv6 `[::]`).
+        // One set of listeners per address family the pod has (IPv4 `0.0.0.0`, IPv6 `[::]`):
+        // those a ztunnel handed over if it did, else new ones.
         let mut families: Vec<bool> = ips.iter().map(IpAddr::is_ipv6).collect();
         families.sort();
         families.dedup();
+        let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner()).remove(uid).unwrap_or_default();
         let mut listeners = Vec::new();
         for ipv6 in families {
             for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT] {
-                let listener = socket::listen(&netns, port, ipv6).map_err(|error| EnrollError::Listen {
-                    uid: uid.into(),
-                    port,
-                    error,
-                })?;
-                listeners.push((port, listener));
+                let wanted = PodPort { port, family: Family::of(ipv6) };
+                let socket = match adopted.iter().position(|(p, _)| *p == wanted) {
+                    Some(i) => Ok(adopted.swap_remove(i).1),
+                    None => socket::listen(&netns, port, ipv6).and_then(TcpListener::into_std).map(OwnedFd::from),
+                };
+                match socket {
+                    Ok(socket) => listeners.push((wanted, socket)),
+                    Err(error) => {
+                        self.readopt(uid, listeners);
+                        return Err(EnrollError::Listen { uid: uid.into(), port, error });
+                    }
+                }
             }
         }
 
         let (nft, rules_netns, probes) = (self.nft.clone(), netns.clone(), self.probes.pod_rules());
-        tokio::task::spawn_blocking(move || rules::install(&nft, &rules_netns, probes))
+        let installed = tokio::task::spawn_blocking(move || rules::install(&nft, &rules_netns, probes))
             .await
             .map_err(|e| EnrollError::Rules {
                 uid: uid.into(),
                 error: rules::RulesError::Netns(std::io::Error::other(e)),
-            })?
-            .map_err(|error| EnrollError::Rules { uid: uid.into(), error })?;
+            })
+            .and_then(|r| r.map_err(|error| EnrollError::Rules { uid: uid.into(), error }));
+        if let Err(e) = installed {
+            self.readopt(uid, listeners);
+            return Err(e);
+        }
 
         let info = Arc::new(PodInfo { uid: uid.to_owned(), ips: ips.to_vec(), netns: netns.clone() });
         self.proxy.pods.insert(ips, &netns);
@@ -355,32 +439,43 @@ impl Manager {
             &self.proxy.trust,
             Inbound { proxy: self.proxy.clone(), pod: info.clone() },
         );
-        let tasks = listeners
+        let listeners = listeners
             .into_iter()
-            .map(|(port, listener)| match port {
-                OUTBOUND_PORT => tokio::spawn(proxy::serve(
-                    "outbound",
-                    listener,
-                    info.clone(),
-                    self.proxy.clone(),
-                    watch.clone(),
-                    outbound::handle,
-                )),
-                INBOUND_PLAINTEXT_PORT => tokio::spawn(proxy::serve(
-                    "plaintext",
-                    listener,
-                    info.clone(),
-                    self.proxy.clone(),
-                    watch.clone(),
-                    plaintext::handle,
-                )),
-                _ => {
-                    let (server, watch) = (server.clone(), watch.clone());
-                    tokio::spawn(async move { server.serve(listener, watch).await })
-                }
+            .map(|(port, socket)| {
+                let (info, proxy, watch, server) = (info.clone(), self.proxy.clone(), watch.clone(), server.clone());
+                let start: crate::handoff::StartAccepting = Box::new(move |fd: OwnedFd| {
+                    let listener = TcpListener::from_std(std::net::TcpListener::from(fd))?;
+                    let (info, proxy, watch) = (info.clone(), proxy.clone(), watch.clone());
+                    Ok(match port.port {
+                        OUTBOUND_PORT => {
+                            tokio::spawn(proxy::serve("outbound", listener, info, proxy, watch, outbound::handle))
+                        }
+                        INBOUND_PLAINTEXT_PORT => {
+                            tokio::spawn(proxy::serve("plaintext", listener, info, proxy, watch, plaintext::handle))
+                        }
+                        _ => {
+                            let server = server.clone();
+                            tokio::spawn(async move { server.serve(listener, watch).await })
+                        }
+                    })
+                });
+                (port, Held::new(socket, start))
             })
             .collect();
-        Ok(Enrolled { info, trigger, tasks })
+        let mut enrolled = Enrolled { info, trigger, listeners };
+        if self.accepting.load(Ordering::Acquire) {
+            resume(&mut enrolled);
+        }
+        Ok(enrolled)
+    }
+
+    /// Puts back the handed-over listeners an enrollment that failed had taken (they must stay
+    /// open: the ztunnel that handed them over may still be serving them).
+    fn readopt(&self, uid: &str, listeners: Vec<(PodPort, OwnedFd)>) {
+        if !listeners.is_empty() {
+            let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
+            adopted.entry(uid.to_owned()).or_default().extend(listeners);
+        }
     }
 
     /// Makes the probe SNAT's sets hold the addresses of the captured `pods` and `joining`
@@ -419,12 +514,100 @@ impl Manager {
         info!(pod = %uid, "pod un-enrolled: rules removed, listeners closing");
         // Listeners stop now; connections in flight finish (or are cut at the deadline).
         let deadline = self.drain_deadline;
-        tokio::spawn(async move {
-            e.trigger.drain(deadline).await;
-            for t in e.tasks {
-                t.abort();
+        tokio::spawn(e.drain(deadline));
+    }
+}
+
+/// Starts a pod's accept loops (those not running).
+fn resume(e: &mut Enrolled) {
+    for (port, held) in &mut e.listeners {
+        if let Err(error) = held.resume() {
+            warn!(pod = %e.info.uid, port = port.port, %error, "cannot accept on the pod's port");
+        }
+    }
+}
+
+/// Refused to the runtime once this ztunnel has handed its pods to a newer one.
+const RETIRED: &str = "this ztunnel has handed the node over to a newer one; ask again (the new one answers)";
+
+/// Enrollment held still for a handoff ([`Manager::freeze`]).
+pub struct Frozen<'a> {
+    manager: &'a Manager,
+    pods: tokio::sync::MutexGuard<'a, HashMap<String, Enrolled>>,
+}
+
+/// A captured pod as a handoff offers it: its namespace and listening sockets.
+pub struct OfferedPod<'a> {
+    pub uid: &'a str,
+    pub ips: &'a [IpAddr],
+    pub netns: BorrowedFd<'a>,
+    pub listeners: Vec<(PodPort, BorrowedFd<'a>)>,
+}
+
+impl Frozen<'_> {
+    /// The captured pods, sorted by uid.
+    pub fn offer(&self) -> Vec<OfferedPod<'_>> {
+        let mut pods: Vec<OfferedPod<'_>> = self
+            .pods
+            .values()
+            .map(|e| OfferedPod {
+                uid: &e.info.uid,
+                ips: &e.info.ips,
+                netns: e.info.netns.as_fd(),
+                listeners: e.listeners.iter().map(|(port, held)| (*port, held.socket())).collect(),
+            })
+            .collect();
+        pods.sort_by(|a, b| a.uid.cmp(b.uid));
+        pods
+    }
+
+    /// Stops every pod's accept loops (returns once none runs).
+    pub async fn pause(&mut self) {
+        for e in self.pods.values_mut() {
+            for (_, held) in &mut e.listeners {
+                held.pause().await;
             }
-        });
+        }
+    }
+
+    /// Starts them again (the handoff failed).
+    pub fn resume(&mut self) {
+        for e in self.pods.values_mut() {
+            resume(e);
+        }
+    }
+
+    /// The handoff committed: nothing is enrolled or released here any more, this process's
+    /// copies of the listeners are closed (the new ztunnel holds the sockets), and the pods'
+    /// connections are returned to be drained.
+    pub fn retire(mut self) -> Retired {
+        self.manager.retired.store(true, Ordering::Release);
+        let pods = self
+            .pods
+            .drain()
+            .map(|(_, mut e)| {
+                e.listeners.clear();
+                e
+            })
+            .collect();
+        Retired { pods }
+    }
+}
+
+/// The connections of the pods a retired ztunnel served.
+pub struct Retired {
+    pods: Vec<Enrolled>,
+}
+
+impl Retired {
+    /// Lets them finish within `deadline` (then cuts them).
+    pub async fn drain(self, deadline: Duration) -> drain::Outcome {
+        let outcomes = futures_join_all(self.pods.into_iter().map(|e| e.drain(deadline))).await;
+        if outcomes.contains(&drain::Outcome::DeadlineExceeded) {
+            drain::Outcome::DeadlineExceeded
+        } else {
+            drain::Outcome::Graceful
+        }
     }
 }
 

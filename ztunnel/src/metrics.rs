@@ -150,6 +150,23 @@ impl EncodeLabelValue for Refusal {
     }
 }
 
+/// How a handoff ended, as this ztunnel saw it (`weft_handoffs_total`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HandoffOutcome {
+    /// This ztunnel took the node over from a running one.
+    took_over,
+    /// A newer ztunnel started a handoff and did not commit it: this one resumed accepting.
+    aborted,
+    /// A newer ztunnel asked and was refused (no common version, or this one shutting down).
+    refused,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabels {
+    pub outcome: HandoffOutcome,
+}
+
 /// The labels of `weft_connections_refused_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
@@ -167,6 +184,13 @@ pub struct Metrics {
     pub config_rejected: Counter,
     pub config_applied: Counter,
     pub enrolled_pods: Gauge,
+    /// Connections open now (opened, not yet closed): what a ztunnel that handed the node over
+    /// reports while it drains.
+    open_connections: Gauge,
+    handoffs: Family<HandoffLabels, Counter>,
+    /// The connections the ztunnel this one took over from still carries, as it reports them;
+    /// 0 once it has exited.
+    pub upgrade_draining: Gauge,
     /// The access log's limit, here because the record, the one writer of both a connection's
     /// line and its metrics, reaches it through them.
     access_log: AccessLogLimit,
@@ -184,6 +208,9 @@ impl Metrics {
             config_rejected: Counter::default(),
             config_applied: Counter::default(),
             enrolled_pods: Gauge::default(),
+            open_connections: Gauge::default(),
+            handoffs: Family::default(),
+            upgrade_draining: Gauge::default(),
             registry: Registry::default(),
             access_log: AccessLogLimit::new(hbone::config::DEFAULT_LOG_LIMIT),
         };
@@ -208,6 +235,21 @@ impl Metrics {
         registry.register("weft_config_rejected", "Config snapshots rejected as invalid", m.config_rejected.clone());
         registry.register("weft_config_applied", "Config snapshots applied", m.config_applied.clone());
         registry.register("weft_enrolled_pods", "Pods currently captured on this node", m.enrolled_pods.clone());
+        registry.register(
+            "weft_connections_open",
+            "Connections this ztunnel carries now (opened and not yet closed)",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "weft_handoffs",
+            "Upgrade handoffs: took_over (this ztunnel took the node over), aborted (a newer one did not commit), refused",
+            m.handoffs.clone(),
+        );
+        registry.register(
+            "weft_upgrade_draining_connections",
+            "Connections the ztunnel this one took over from still carries (0 once it has exited)",
+            m.upgrade_draining.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -239,11 +281,23 @@ impl Metrics {
     /// Counts a connection as opened and returns its counters for when it closes.
     pub fn open(&self, labels: &TcpLabels) -> ConnCounters {
         self.opened.get_or_create(labels).inc();
+        self.open_connections.inc();
         ConnCounters {
+            open: self.open_connections.clone(),
             closed: self.closed.get_or_create(labels).clone(),
             received: self.received_bytes.get_or_create(labels).clone(),
             sent: self.sent_bytes.get_or_create(labels).clone(),
         }
+    }
+
+    /// Counts a handoff's end.
+    pub fn handoff(&self, outcome: HandoffOutcome) {
+        self.handoffs.get_or_create(&HandoffLabels { outcome }).inc();
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.open_connections.get().max(0) as u64
     }
 
     /// Counts a refused connection.
@@ -257,6 +311,7 @@ impl Metrics {
 /// The counters of one open connection, taken when it opens: a long-lived connection holds
 /// three counter handles instead of its label set.
 pub struct ConnCounters {
+    open: Gauge,
     closed: Counter,
     received: Counter,
     sent: Counter,
@@ -268,6 +323,7 @@ impl ConnCounters {
         self.received.inc_by(received);
         self.sent.inc_by(sent);
         self.closed.inc();
+        self.open.dec();
     }
 }
 

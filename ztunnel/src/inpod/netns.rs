@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -34,6 +35,14 @@ impl Netns {
         Ok(Netns { file: Arc::new(file), inode })
     }
 
+    /// A namespace from an open descriptor of it (one received from another ztunnel, which
+    /// handed its pods over: `crate::handoff`).
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Netns> {
+        let file = File::from(fd);
+        let inode = file.metadata()?.ino();
+        Ok(Netns { file: Arc::new(file), inode })
+    }
+
     /// ztunnel's own namespace, recorded the first time this is called (at startup, from
     /// the main thread, before any namespace switch).
     pub fn host() -> io::Result<Netns> {
@@ -48,6 +57,11 @@ impl Netns {
     /// Identifies the namespace (the nsfs inode).
     pub fn inode(&self) -> u64 {
         self.inode
+    }
+
+    /// The open descriptor, to be handed to another ztunnel.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 
     /// Runs `f` with the calling thread inside this namespace, then moves the thread back to
