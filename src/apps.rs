@@ -10,7 +10,7 @@
 //!   request), and echoes the request's method, path and `x-*` headers in
 //!   response headers (`x-seen-*`).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context;
 use tokio::io::AsyncWriteExt;
@@ -74,6 +74,7 @@ async fn web(port: u16, name: String, fail_percent: u32, log_requests: bool) -> 
     let count = Arc::new(AtomicU32::new(0));
     loop {
         let (tcp, peer) = listener.accept().await?;
+        let peer = client(peer);
         let _ = tcp.set_nodelay(true);
         let (name, count) = (name.clone(), count.clone());
         tokio::spawn(async move {
@@ -110,10 +111,16 @@ async fn web(port: u16, name: String, fail_percent: u32, log_requests: bool) -> 
     }
 }
 
+/// Listens on `port` of every address of the namespace, both families: `[::]`, which also
+/// accepts IPv4 (unless `net.ipv6.bindv6only` says otherwise), else `0.0.0.0` where IPv6 is
+/// off. Peers are printed as [`client`] gives them.
 async fn listen(port: u16) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-        .await
-        .with_context(|| format!("binding port {port}"))?;
+    let listener = match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await {
+        Ok(listener) => listener,
+        Err(_) => TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+            .await
+            .with_context(|| format!("binding port {port}"))?,
+    };
     println!("listening on {}", listener.local_addr()?);
     Ok(listener)
 }
@@ -156,7 +163,7 @@ async fn echo(port: u16, banner: Option<String>) -> anyhow::Result<()> {
     let listener = listen(port).await?;
     loop {
         let (mut tcp, peer) = listener.accept().await?;
-        println!("accepted {peer}");
+        println!("accepted {}", client(peer));
         let banner = banner.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
@@ -171,4 +178,10 @@ async fn echo(port: u16, banner: Option<String>) -> anyhow::Result<()> {
             }
         });
     }
+}
+
+/// A client's address as it connected: an IPv4 client of a `[::]` listener is reported as
+/// `10.244.1.2:40000`, not as the mapped `[::ffff:10.244.1.2]:40000`.
+fn client(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }

@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use lab::addresses::IpStack;
 use lab::{Lab, LabProcess, Pod};
 
 /// How long ztunnel may take to start and enroll its pods in the lab.
@@ -91,6 +92,9 @@ impl PodSpec {
 pub struct ServiceSpec {
     pub namespace: String,
     pub name: String,
+    /// Its VIP in the IPv4 plan (`lab::addresses::service_vip`). In a lab with IPv6 the
+    /// service gets the VIP of the same index in the IPv6 range too (dual-stack) or instead
+    /// (IPv6-only): [`MeshLab::service_vips`].
     pub vip: Ipv4Addr,
     pub port: u16,
     pub target_port: u16,
@@ -150,8 +154,19 @@ impl MeshLab {
         MeshLab::with_plane(test_name, nodes, weft, Plane::LocalFile)
     }
 
+    /// A lab programmed by a controller whose nodes and pods have the address families of
+    /// `stack`: pods' objects list each address (`status.podIPs`), services one VIP per family
+    /// (`spec.clusterIPs`, [`MeshLab::service_vips`]).
+    pub fn with_stack(test_name: &str, nodes: usize, weft: &Path, stack: IpStack) -> anyhow::Result<MeshLab> {
+        MeshLab::build(Lab::with_stack(test_name, nodes, stack)?, weft, Plane::Controller)
+    }
+
     fn with_plane(test_name: &str, nodes: usize, weft: &Path, plane: Plane) -> anyhow::Result<MeshLab> {
-        let lab = Lab::new(test_name, nodes)?;
+        MeshLab::build(Lab::new(test_name, nodes)?, weft, plane)
+    }
+
+    fn build(lab: Lab, weft: &Path, plane: Plane) -> anyhow::Result<MeshLab> {
+        let nodes = lab.nodes().len();
         let dir = lab.log_dir().join("mesh");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let ca = hbone::ca::Ca::new_root("weft lab root")?;
@@ -236,7 +251,7 @@ impl MeshLab {
                     namespace,
                     name: name.clone(),
                     netns: format!("/proc/{}/ns/net", pod.pause_pid()),
-                    ips: vec![ip(&pod)],
+                    ips: pod.ips(),
                 });
                 let answer = node_socket_call(&self.node_socket(node), &request).with_context(|| {
                     format!("pod {name} must not start: handing it to node-{node}'s ztunnel failed")
@@ -269,7 +284,9 @@ impl MeshLab {
             "prevResult": {
                 "cniVersion": "1.0.0",
                 "interfaces": [{"name": "eth0", "sandbox": format!("/proc/{}/ns/net", pod.pause_pid())}],
-                "ips": [{"address": format!("{}/24", pod.ip()), "gateway": pod.gateway().to_string(), "interface": 0}],
+                "ips": pod.networks().iter().map(|(ip, prefix_len, gateway)| serde_json::json!(
+                    {"address": format!("{ip}/{prefix_len}"), "gateway": gateway.to_string(), "interface": 0}
+                )).collect::<Vec<_>>(),
             },
         });
         let mut child = Command::new(plugin)
@@ -342,6 +359,21 @@ impl MeshLab {
 
     pub fn add_service(&mut self, service: ServiceSpec) {
         self.services.push(service);
+    }
+
+    /// The VIPs of service `<namespace>/<name>` in this lab, one per family (IPv4 first):
+    /// its [`ServiceSpec::vip`], that VIP's IPv6 counterpart, or both
+    /// (`lab::addresses::service_vips`). Empty for a service the lab does not have.
+    pub fn service_vips(&self, namespace: &str, name: &str) -> Vec<IpAddr> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+            .map(|s| self.vips_of(s))
+            .unwrap_or_default()
+    }
+
+    fn vips_of(&self, service: &ServiceSpec) -> Vec<IpAddr> {
+        lab::addresses::service_vips(self.lab.stack(), service.vip)
     }
 
     /// Puts further Kubernetes objects (Services with their own selectors and labels,
@@ -439,7 +471,7 @@ impl MeshLab {
                 s.name,
                 s.namespace,
                 Self::node_name(s.node),
-                pod.ip(),
+                pod.ips().iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
                 s.service_account,
                 labels.join(", "),
                 s.enrolled && !self.unlabelled.contains(&s.namespace),
@@ -451,7 +483,12 @@ impl MeshLab {
             let _ = writeln!(
                 y,
                 "  - {{name: {}, namespace: {}, vips: [{}], ports: [{{port: {}, targetPort: {}}}], selector: {{app: {}}}}}",
-                s.name, s.namespace, s.vip, s.port, s.target_port, s.app
+                s.name,
+                s.namespace,
+                self.vips_of(s).iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                s.port,
+                s.target_port,
+                s.app
             );
         }
         y.push_str("authorizations:\n");
@@ -496,7 +533,8 @@ impl MeshLab {
                 "metadata": {"name": s.name, "namespace": s.namespace, "labels": labels},
                 "spec": {"nodeName": Self::node_name(s.node), "serviceAccountName": s.service_account,
                          "containers": [container]},
-                "status": {"phase": "Running", "podIP": pod.ip().to_string(), "podIPs": [{"ip": pod.ip().to_string()}]},
+                "status": {"phase": "Running", "podIP": pod.primary_ip().to_string(),
+                           "podIPs": pod.ips().iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
             });
             files.insert(format!("pod-{}-{}.yaml", s.namespace, s.name), serde_json::to_string_pretty(&object)?);
         }
@@ -512,10 +550,12 @@ impl MeshLab {
             .services
             .iter()
             .map(|s| {
+                let vips = self.vips_of(s);
                 json!({
                     "apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": s.name, "namespace": s.namespace},
-                    "spec": {"clusterIP": s.vip.to_string(), "clusterIPs": [s.vip.to_string()],
+                    "spec": {"clusterIP": vips.first().map(ToString::to_string),
+                             "clusterIPs": vips.iter().map(ToString::to_string).collect::<Vec<_>>(),
                              "ports": [{"port": s.port, "targetPort": s.target_port}],
                              "selector": {"app": s.app}},
                 })
@@ -595,7 +635,7 @@ impl MeshLab {
 
     /// The controller's API address.
     pub fn controller_addr(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.controller_pod().ip()), CONTROLLER_API_PORT)
+        SocketAddr::new(self.controller_pod().primary_ip(), CONTROLLER_API_PORT)
     }
 
     /// The lab's CA: its certificate and private key (PEM). The controller signs with it
@@ -613,7 +653,7 @@ impl MeshLab {
 
     /// Starts the controller in its pod with extra arguments and waits until it serves.
     pub fn start_controller(&mut self, extra: &[&str]) -> anyhow::Result<()> {
-        let pod_ip = self.controller_pod().ip().to_string();
+        let pod_ip = self.controller_pod().primary_ip().to_string();
         let (ca_cert, ca_key) = self.controller_ca.clone().unwrap_or_else(|| self.ca_files());
         let mut cmd = Command::new(&self.weft);
         cmd.args(["controller", "run", "--source-dir"])
@@ -624,9 +664,13 @@ impl MeshLab {
             .arg(ca_cert)
             .arg("--ca-key")
             .arg(ca_key)
-            .args(["--server-name", &pod_ip, "--poll-interval", POLL])
-            .args(extra)
-            .env("WEFT_LOG", std::env::var("WEFT_LAB_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()));
+            .args(["--server-name", &pod_ip, "--poll-interval", POLL]);
+        if self.controller_pod().primary_ip().is_ipv6() {
+            // The API listens on IPv4 by default; an IPv6-only pod has no IPv4 address.
+            cmd.arg("--api-addr")
+                .arg(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, CONTROLLER_API_PORT)).to_string());
+        }
+        cmd.args(extra).env("WEFT_LOG", std::env::var("WEFT_LAB_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()));
         let process = self.controller_pod().netns().spawn(cmd)?;
         process.wait_for_log("controller ready", STARTUP)?;
         self.controller = Some(process);
@@ -682,6 +726,28 @@ impl MeshLab {
     /// Starts node `i`'s ztunnel with extra arguments (and the controller first, if this lab
     /// has one and it was never started) and waits until it is ready.
     pub fn start_ztunnel(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
+        let process = self.spawn_ztunnel(i, extra)?;
+        process.wait_for_log("ztunnel ready", STARTUP)?;
+        self.ztunnels[i] = Some(process);
+        Ok(())
+    }
+
+    /// Upgrades node `i`'s ztunnel as a rollout would (ARCHITECTURE §4.9): starts a second
+    /// ztunnel for the node, with extra arguments, which takes the node over from the running
+    /// one through the handoff socket, and waits until it serves. It becomes node `i`'s
+    /// ztunnel; the previous one, now draining its connections, is returned.
+    pub fn upgrade_ztunnel(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<LabProcess> {
+        let process = self.spawn_ztunnel(i, extra)?;
+        process.wait_for_log("took the node over", STARTUP)?;
+        process.wait_for_log("ztunnel ready", STARTUP)?;
+        let old = self.ztunnels[i].replace(process).context("node's ztunnel not started")?;
+        Ok(old)
+    }
+
+    /// Spawns a ztunnel for node `i` with extra arguments (and the controller first, if this
+    /// lab has one and it was never started), without waiting for it: while another runs for
+    /// the node, it takes the node over from that one.
+    pub fn spawn_ztunnel(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<LabProcess> {
         if self.plane == Plane::Controller && !self.controller_started {
             self.write_config()?;
             self.start_controller(&[])?;
@@ -715,10 +781,7 @@ impl MeshLab {
             .arg(self.proc_root(i))
             .args(extra)
             .env("WEFT_LOG", std::env::var("WEFT_LAB_ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()));
-        let process = self.lab.nodes()[i].netns().spawn(cmd)?;
-        process.wait_for_log("ztunnel ready", STARTUP)?;
-        self.ztunnels[i] = Some(process);
-        Ok(())
+        Ok(self.lab.nodes()[i].netns().spawn(cmd)?)
     }
 
     /// Keeps a process (an app) running until the lab is dropped.
@@ -944,9 +1007,9 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// The IP of a pod as an `IpAddr`.
+/// The first IP of a pod (`status.podIP`): IPv4, unless the lab is IPv6-only.
 pub fn ip(pod: &Pod) -> IpAddr {
-    IpAddr::V4(pod.ip())
+    pod.primary_ip()
 }
 
 #[cfg(test)]

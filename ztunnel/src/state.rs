@@ -151,6 +151,17 @@ impl WorkloadEntry {
         self.workload.addresses.first().copied()
     }
 
+    /// The address a connection to `dialed` (a VIP of its service, or any address of the
+    /// same family) goes to: the workload's first address of that family, else its first. A
+    /// dual-stack client that dials the IPv6 VIP reaches the endpoint over IPv6, so the
+    /// tunnel's peer address and the `forwarded` claim are of one family, and an IPv6-only
+    /// source is never handed an IPv4 endpoint its namespace cannot route to while another
+    /// exists.
+    pub fn address_like(&self, dialed: IpAddr) -> Option<IpAddr> {
+        let addresses = &self.workload.addresses;
+        addresses.iter().find(|a| a.is_ipv6() == dialed.is_ipv6()).or_else(|| addresses.first()).copied()
+    }
+
     /// The workload as metrics and logs name it, its configured identity as principal.
     pub fn peer(&self) -> &Arc<Peer> {
         &self.labels().peer
@@ -1311,6 +1322,28 @@ services:
         assert_eq!(local, ["ns/a", "other/c"]);
         assert!(state.is_vip(ip("10.96.0.11")));
         assert!(!state.is_vip(ip("10.244.1.2")));
+    }
+
+    /// A dual-stack workload is reached at its address of the dialed family (IPv6 stays
+    /// IPv6), a single-stack one at its only address; a dual-stack service resolves on each
+    /// of its VIPs.
+    #[test]
+    fn dual_stack_endpoints_are_dialed_in_the_family_of_the_destination() {
+        let doc = "workloads:\n\
+            - {name: a, namespace: ns, node: n1, addresses: [10.244.1.2, 'fd00:244:1::2'], labels: {app: api}}\n\
+            - {name: b, namespace: ns, node: n2, addresses: ['fd00:244:2::2'], labels: {app: api}}\n\
+            services:\n\
+            - {name: api, namespace: ns, vips: [10.96.0.10, 'fd00:96::a'], ports: [{port: 80, targetPort: 8080}], selector: {app: api}}\n";
+        let state = State::new(Snapshot::from_yaml(doc).unwrap());
+        let a = state.entry_by_ip(ip("10.244.1.2")).unwrap();
+        assert_eq!(a.address_like(ip("fd00:96::a")), Some(ip("fd00:244:1::2")));
+        assert_eq!(a.address_like(ip("10.96.0.10")), Some(ip("10.244.1.2")));
+        assert!(Arc::ptr_eq(a, state.entry_by_ip(ip("fd00:244:1::2")).unwrap()), "one entry for both addresses");
+        let b = state.entry_by_ip(ip("fd00:244:2::2")).unwrap();
+        assert_eq!(b.address_like(ip("10.96.0.10")), Some(ip("fd00:244:2::2")), "its only address");
+        assert_eq!(endpoints(&state, "[fd00:96::a]:80"), Some(vec!["ns/a".to_owned(), "ns/b".to_owned()]));
+        assert_eq!(endpoints(&state, "10.96.0.10:80"), Some(vec!["ns/a".to_owned(), "ns/b".to_owned()]));
+        assert!(state.is_vip(ip("fd00:96::a")));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!    metrics (refusals too: no route, unreachable, denied by the destination).
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -147,8 +147,10 @@ fn plan(
     proxy: &Proxy,
     orig: SocketAddr,
 ) -> Result<(Vec<(Route, SocketAddr)>, Option<Arc<str>>), String> {
+    // An endpoint is dialed at its address of the original destination's family (its first
+    // otherwise): IPv6 stays IPv6 end to end.
     let route_to = |w: &WorkloadEntry, port: u16| -> Option<(Route, SocketAddr)> {
-        let ip = w.address()?;
+        let ip = w.address_like(orig.ip())?;
         let target = SocketAddr::new(ip, port);
         if w.workload().enrolled {
             let identity = w.identity().ok()?.clone();
@@ -172,9 +174,9 @@ fn plan(
         }
         Resolved::Service { service, port, endpoints } => {
             let key = service.key();
-            let order = proxy
-                .balancer
-                .order(key, endpoints.len(), |i| endpoints.get(i).and_then(|w| w.address()).unwrap_or(orig.ip()));
+            let order = proxy.balancer.order(key, endpoints.len(), |i| {
+                endpoints.get(i).and_then(|w| w.address_like(orig.ip())).unwrap_or(orig.ip())
+            });
             let routes: Vec<_> = order
                 .into_iter()
                 .filter_map(|i| endpoints.get(i))
@@ -203,7 +205,11 @@ fn plan(
 fn via_waypoint(state: &State, proxy: &Proxy, key: &str, orig: SocketAddr) -> Result<Vec<(Route, SocketAddr)>, String> {
     let waypoint = state.waypoint(key).ok_or("which does not exist")?;
     let identity = waypoint.identity(state.trust_domain()).map_err(|e| format!("whose identity is invalid: {e}"))?;
-    let addresses = &waypoint.addresses;
+    // The waypoint's addresses of the original destination's family, all of them if it has
+    // none of that family.
+    let same_family: Vec<IpAddr> =
+        waypoint.addresses.iter().copied().filter(|a| a.is_ipv6() == orig.ip().is_ipv6()).collect();
+    let addresses = if same_family.is_empty() { &waypoint.addresses } else { &same_family };
     if addresses.is_empty() {
         return Err("which has no ready address".into());
     }
