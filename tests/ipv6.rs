@@ -18,6 +18,8 @@ use weft::meshlab::{MeshLab, PodSpec, ServiceSpec};
 const APP_PORT: u16 = 8080;
 const VIP_PORT: u16 = 80;
 const HBONE_PORT: u16 = 15008;
+/// The IPv6 source the node's probes are given (ztunnel's `PROBE_SOURCE_V6`).
+const PROBE_SOURCE_V6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
 /// The L4 policy: back/api admits front/web only.
 const ONLY_WEB: &str = "{name: only-web, namespace: back, selector: {app: api}, action: ALLOW, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/front/sa/web\"]}]}]}";
 
@@ -29,6 +31,54 @@ fn ipv6_only_mesh_tunnels_balances_and_refuses() {
 #[test]
 fn dual_stack_mesh_tunnels_balances_and_refuses_in_both_families() {
     scenarios("dual_stack", IpStack::Dual);
+}
+
+/// kubelet's probes over IPv6: the node's plaintext GET to a STRICT pod's IPv6 address reaches
+/// the app from the probe SNAT's IPv6 source (ztunnel's `enrolled_v6` set and the pod's
+/// `ip6 saddr` exemption), while plaintext from a pod outside the mesh is refused.
+#[test]
+fn ipv6_probes_reach_a_strict_pod_while_plaintext_from_pods_is_refused() {
+    if !MeshLab::ready_here() {
+        return;
+    }
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let mut mesh = MeshLab::with_stack("ipv6_probes", 2, weft, IpStack::Ipv6).expect("build the lab");
+    mesh.add_pod(PodSpec::new(0, "legacy", "old", "old").not_enrolled()).unwrap();
+    mesh.add_pod(PodSpec::new(1, "back", "api", "api").strict()).unwrap();
+    mesh.start_ztunnels().unwrap();
+    let app = mesh.start_web("api", APP_PORT, "api", 0).unwrap();
+    mesh.wait_enrolled(1, 1).unwrap();
+    let api = mesh.pod("api").primary_ip();
+    assert!(api.is_ipv6());
+    let target = SocketAddr::new(api, APP_PORT);
+
+    let mut nft = std::process::Command::new("nft");
+    nft.args(["list", "set", "inet", "weft-node", "enrolled_v6"]);
+    let set = mesh.lab.nodes()[1].netns().output(nft, Duration::from_secs(5)).unwrap();
+    assert!(String::from_utf8_lossy(&set.stdout).contains(&api.to_string()), "{set:?}");
+
+    // kubelet's probe, from node 1's namespace.
+    let answer = mesh.lab.nodes()[1]
+        .netns()
+        .run(move || weft::meshlab::http_get(target, "/healthz"))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the probe of {target} is answered: {e:#}"));
+    assert_eq!(answer.trim(), "api");
+    let seen = app.wait_for_log("request GET /healthz from ", Duration::from_secs(5)).unwrap();
+    assert!(seen.contains(&format!("request GET /healthz from [{PROBE_SOURCE_V6}]:")), "{seen}");
+
+    // Plaintext from a pod outside the mesh (node 0) is refused: STRICT holds over IPv6.
+    let refused = match mesh.connect("old", target) {
+        Err(_) => true,
+        Ok(mut conn) => {
+            let _ = conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut buf = [0u8; 12];
+            !matches!(conn.read_exact(&mut buf), Ok(()) if buf.starts_with(b"HTTP/1.1 200"))
+        }
+    };
+    assert!(refused, "STRICT refuses plaintext from a pod over IPv6");
+    let strict = mesh.metric(1, "weft_connections_refused_total", &[("reason", "strict_mtls")]).unwrap();
+    assert_eq!(strict, 1.0, "one refusal (the pod's); the probe never met ztunnel");
 }
 
 /// The demo's scenarios on a two-node lab built with `stack`, in every family it has.
