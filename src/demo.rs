@@ -15,8 +15,9 @@
 //!
 //! The namespaces start without the mesh label: traffic is plain TCP. Labelling them
 //! `weft.dev/mesh=enabled` enrolls their running pods (no restart), and the same apps' next
-//! connections are mutual TLS. Last, the shop's services get a waypoint: a 90/10 canary split
-//! and retries that heal a failing backend.
+//! connections are mutual TLS. Then the shop's services get a waypoint: a 90/10 canary split
+//! and retries that heal a failing backend. Last, node-1's ztunnel is upgraded while a
+//! connection is in use and new ones keep coming: none is reset or refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -328,6 +329,104 @@ fn canary(mesh: &mut MeshLab) -> anyhow::Result<()> {
     {
         println!("     {}", shorten(line));
     }
+    upgrade(mesh)
+}
+
+/// Step 13: node-1's ztunnel is upgraded while a long-lived connection exchanges data and a
+/// client keeps opening new ones.
+fn upgrade(mesh: &mut MeshLab) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    println!("\n13. Upgrade node-1's ztunnel without resetting a connection: a second ztunnel process for node-1");
+    println!("    takes the running one's listening sockets over its handoff socket (SCM_RIGHTS), so no port ever");
+    println!("    closes; the old one stops accepting and serves the connections it has until they end.");
+    let api1 = SocketAddr::from((mesh.pod("api-1").ip(), APP_PORT));
+    let mut conn = mesh.connect("web", api1)?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut banner = String::new();
+    reader.read_line(&mut banner).context("api-1 did not greet")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let bound = std::time::Instant::now() + Duration::from_secs(60);
+    let talk = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < bound {
+                let message = format!("message {sent:06}\n");
+                let mut back = vec![0u8; message.len()];
+                conn.write_all(message.as_bytes())
+                    .and_then(|()| reader.read_exact(&mut back))
+                    .map_err(|e| format!("after {sent} messages: {e}"))?;
+                if back != message.as_bytes() {
+                    return Err(format!("message {sent} came back altered"));
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(sent)
+        })
+    };
+    let poll = {
+        let (stop, netns) = (stop.clone(), mesh.pod("web").netns().clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < bound {
+                let greeted = netns.run(move || -> std::io::Result<bool> {
+                    let s = TcpStream::connect_timeout(&api1, Duration::from_secs(5))?;
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut line = String::new();
+                    BufReader::new(s).read_line(&mut line)?;
+                    Ok(!line.is_empty())
+                });
+                match greeted {
+                    Ok(Ok(true)) => ok += 1,
+                    _ => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let old_pid = mesh.ztunnel(1).pid();
+    let started = std::time::Instant::now();
+    let old = mesh.upgrade_ztunnel(1, &[])?;
+    println!(
+        "     the new ztunnel (pid {}) took node-1 over from pid {old_pid} in {} ms",
+        mesh.ztunnel(1).pid(),
+        started.elapsed().as_millis()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let draining = mesh.metric(1, "weft_upgrade_draining_connections", &[])?;
+    println!(
+        "     one second later the old ztunnel still carries {draining} connection(s), as it reports to the new one"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let talked = talk.join().map_err(|_| anyhow::anyhow!("the conversation thread panicked"))?;
+    let (ok, failed) = poll.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))?;
+    match talked {
+        Ok(sent) => println!(
+            "     the long-lived connection web -> api-1 exchanged {sent} messages across the upgrade: none lost"
+        ),
+        Err(e) => println!("     the long-lived connection web -> api-1 broke: {e}"),
+    }
+    println!(
+        "     web opened {} new connections to api-1 (one every 10 ms) during the switch: failed new connections: {failed}",
+        ok + failed
+    );
+    let ended = std::time::Instant::now();
+    match old.wait_timeout(Duration::from_secs(5))? {
+        Some(status) => println!(
+            "     its connections closed, the old ztunnel exited ({status}) {} ms later",
+            ended.elapsed().as_millis()
+        ),
+        None => println!(
+            "     the old ztunnel still serves {} connection(s) (the waypoint keeps its connections to the shop's pods\n     \
+             alive): it exits when they end, or cuts them after --upgrade-drain (1h)",
+            mesh.metric(1, "weft_upgrade_draining_connections", &[])?
+        ),
+    }
+    let took_over = mesh.metric(1, "weft_handoffs_total", &[("outcome", "took_over")])?;
+    println!("     node-1's metrics: weft_handoffs_total{{outcome=\"took_over\"}} {took_over}");
     Ok(())
 }
 

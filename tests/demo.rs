@@ -29,6 +29,9 @@ fn weft_demo_runs_and_shows_the_mesh_at_work() {
         ", failed 0",
         "With retry {attempts: 3, codes: [503]} on the route: 200 of 200 succeeded",
         "istio_requests_total{reporter=\"waypoint\"",
+        "across the upgrade: none lost",
+        "during the switch: failed new connections: 0",
+        "weft_handoffs_total{outcome=\"took_over\"} 1",
         "Done: every namespace and process of the demo is gone.",
     ] {
         assert!(stdout.contains(expected), "demo output lacks {expected:?}:\n{stdout}");
