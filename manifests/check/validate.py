@@ -522,10 +522,19 @@ def wiring_errors(docs):
                 if m["name"] not in volumes:
                     errors.append(f"{describe(w)}: container {c['name']} mounts unknown volume {m['name']}")
             ports = {p.get("name") for p in c.get("ports", [])} | {p["containerPort"] for p in c.get("ports", [])}
+            # A hostNetwork pod's declared ports are host ports, which would keep the surge pod of
+            # a rolling update off the node: such a pod probes numbered ports it does not declare.
+            host_network = pod.get("hostNetwork", False)
+            surge = (w["spec"].get("updateStrategy", {}).get("rollingUpdate") or {}).get("maxSurge", 0)
+            if host_network and surge not in (0, "0", "0%") and c.get("ports"):
+                errors.append(
+                    f"{describe(w)}: container {c['name']} declares ports on the host network: host ports that "
+                    f"keep the surge pod (maxSurge {surge}) off every node"
+                )
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 p = c.get(probe, {})
                 port = (p.get("httpGet") or p.get("tcpSocket") or {}).get("port")
-                if port is not None and port not in ports:
+                if port is not None and port not in ports and not (host_network and isinstance(port, int)):
                     errors.append(
                         f"{describe(w)}: {probe} of {c['name']} targets port {port}, which it does not declare"
                     )
