@@ -18,6 +18,9 @@
 //! connections are mutual TLS. Then the shop's services get a waypoint: a 90/10 canary split
 //! and retries that heal a failing backend. Last, node-1's ztunnel is upgraded while a
 //! connection is in use and new ones keep coming: none is reset or refused.
+//!
+//! `--ip-family ipv6` tells the same story on an IPv6-only cluster, `dual` on a dual-stack one
+//! (the tunnel between nodes and the Service VIP shown in both families).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -26,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use lab::addresses::IpStack;
 use weft::meshlab::{MeshLab, PodSpec, ServiceSpec};
 
 #[derive(clap::Args)]
@@ -33,6 +37,11 @@ pub struct Args {
     /// Keep the cluster running after the story, for exploring; Ctrl-C tears it down.
     #[arg(long)]
     keep_running: bool,
+    /// The cluster's address families: ipv4, ipv6 (pods, nodes and VIPs in unique-local
+    /// ranges: fd00:244:<node>::/64, fd00:96::/108), or dual (one address of each family per
+    /// pod, one VIP of each family per Service; the tunnel and the VIP are shown in both).
+    #[arg(long, value_name = "FAMILY", default_value = "ipv4")]
+    ip_family: IpStack,
 }
 
 const APP_PORT: u16 = 8080;
@@ -45,7 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     println!("Weft demo: a two-node cluster made of network namespaces, a controller and one ztunnel per node.\n");
     {
-        let mut mesh = MeshLab::new("demo", 2, &weft)?;
+        let mut mesh = MeshLab::with_stack("demo", 2, &weft, args.ip_family)?;
         println!(
             "1. Built the lab {}: nodes node-0 and node-1 on a bridge, pods on each node's cni0.",
             mesh.lab.name()
@@ -65,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             spec.labels.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             mesh.add_pod(spec)?;
         }
-        mesh.put_objects("shop", &shop_objects(90, 10, false))?;
+        mesh.put_objects("shop", &shop_objects(args.ip_family, 90, 10, false))?;
         mesh.add_service(ServiceSpec {
             namespace: "back".into(),
             name: "api".into(),
@@ -85,7 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "     {:<13} node-{}  {:<11} {}",
                 format!("{}/{}", s.namespace, s.name),
                 s.node,
-                p.ip(),
+                p.ips().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                 if s.enrolled { s.identity() } else { "opted out (label weft.dev/mesh=disabled)".into() }
             );
         }
@@ -134,7 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
-    let api1 = SocketAddr::from((mesh.pod("api-1").ip(), APP_PORT));
+    let api1 = SocketAddr::new(mesh.pod("api-1").primary_ip(), APP_PORT);
     let marker = "hello-from-web";
     println!("\n3. front/web connects to api-1's pod IP {api1} (another node), outside the mesh:");
     let (reply, wire) = exchange_on_the_wire(mesh, "web", "api-1", api1, marker)?;
@@ -164,24 +173,39 @@ fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
     );
 
     println!("\n5. The same connection again. The apps see plain TCP; ztunnel carries it as HBONE:");
-    let marks = [log_mark(mesh, 0)?, log_mark(mesh, 1)?];
-    let (reply, wire) = exchange_on_the_wire(mesh, "web", "api-1", api1, marker)?;
-    let (banner, echoed) = reply.split_once('\n').unwrap_or((&reply, ""));
-    println!("     web sent {marker:?}; the app greeted with {banner:?} and echoed {echoed:?}");
-    println!("     on the wire: {wire}");
-    let to_api1 = format!("dst.addr={api1}");
-    print_access(mesh, 0, &["direction=\"outbound\"", &to_api1], marks[0])?;
-    print_access(mesh, 1, &["direction=\"inbound\"", &to_api1], marks[1])?;
-
-    let vip = SocketAddr::from((lab::addresses::service_vip(10), 80));
-    println!("\n6. front/web connects to the service VIP {vip} six times; ztunnel balances over the endpoints:");
-    let mut answers = Vec::new();
-    for _ in 0..6 {
-        answers.push(exchange(mesh, "web", vip, "")?.trim().to_owned());
+    // Dual-stack: to each of api-1's addresses, and the tunnel is of the family dialed.
+    for ip in mesh.pod("api-1").ips() {
+        let api1 = SocketAddr::new(ip, APP_PORT);
+        if mesh.lab.stack() == IpStack::Dual {
+            println!("   to {api1}:");
+        }
+        let marks = [log_mark(mesh, 0)?, log_mark(mesh, 1)?];
+        let (reply, wire) = exchange_on_the_wire(mesh, "web", "api-1", api1, marker)?;
+        let (banner, echoed) = reply.split_once('\n').unwrap_or((&reply, ""));
+        println!("     web sent {marker:?}; the app greeted with {banner:?} and echoed {echoed:?}");
+        println!("     on the wire: {wire}");
+        let to_api1 = format!("dst.addr={api1}");
+        print_access(mesh, 0, &["direction=\"outbound\"", &to_api1], marks[0])?;
+        print_access(mesh, 1, &["direction=\"inbound\"", &to_api1], marks[1])?;
     }
-    println!("     answered by: {}", answers.join(", "));
 
-    let old = SocketAddr::from((mesh.pod("old").ip(), APP_PORT));
+    for (i, vip) in mesh.service_vips("back", "api").into_iter().enumerate() {
+        let vip = SocketAddr::new(vip, 80);
+        if i == 0 {
+            println!(
+                "\n6. front/web connects to the service VIP {vip} six times; ztunnel balances over the endpoints:"
+            );
+        } else {
+            println!("   and six times to its VIP of the other family, {vip}:");
+        }
+        let mut answers = Vec::new();
+        for _ in 0..6 {
+            answers.push(exchange(mesh, "web", vip, "")?.trim().to_owned());
+        }
+        println!("     answered by: {}", answers.join(", "));
+    }
+
+    let old = SocketAddr::new(mesh.pod("old").primary_ip(), APP_PORT);
     println!("\n7. front/web connects to legacy/old {old}, which opted out of the mesh: plain passthrough.");
     let mark = log_mark(mesh, 0)?;
     let reply = exchange(mesh, "web", old, "hi")?;
@@ -226,19 +250,26 @@ fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
 
 const SHOP_PORT: u16 = 9080;
 
-fn shop_vip(n: u16) -> std::net::IpAddr {
-    std::net::IpAddr::V4(lab::addresses::service_vip(20 + n))
+/// The VIPs of the shop's `n`th service, one per family of the cluster; clients dial the first.
+fn shop_vips(stack: IpStack, n: u16) -> Vec<std::net::IpAddr> {
+    lab::addresses::service_vips(stack, lab::addresses::service_vip(20 + n))
+}
+
+fn shop_vip(stack: IpStack, n: u16) -> std::net::IpAddr {
+    let ipv4 = lab::addresses::service_vip(20 + n);
+    shop_vips(stack, n).first().copied().unwrap_or(std::net::IpAddr::V4(ipv4))
 }
 
 /// The shop's Kubernetes objects: services `reviews` (through the waypoint), `reviews-v1`,
 /// `reviews-v2`, `ratings` (through the waypoint), the Gateway `wp`, and the routes: reviews
 /// split `v1`/`v2`, ratings with or without retries.
-fn shop_objects(v1: u32, v2: u32, retry: bool) -> Vec<serde_json::Value> {
+fn shop_objects(stack: IpStack, v1: u32, v2: u32, retry: bool) -> Vec<serde_json::Value> {
     use serde_json::json;
     let service = |name: &str, n: u16, selector: serde_json::Value, waypoint: bool| {
         let labels = if waypoint { json!({"weft.dev/use-waypoint": "wp"}) } else { json!({}) };
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "shop", "labels": labels},
-               "spec": {"clusterIP": shop_vip(n).to_string(), "ports": [{"port": SHOP_PORT, "targetPort": APP_PORT}],
+               "spec": {"clusterIP": shop_vip(stack, n).to_string(),
+                        "clusterIPs": shop_vips(stack, n).iter().map(ToString::to_string).collect::<Vec<_>>(), "ports": [{"port": SHOP_PORT, "targetPort": APP_PORT}],
                         "selector": selector}})
     };
     let route = |name: &str, rule: serde_json::Value| {
@@ -278,7 +309,8 @@ fn canary(mesh: &mut MeshLab) -> anyhow::Result<()> {
     }
     let waypoint = mesh.start_waypoint("wp", "wp")?;
     mesh.keep(waypoint);
-    let reviews = SocketAddr::new(shop_vip(0), SHOP_PORT);
+    let stack = mesh.lab.stack();
+    let reviews = SocketAddr::new(shop_vip(stack, 0), SHOP_PORT);
     // The waypoint's address reaches the ztunnels a moment after it starts.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline
@@ -298,14 +330,14 @@ fn canary(mesh: &mut MeshLab) -> anyhow::Result<()> {
     );
     println!("    (the waypoint picks a backend per request, not per connection)");
 
-    let ratings = SocketAddr::new(shop_vip(3), SHOP_PORT);
+    let ratings = SocketAddr::new(shop_vip(stack, 3), SHOP_PORT);
     let raw = mesh.http_tally("web", ratings, "ratings.shop", 200, &[])?;
     println!(
         "\n11. ratings fails every other request with 503. Without retries, of 200 requests: {} succeeded, {} failed.",
         raw.get("ratings").copied().unwrap_or(0),
         raw.get("status 503").copied().unwrap_or(0)
     );
-    mesh.put_objects("shop", &shop_objects(90, 10, true))?;
+    mesh.put_objects("shop", &shop_objects(stack, 90, 10, true))?;
     mesh.write_config()?;
     let metrics_before = waypoint_metric(mesh, "weft_waypoint_retries_total")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -339,7 +371,7 @@ fn upgrade(mesh: &mut MeshLab) -> anyhow::Result<()> {
     println!("\n13. Upgrade node-1's ztunnel without resetting a connection: a second ztunnel process for node-1");
     println!("    takes the running one's listening sockets over its handoff socket (SCM_RIGHTS), so no port ever");
     println!("    closes; the old one stops accepting and serves the connections it has until they end.");
-    let api1 = SocketAddr::from((mesh.pod("api-1").ip(), APP_PORT));
+    let api1 = SocketAddr::new(mesh.pod("api-1").primary_ip(), APP_PORT);
     let mut conn = mesh.connect("web", api1)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut banner = String::new();
@@ -431,7 +463,7 @@ fn upgrade(mesh: &mut MeshLab) -> anyhow::Result<()> {
 }
 
 fn waypoint_metrics(mesh: &MeshLab) -> anyhow::Result<String> {
-    let ip = mesh.pod("wp").ip();
+    let ip = mesh.pod("wp").primary_ip();
     mesh.pod("wp").netns().run(move || weft::meshlab::http_get(SocketAddr::from((ip, 15020)), "/metrics"))?
 }
 
@@ -451,12 +483,14 @@ fn exchange_on_the_wire(
     let capture = mesh.lab.capture()?;
     let reply = exchange(mesh, client, to, msg)?;
     std::thread::sleep(Duration::from_millis(200));
-    let packets = capture.stop()?;
-    let (a, b) = (mesh.pod(client).ip(), mesh.pod(server).ip());
+    let packets = capture.stop_all()?;
+    // The two pods' addresses of the family dialed.
+    let pair = (mesh.pod(client).ip_like(to.ip()), mesh.pod(server).ip_like(to.ip()));
+    let (Some(a), Some(b)) = pair else { bail!("{client} and {server} have no address of the family of {to}") };
     let flows: Vec<_> = packets
         .iter()
         .filter(|p| !p.outgoing)
-        .filter(|p| (*p.src.ip() == a && *p.dst.ip() == b) || (*p.src.ip() == b && *p.dst.ip() == a))
+        .filter(|p| (p.src.ip() == a && p.dst.ip() == b) || (p.src.ip() == b && p.dst.ip() == a))
         .collect();
     let ports: std::collections::BTreeSet<u16> = flows.iter().map(|p| p.dst.port().min(p.src.port())).collect();
     let plaintext = flows.iter().any(|p| p.payload.windows(msg.len()).any(|w| w == msg.as_bytes()));

@@ -410,6 +410,12 @@ impl MeshLab {
             .arg(self.service_account_token_file(&namespace, gateway)?)
             .args(["--namespace", &namespace, "--name", gateway])
             .env("WEFT_LOG", std::env::var("WEFT_LAB_WAYPOINT_LOG").unwrap_or_else(|_| "info".into()));
+        if self.lab.stack().has_ipv6() {
+            // The waypoint listens on IPv4 by default; `[::]` takes both families.
+            for (flag, port) in [("--hbone-addr", 15008), ("--metrics-addr", 15020), ("--readiness-addr", 15021)] {
+                cmd.arg(flag).arg(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).to_string());
+            }
+        }
         let process = self.pod(pod).netns().spawn(cmd)?;
         process.wait_for_log("waypoint ready", STARTUP)?;
         Ok(process)
