@@ -61,40 +61,6 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     let state = StateStore::default();
     let metrics = Arc::new(Metrics::new().with_log_limit(config.log_limit));
 
-    // A ztunnel already serving this node hands its sockets over, if it can; if it cannot, this
-    // one binds them once it has exited.
-    let handoff_path = config.handoff_socket();
-    let (takeover, mut received) = match Takeover::start(&handoff_path).await {
-        Ok(Some((takeover, received))) => {
-            info!(
-                pid = takeover.pid,
-                version = takeover.version,
-                pods = received.pods.len(),
-                "the running ztunnel handed its sockets over; taking the node over"
-            );
-            (Some(takeover), received)
-        }
-        Ok(None) => (None, Received::default()),
-        Err(e) => {
-            warn!(error = %e, socket = %handoff_path.display(),
-                "cannot take the node over from the running ztunnel; starting normally once it has exited");
-            (None, Received::default())
-        }
-    };
-    // The node's listeners: the HTTP servers first (which waits for a ztunnel that would not
-    // hand over to exit), then the sockets whose files a fresh start replaces.
-    let admin_l = server_listener(&mut received, ServerRole::Admin, config.admin_addr).await?;
-    let metrics_l = server_listener(&mut received, ServerRole::Metrics, config.metrics_addr).await?;
-    let ready_l = server_listener(&mut received, ServerRole::Readiness, config.readiness_addr).await?;
-    let node_socket = match received.node_socket.take() {
-        Some(fd) => fd,
-        None => OwnedFd::from(crate::runtime::bind(&config.node_socket)?.into_std()?),
-    };
-    let handoff_l = match received.handoff_socket.take() {
-        Some(fd) => handoff::HandoffListener::from_fd(fd)?,
-        None => handoff::HandoffListener::bind(&handoff_path)?,
-    };
-
     // Where the cluster view and certificates come from.
     let (issuer, bundle, plane) = match &mode {
         Mode::Local { file, ca_cert, ca_key, trust_bundle } => {
@@ -147,6 +113,40 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         }
     };
     let trust = TrustStore::new(bundle);
+
+    // A ztunnel already serving this node hands its sockets over, if it can; if it cannot, this
+    // one binds them once it has exited.
+    let handoff_path = config.handoff_socket();
+    let (takeover, mut received) = match Takeover::start(&handoff_path).await {
+        Ok(Some((takeover, received))) => {
+            info!(
+                pid = takeover.pid,
+                version = takeover.version,
+                pods = received.pods.len(),
+                "the running ztunnel handed its sockets over; taking the node over"
+            );
+            (Some(takeover), received)
+        }
+        Ok(None) => (None, Received::default()),
+        Err(e) => {
+            warn!(error = %e, socket = %handoff_path.display(),
+                "cannot take the node over from the running ztunnel; starting normally once it has exited");
+            (None, Received::default())
+        }
+    };
+    // The node's listeners: the HTTP servers first (which waits for a ztunnel that would not
+    // hand over to exit), then the sockets whose files a fresh start replaces.
+    let admin_l = server_listener(&mut received, ServerRole::Admin, config.admin_addr).await?;
+    let metrics_l = server_listener(&mut received, ServerRole::Metrics, config.metrics_addr).await?;
+    let ready_l = server_listener(&mut received, ServerRole::Readiness, config.readiness_addr).await?;
+    let node_socket = match received.node_socket.take() {
+        Some(fd) => fd,
+        None => OwnedFd::from(crate::runtime::bind(&config.node_socket)?.into_std()?),
+    };
+    let handoff_l = match received.handoff_socket.take() {
+        Some(fd) => handoff::HandoffListener::from_fd(fd)?,
+        None => handoff::HandoffListener::bind(&handoff_path)?,
+    };
 
     let pods = Arc::new(PodRegistry::default());
     let hbone_config = hbone_config(&config, &state, &metrics);
