@@ -377,8 +377,9 @@ async fn server_listener(
     addr: SocketAddr,
 ) -> anyhow::Result<(SocketAddr, OwnedFd)> {
     if let Some((was, fd)) = received.servers.remove(&role) {
-        if was == addr {
-            return Ok((addr, fd));
+        // Port 0 asks for any port: the one the running ztunnel was given will do.
+        if was == addr || (addr.port() == 0 && was.ip() == addr.ip()) {
+            return Ok((was, fd));
         }
         warn!(?role, was = %was, now = %addr, "the handed-over server listened elsewhere; binding the configured address");
     }
