@@ -384,7 +384,7 @@ async fn server_listener(
         warn!(?role, was = %was, now = %addr, "the handed-over server listened elsewhere; binding the configured address");
     }
     let started = tokio::time::Instant::now();
-    let mut told = false;
+    let mut told: Option<tokio::time::Instant> = None;
     loop {
         match std::net::TcpListener::bind(addr) {
             Ok(listener) => {
@@ -392,10 +392,11 @@ async fn server_listener(
                 return Ok((addr, OwnedFd::from(listener)));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                if !told || started.elapsed() >= Duration::from_secs(10) {
+                // Said at once, then every 10 s.
+                if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     warn!(%addr, ?role, waited = ?started.elapsed(),
                         "the address is in use (by a ztunnel that did not hand over?); waiting for it to be free");
-                    told = true;
+                    told = Some(tokio::time::Instant::now());
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
