@@ -271,3 +271,45 @@ fn a_new_ztunnel_killed_before_it_commits_leaves_the_old_one_serving() {
         assert!(polled.ok > 30, "{name}: only {} connections", polled.ok);
     }
 }
+
+/// A running ztunnel that cannot hand over (one of a version without the handoff socket: here
+/// its socket file is removed) is waited for: the new one starts once the old has exited,
+/// an ordinary restart, and then serves the node.
+#[test]
+fn a_ztunnel_that_cannot_hand_over_is_waited_for() {
+    let Some(mut mesh) = mesh("upgrade-fallback") else { return };
+    let _apps = two_nodes(&mut mesh);
+    let handoff = mesh.node_socket(1).with_file_name("node-1-handoff.sock");
+    std::fs::remove_file(&handoff).expect("the running ztunnel's handoff socket");
+    let new = mesh.spawn_ztunnel(1, &[]).unwrap();
+    new.wait_for_log("waiting for it to be free", Duration::from_secs(20)).unwrap();
+    // The old one still serves the node meanwhile.
+    let mut conn = mesh.connect("web", addr(&mesh, "api")).unwrap();
+    conn.write_all(b"still\n").unwrap();
+    let mut back = [0u8; 6];
+    conn.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still\n");
+    drop(conn);
+    let old = mesh.take_ztunnel(1).unwrap();
+    old.signal(lab::Signal::SIGTERM).unwrap();
+    old.wait_timeout(Duration::from_secs(20)).unwrap().expect("the old ztunnel stops on SIGTERM");
+    new.wait_for_log("ztunnel ready", Duration::from_secs(20)).unwrap();
+    let logs = new.logs().unwrap();
+    assert!(!logs.contains("took the node over"), "nothing was handed over: {logs}");
+    assert!(std::fs::metadata(&handoff).is_ok(), "the new ztunnel serves a handoff socket of its own");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        let attempt = mesh.connect("web", addr(&mesh, "api")).and_then(|mut c| {
+            c.write_all(b"again\n")?;
+            let mut back = [0u8; 6];
+            c.read_exact(&mut back)?;
+            Ok(back)
+        });
+        match attempt {
+            Ok(back) => break back,
+            Err(e) if Instant::now() >= deadline => panic!("the new ztunnel does not serve the node: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(&served, b"again\n");
+}
