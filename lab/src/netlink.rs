@@ -12,12 +12,13 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, State};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::addresses::{IpCidr, Ipv4Cidr};
+use crate::addresses::{IpCidr, Ipv4Cidr, Ipv6Cidr};
 use crate::{LabError, Netns};
 
 /// Upper bound for one batch of netlink requests: the kernel answers in microseconds, so this
@@ -37,7 +38,7 @@ pub struct NetState {
     pub links: Vec<LinkState>,
     /// IPv4 and IPv6 addresses.
     pub addresses: Vec<AddressState>,
-    /// IPv4 routes of every table.
+    /// IPv4 and IPv6 routes of every table.
     pub routes: Vec<RouteState>,
 }
 
@@ -71,15 +72,15 @@ pub struct AddressState {
     pub prefix_len: u8,
 }
 
-/// One IPv4 route.
+/// One route, of either family.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RouteState {
     /// Routing table id (254 = main, 255 = local).
     pub table: u32,
-    /// Destination network (`0.0.0.0/0` for the default route).
-    pub destination: Ipv4Cidr,
+    /// Destination network (`0.0.0.0/0` or `::/0` for a default route).
+    pub destination: IpCidr,
     /// Next hop, if any.
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// Output interface name, if any.
     pub interface: Option<String>,
 }
@@ -330,9 +331,14 @@ impl Nl {
         addresses.sort();
 
         let mut routes = Vec::new();
-        let mut stream = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
-        while let Some(msg) = stream.try_next().await.map_err(|e| LabError::netlink(&self.netns, "list routes", e))? {
-            routes.push(route_state(&msg, &name_of));
+        let dumps = [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()];
+        for dump in dumps {
+            let mut stream = self.handle.route().get(dump).execute();
+            while let Some(msg) =
+                stream.try_next().await.map_err(|e| LabError::netlink(&self.netns, "list routes", e))?
+            {
+                routes.extend(route_state(&msg, &name_of));
+            }
         }
         routes.sort();
 
@@ -380,24 +386,32 @@ fn oper_state_name(state: State) -> String {
     }
 }
 
-fn route_state(msg: &RouteMessage, name_of: &dyn Fn(u32) -> Option<String>) -> RouteState {
-    let mut destination = Ipv4Addr::UNSPECIFIED;
+/// A route message as a [`RouteState`]; `None` for a family other than IPv4 and IPv6.
+fn route_state(msg: &RouteMessage, name_of: &dyn Fn(u32) -> Option<String>) -> Option<RouteState> {
+    let ipv6 = match msg.header.address_family {
+        AddressFamily::Inet => false,
+        AddressFamily::Inet6 => true,
+        _ => return None,
+    };
+    let mut destination = if ipv6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
     let mut gateway = None;
     let mut interface = None;
     let mut table = u32::from(msg.header.table);
     for attr in &msg.attributes {
         match attr {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = *ip,
-            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = IpAddr::V4(*ip),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => destination = IpAddr::V6(*ip),
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some(IpAddr::V6(*ip)),
             RouteAttribute::Oif(index) => interface = Some(name_of(*index).unwrap_or_else(|| format!("if{index}"))),
             RouteAttribute::Table(t) => table = *t,
             _ => {}
         }
     }
-    RouteState {
-        table,
-        destination: Ipv4Cidr::new(destination, msg.header.destination_prefix_length),
-        gateway,
-        interface,
-    }
+    let prefix_len = msg.header.destination_prefix_length;
+    let destination = match destination {
+        IpAddr::V4(ip) => IpCidr::V4(Ipv4Cidr::new(ip, prefix_len)),
+        IpAddr::V6(ip) => IpCidr::V6(Ipv6Cidr::new(ip, prefix_len)),
+    };
+    Some(RouteState { table, destination, gateway, interface })
 }

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use lab::addresses::IpStack;
+use lab::addresses::{IpCidr, IpStack};
 use lab::{Lab, NetState, Netns, Pod, Signal, addresses};
 
 /// Bound for every network wait in these tests.
@@ -112,10 +112,8 @@ fn pods_talk_across_nodes_and_on_the_same_node() {
     assert!(node0.link("cni0").is_some_and(|l| l.up) && node0.link("eth0").is_some_and(|l| l.up));
     assert!(node0.link("lo").is_some_and(|l| l.up));
     assert!(
-        node0
-            .routes
-            .iter()
-            .any(|r| r.destination == addresses::pod_cidr(1) && r.gateway == Some(addresses::node_fabric_ip(1)))
+        node0.routes.iter().any(|r| r.destination == addresses::pod_cidr(1).into()
+            && r.gateway == Some(addresses::node_fabric_ip(1).into()))
     );
     let forward = lab.nodes()[1]
         .netns()
@@ -126,7 +124,7 @@ fn pods_talk_across_nodes_and_on_the_same_node() {
     let pod_state = d.netns().state().expect("pod d state");
     let names: BTreeSet<&str> = pod_state.links.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, BTreeSet::from(["eth0", "lo"]));
-    assert!(pod_state.routes.iter().any(|r| r.destination.prefix_len() == 0 && r.gateway == Some(d.gateway())));
+    assert!(pod_state.routes.iter().any(|r| r.destination.prefix_len() == 0 && r.gateway == Some(d.gateway().into())));
     let fabric = lab.fabric().state().expect("fabric state");
     assert!(
         fabric.addresses.iter().all(|a| a.address.is_loopback() || a.address.is_ipv6()),
@@ -166,7 +164,14 @@ fn assert_no_new_state(before: &NetState, now: &NetState) {
     assert!(new_addresses.is_empty(), "new addresses in the root namespace: {new_addresses:?}");
     let new_routes: Vec<_> = now.routes.iter().filter(|r| !before.routes.contains(r)).collect();
     assert!(new_routes.is_empty(), "new routes in the root namespace: {new_routes:?}");
-    let lab_ranges = [addresses::FABRIC_SUBNET, addresses::CLUSTER_CIDR, addresses::SERVICE_CIDR];
+    let lab_ranges: [IpCidr; 6] = [
+        addresses::FABRIC_SUBNET.into(),
+        addresses::CLUSTER_CIDR.into(),
+        addresses::SERVICE_CIDR.into(),
+        addresses::FABRIC_SUBNET_V6.into(),
+        addresses::CLUSTER_CIDR_V6.into(),
+        addresses::SERVICE_CIDR_V6.into(),
+    ];
     for route in &now.routes {
         assert!(
             !lab_ranges
@@ -463,9 +468,16 @@ fn ipv6_only_pods_talk_across_nodes() {
     assert_eq!(syns, 1, "SYNs from a to b arriving on the fabric: {packets:?}");
     assert!(packets.iter().any(|p| p.src.ip() == a6 && p.payload == message), "payload seen over IPv6");
 
-    let now = NetState::host().expect("read the root namespace");
-    let new_addresses: Vec<_> = now.addresses.iter().filter(|x| !before.addresses.contains(x)).collect();
-    assert!(new_addresses.is_empty(), "new addresses in the root namespace: {new_addresses:?}");
+    // Nodes route each other's IPv6 pod CIDRs over the fabric; the root namespace gains no
+    // interface, address or route, and routes no lab range of either family.
+    let node0 = lab.nodes()[0].netns().state().expect("node 0 state");
+    let via = IpAddr::V6(addresses::node_fabric_ipv6(1));
+    assert!(
+        node0.routes.iter().any(|r| r.destination == addresses::pod_cidr_v6(1).into() && r.gateway == Some(via)),
+        "{:?}",
+        node0.routes
+    );
+    assert_no_new_state(&before, &NetState::host().expect("read the root namespace"));
 }
 
 /// A dual-stack lab: each pod has one address of each family, IPv4 first, and pods reach
