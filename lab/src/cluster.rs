@@ -121,7 +121,9 @@ impl Lab {
     /// `10.244.(i+1).(k+2)/24` (a veth whose other end, `veth<k>`, is a port of the node's
     /// `cni0`), a default route via `10.244.(i+1).1`, `lo` up, and a pause process
     /// (`sleep infinity`) so that a node proxy can find the namespace in `/proc/*/ns/net`, as in
-    /// Kubernetes. Pods may be added from several threads at once.
+    /// Kubernetes. With IPv6 (see [`Lab::with_stack`]) its `eth0` has `fd00:244:(i+1)::(k+2)/64`
+    /// instead or besides, with a default route via `fd00:244:(i+1)::1`. Pods may be added from
+    /// several threads at once.
     pub fn add_pod(&self, node: usize, name: &str) -> Result<Pod, LabError> {
         let node_ref = self.nodes.get(node).ok_or_else(|| {
             LabError::Invalid(format!("no node {node} in lab {} (it has {} nodes)", self.name, self.nodes.len()))
