@@ -91,7 +91,7 @@ pub enum Message {
     /// follow.
     Offer { version: u32, pid: u32, sockets: usize },
     /// old → new, instead of an offer: why not (no common version, or shutting down).
-    Refused { reason: String, versions: Vec<u32> },
+    Refused { reason: String, versions: Vec<u32>, pid: u32 },
     /// old → new: the node socket (a listening `SOCK_STREAM` Unix socket). One descriptor.
     NodeSocket,
     /// old → new: the handoff socket itself (a listening `SOCK_SEQPACKET` Unix socket). One
@@ -205,6 +205,8 @@ pub enum HandoffError {
         "the running ztunnel (pid {pid}) refused the handoff: {reason} (it speaks versions {theirs:?}, this one {ours:?})"
     )]
     Refused { pid: u32, reason: String, theirs: Vec<u32>, ours: Vec<u32> },
+    #[error("a newer ztunnel (pid {pid}) speaks handoff versions {theirs:?}, this one {ours:?}: refused")]
+    NoCommonVersion { pid: u32, theirs: Vec<u32>, ours: Vec<u32> },
     #[error("handoff connection: {0}")]
     Io(#[from] io::Error),
 }
@@ -214,10 +216,10 @@ fn waiting_for(what: &&'static str) -> String {
 }
 
 impl HandoffError {
-    /// The running ztunnel answered but will not hand over (versions, or it is shutting down):
-    /// start normally once it has exited.
+    /// The two ztunnels will not hand over (no common version, or the old one is shutting
+    /// down): the new one starts normally once the old one has exited.
     pub fn is_refused(&self) -> bool {
-        matches!(self, HandoffError::Refused { .. })
+        matches!(self, HandoffError::Refused { .. } | HandoffError::NoCommonVersion { .. })
     }
 }
 
@@ -424,10 +426,6 @@ impl Held {
         self.socket.as_fd()
     }
 
-    pub fn is_accepting(&self) -> bool {
-        self.task.is_some()
-    }
-
     /// Starts accepting, if not already.
     pub fn resume(&mut self) -> io::Result<()> {
         if self.task.is_none() {
@@ -487,8 +485,8 @@ impl Takeover {
         let (offer, _) = channel.recv_within("its offer", Duration::from_secs(30)).await?;
         let (version, pid, count) = match offer {
             Message::Offer { version, pid, sockets } => (version, pid, sockets),
-            Message::Refused { reason, versions } => {
-                return Err(HandoffError::Refused { pid: 0, reason, theirs: versions, ours: VERSIONS.to_vec() });
+            Message::Refused { reason, versions, pid } => {
+                return Err(HandoffError::Refused { pid, reason, theirs: versions, ours: VERSIONS.to_vec() });
             }
             other => return Err(HandoffError::Unexpected { expected: "offer", got: other.kind() }),
         };
@@ -649,6 +647,7 @@ pub async fn serve(listener: HandoffListener, giver: Giver) {
             let refusal = Message::Refused {
                 reason: "this ztunnel is shutting down; start once it has exited".into(),
                 versions: VERSIONS.to_vec(),
+                pid: std::process::id(),
             };
             let _ = channel.send(&refusal, &[]).await;
             giver.metrics.handoff(HandoffOutcome::refused);
@@ -679,8 +678,9 @@ async fn session(channel: &Channel, giver: &Giver, handoff: BorrowedFd<'_>) -> R
     };
     let Some(version) = choose_version(&versions) else {
         let reason = "no protocol version in common".to_owned();
-        channel.send(&Message::Refused { reason: reason.clone(), versions: VERSIONS.to_vec() }, &[]).await?;
-        return Err(HandoffError::Refused { pid, reason, theirs: versions, ours: VERSIONS.to_vec() });
+        let refusal = Message::Refused { reason: reason.clone(), versions: VERSIONS.to_vec(), pid: std::process::id() };
+        channel.send(&refusal, &[]).await?;
+        return Err(HandoffError::NoCommonVersion { pid, theirs: versions, ours: VERSIONS.to_vec() });
     };
     info!(pid, version, "a newer ztunnel asks to take the node over; handing the sockets over");
     let mut frozen = giver.manager.freeze().await;

@@ -97,7 +97,8 @@ async fn no_common_version_is_refused_and_a_broken_session_leaves_the_old_one_se
     let channel = Channel::connect(&handoff).await.unwrap().expect("the old ztunnel listens");
     channel.send(&Message::Hello { versions: vec![99], pid: 1 }, &[]).await.unwrap();
     match channel.recv().await.unwrap().0 {
-        Message::Refused { reason, versions } => {
+        Message::Refused { reason, versions, pid } => {
+            assert_eq!(pid, std::process::id(), "the refusing ztunnel's pid");
             assert!(reason.contains("version"), "{reason}");
             assert_eq!(versions, VERSIONS);
         }
