@@ -100,10 +100,9 @@ fn scenarios(test: &str, stack: IpStack) {
         app: "api".into(),
     });
     mesh.start_ztunnels().unwrap();
-    for pod in ["api-0", "api-1"] {
-        let app = mesh.start_echo(pod, APP_PORT, Some(pod)).unwrap();
-        mesh.keep(app);
-    }
+    let api0_app = mesh.start_echo("api-0", APP_PORT, Some("api-0")).unwrap();
+    mesh.keep(api0_app);
+    let api1_app = mesh.start_echo("api-1", APP_PORT, Some("api-1")).unwrap();
     mesh.wait_enrolled(0, 3).unwrap();
     mesh.wait_enrolled(1, 1).unwrap();
 
@@ -154,6 +153,10 @@ fn scenarios(test: &str, stack: IpStack) {
             .filter(|p| p.src.port() == HBONE_PORT || p.dst.port() == HBONE_PORT)
             .collect();
         assert!(other.is_empty(), "HBONE in the other family while dialing {ip}: {other:?}");
+        // The app sees web's own address of that family as its peer.
+        let peer = if web.is_ipv6() { format!("accepted [{web}]:") } else { format!("accepted {web}:") };
+        let seen = api1_app.wait_for_log(&peer, Duration::from_secs(5));
+        assert!(seen.is_ok(), "api-1's app sees web's address {web}: {seen:?}");
     }
     let access = mesh.ztunnel(1).wait_for_log("direction=\"inbound\"", Duration::from_secs(5)).unwrap();
     for ip in &api1 {
