@@ -26,7 +26,7 @@ use crate::config::{Config, Mode};
 use crate::handoff::{self, Giver, Held, NodeListeners, NodeRole, Phase, Received, ServerRole, Takeover};
 use crate::inpod::Netns;
 use crate::manager::Manager;
-use crate::metrics::{HandoffOutcome, Metrics};
+use crate::metrics::Metrics;
 use crate::proxy::{Balancer, PodDialer, PodRegistry, Proxy};
 use crate::state::StateStore;
 use crate::{control, local};
@@ -263,7 +263,11 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     let node = Arc::new(tokio::sync::Mutex::new(node));
 
     if let Some(takeover) = takeover {
-        take_over(takeover, &manager, &node, &metrics, config.reload_interval).await?;
+        let old = takeover.pid;
+        takeover
+            .complete(&manager, &node, &metrics, config.reload_interval)
+            .await
+            .with_context(|| format!("taking the node over from the ztunnel of pid {old}"))?;
     } else {
         node.lock().await.resume();
     }
@@ -316,56 +320,6 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         handed_over,
         upgrade_drain: config.upgrade_drain,
     })
-}
-
-/// How long a ztunnel taking over may take to enroll every handed-over pod on the received
-/// sockets before it gives up (and exits, leaving the old one serving): 50 s, within the old
-/// ztunnel's 60 s wait for `ready` (`handoff::READY_TIMEOUT`).
-const TAKEOVER_WITHIN: Duration = Duration::from_secs(50);
-
-/// The new ztunnel's side of a handoff, once the pods it was given are being enrolled: waits
-/// until every one is (retrying on the reload beat), tells the old ztunnel, starts accepting
-/// everywhere once it has stopped, and commits. The old ztunnel's drain reports then set
-/// `weft_upgrade_draining_connections`.
-async fn take_over(
-    takeover: Takeover,
-    manager: &Arc<Manager>,
-    node: &tokio::sync::Mutex<NodeListeners>,
-    metrics: &Arc<Metrics>,
-    retry: Duration,
-) -> anyhow::Result<()> {
-    let started = tokio::time::Instant::now();
-    loop {
-        let left = manager.adopting();
-        if left.is_empty() {
-            break;
-        }
-        if started.elapsed() >= TAKEOVER_WITHIN {
-            anyhow::bail!(
-                "could not enroll the handed-over pods {left:?} within {TAKEOVER_WITHIN:?} (see the warnings above); \
-                 the running ztunnel (pid {}) keeps serving the node",
-                takeover.pid
-            );
-        }
-        tokio::time::sleep(retry).await;
-        manager.reconcile().await;
-    }
-    let old = takeover.pid;
-    takeover.ready().await.with_context(|| format!("handing over from the ztunnel of pid {old}"))?;
-    manager.start_accepting().await;
-    node.lock().await.resume();
-    let channel = takeover.done().await.with_context(|| format!("handing over from the ztunnel of pid {old}"))?;
-    metrics.handoff(HandoffOutcome::took_over);
-    info!(pid = old, "took the node over: serving every pod; the previous ztunnel drains its connections");
-    let metrics = metrics.clone();
-    tokio::spawn(async move {
-        while let Ok((handoff::Message::Draining { connections }, _)) = channel.recv().await {
-            metrics.upgrade_draining.set(connections as i64);
-        }
-        metrics.upgrade_draining.set(0);
-        info!(pid = old, "the previous ztunnel has exited");
-    });
-    Ok(())
 }
 
 /// One HTTP server's listening socket: the one handed over for it, else one bound at `addr`,

@@ -207,6 +207,10 @@ pub enum HandoffError {
     Refused { pid: u32, reason: String, theirs: Vec<u32>, ours: Vec<u32> },
     #[error("a newer ztunnel (pid {pid}) speaks handoff versions {theirs:?}, this one {ours:?}: refused")]
     NoCommonVersion { pid: u32, theirs: Vec<u32>, ours: Vec<u32> },
+    #[error(
+        "could not enroll the handed-over pods {pods:?} within {after:?} (see the warnings above); the running ztunnel (pid {pid}) keeps serving the node"
+    )]
+    NotEnrolled { pods: Vec<String>, after: Duration, pid: u32 },
     #[error("handoff connection: {0}")]
     Io(#[from] io::Error),
 }
@@ -536,6 +540,54 @@ impl Takeover {
     pub async fn done(self) -> Result<Channel, HandoffError> {
         self.channel.send(&Message::Done, &[]).await?;
         Ok(self.channel)
+    }
+}
+
+/// How long a ztunnel taking over may take to enroll every handed-over pod on the received
+/// sockets before it gives up (and exits, leaving the old one serving): 50 s, within the old
+/// ztunnel's 60 s wait for `ready` ([`READY_TIMEOUT`]).
+pub const TAKEOVER_WITHIN: Duration = Duration::from_secs(50);
+
+impl Takeover {
+    /// The new ztunnel's side of a handoff, once the pods it was given are being enrolled:
+    /// waits until every one is (retrying on the reload beat), tells the old ztunnel, starts
+    /// accepting everywhere once it has stopped, and commits. The old ztunnel's drain reports
+    /// then set `weft_upgrade_draining_connections`.
+    pub async fn complete(
+        self,
+        manager: &Arc<Manager>,
+        node: &tokio::sync::Mutex<NodeListeners>,
+        metrics: &Arc<Metrics>,
+        retry: Duration,
+    ) -> Result<(), HandoffError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let left = manager.adopting();
+            if left.is_empty() {
+                break;
+            }
+            if started.elapsed() >= TAKEOVER_WITHIN {
+                return Err(HandoffError::NotEnrolled { pods: left, after: TAKEOVER_WITHIN, pid: self.pid });
+            }
+            tokio::time::sleep(retry).await;
+            manager.reconcile().await;
+        }
+        let old = self.pid;
+        self.ready().await?;
+        manager.start_accepting().await;
+        node.lock().await.resume();
+        let channel = self.done().await?;
+        metrics.handoff(HandoffOutcome::took_over);
+        info!(pid = old, "took the node over: serving every pod; the previous ztunnel drains its connections");
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            while let Ok((Message::Draining { connections }, _)) = channel.recv().await {
+                metrics.upgrade_draining.set(connections as i64);
+            }
+            metrics.upgrade_draining.set(0);
+            info!(pid = old, "the previous ztunnel has exited");
+        });
+        Ok(())
     }
 }
 
