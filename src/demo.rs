@@ -51,6 +51,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let weft = std::env::current_exe().context("locating the weft binary")?;
     let shared: Arc<Mutex<Option<MeshLab>>> = Arc::new(Mutex::new(None));
     watch_ctrl_c(shared.clone());
+    // Where api-1's app writes the peer address of each connection it accepts.
+    let mut api1_log = std::path::PathBuf::new();
 
     println!("Weft demo: a two-node cluster made of network namespaces, a controller and one ztunnel per node.\n");
     {
@@ -101,6 +103,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         mesh.start_ztunnels()?;
         for (pod, banner) in [("api-0", "api-0"), ("api-1", "api-1"), ("old", "old")] {
             let app = mesh.start_echo(pod, APP_PORT, Some(banner))?;
+            if pod == "api-1" {
+                api1_log = app.log_path().to_owned();
+            }
             mesh.keep(app);
         }
         println!(
@@ -117,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     {
         let mut g = guard()?;
         let mesh = g.as_mut().context("the demo was interrupted")?;
-        story(mesh)?;
+        story(mesh, &api1_log)?;
     }
     if args.keep_running {
         let g = guard()?;
@@ -142,13 +147,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
+fn story(mesh: &mut MeshLab, api1_log: &std::path::Path) -> anyhow::Result<()> {
     let api1 = SocketAddr::new(mesh.pod("api-1").primary_ip(), APP_PORT);
     let marker = "hello-from-web";
     println!("\n3. front/web connects to api-1's pod IP {api1} (another node), outside the mesh:");
     let (reply, wire) = exchange_on_the_wire(mesh, "web", "api-1", api1, marker)?;
     println!("     web sent {marker:?}; the app answered {:?}", reply.replace('\n', " "));
     println!("     on the wire: {wire}");
+    println!("     the app saw the connection come from {}", last_peer(api1_log)?);
 
     let pids_before = app_pids(mesh);
     println!("\n4. Label the namespaces front and back weft.dev/mesh=enabled (the YAML the controller reads).");
@@ -184,6 +190,10 @@ fn story(mesh: &mut MeshLab) -> anyhow::Result<()> {
         let (banner, echoed) = reply.split_once('\n').unwrap_or((&reply, ""));
         println!("     web sent {marker:?}; the app greeted with {banner:?} and echoed {echoed:?}");
         println!("     on the wire: {wire}");
+        println!(
+            "     the app still sees its client's own address: {} (ztunnel connects to it with that source)",
+            last_peer(api1_log)?
+        );
         let to_api1 = format!("dst.addr={api1}");
         print_access(mesh, 0, &["direction=\"outbound\"", &to_api1], marks[0])?;
         print_access(mesh, 1, &["direction=\"inbound\"", &to_api1], marks[1])?;
@@ -516,6 +526,14 @@ fn app_pids(mesh: &MeshLab) -> Vec<u32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// The client address of the last connection an echo app accepted, from its log.
+fn last_peer(log: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let peer = text.lines().rev().find_map(|l| l.strip_prefix("accepted "));
+    let peer = peer.with_context(|| format!("no connection in {}", log.display()))?;
+    Ok(peer.to_owned())
 }
 
 /// Connects from `pod` to `to`, sends `msg`, and returns what came back (banner and echo).
