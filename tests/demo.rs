@@ -20,6 +20,7 @@ fn weft_demo_runs_and_shows_the_mesh_at_work() {
         "web sent \"hello-from-web\"; the app greeted with \"api-1\" and echoed \"hello-from-web\"",
         "server port(s) {15008}, TLS handshake seen: true, plaintext \"hello-from-web\" seen: false",
         "src.identity=spiffe://…/ns/front/sa/web dst.addr=10.244.2.2:8080",
+        "the app still sees its client's own address: 10.244.1.3:",
         "answered by: api-0, api-1, api-0, api-1, api-0, api-1",
         "protocol=\"TCP\" direction=\"outbound\"",
         "front/web -> api-1: allowed",
