@@ -65,6 +65,8 @@ fn main() {
     let server = SocketAddr::from((mesh.pod("server").ip(), ECHO));
     let peer = SocketAddr::from((mesh.pod("peer").ip(), ECHO));
     println!("upgrade benchmark: {conns} idle connections through node 1's ztunnel, {reps} upgrades");
+    let (program, subcommand) = mesh.ztunnel_program();
+    println!("ztunnel: {}{}", program.display(), subcommand.map(|s| format!(" {s}")).unwrap_or_default());
 
     let (mut during, mut outside) = (Vec::new(), Vec::new());
     let (mut failed_during, mut failed_outside) = (0usize, 0usize);
