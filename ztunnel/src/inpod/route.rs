@@ -84,7 +84,13 @@ pub fn install(netns: &Netns) -> Result<(), RouteError> {
 pub fn remove(netns: &Netns) -> Result<(), RouteError> {
     in_netns(netns, move |handle: Handle| async move {
         for version in [IpVersion::V4, IpVersion::V6] {
-            for rule in ours(&handle, version.clone()).await? {
+            // A kernel without IPv6 cannot list IPv6 rules, and install added none there.
+            let rules = match ours(&handle, version.clone()).await {
+                Ok(rules) => rules,
+                Err(_) if version == IpVersion::V6 => continue,
+                Err(e) => return Err(e),
+            };
+            for rule in rules {
                 handle.rule().del(rule).execute().await.map_err(failed("delete the client-address rule"))?;
             }
             let routes: Vec<_> = handle
