@@ -449,9 +449,20 @@ fn the_app_sees_its_clients_address_and_ip_blocks_match_it() {
     assert!(!refused(&mesh, "web", target), "ALLOW for web's address admits web");
     assert!(refused(&mesh, "old", target), "ALLOW for web's address refuses old's plaintext");
 
-    // Released, the pod is left as it was: no capture table, no client-address rule.
-    let netns = ztunnel::inpod::Netns::open(mesh.pod("api").netns().path()).unwrap();
-    assert!(ztunnel::inpod::route::installed(&netns).unwrap(), "the rule is there while api is captured");
+    // Released, the pod is left as it was: no capture table, no client-address rule or route.
+    let routing = |mesh: &MeshLab| {
+        let show = |args: &[&str]| {
+            let mut cmd = Command::new("ip");
+            cmd.args(args);
+            let out = mesh.pod("api").netns().output(cmd, Duration::from_secs(5)).unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        show(&["-4", "rule", "show"]) + &show(&["-4", "route", "show", "table", "all"])
+    };
+    let captured = routing(&mesh);
+    assert!(captured.contains("32763:\tfrom all fwmark 0x5747 lookup 22342"), "{captured}");
+    assert!(captured.contains("local default dev lo table 22342"), "{captured}");
     mesh.set_enrolled("api", false);
     mesh.write_config().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -459,5 +470,6 @@ fn the_app_sees_its_clients_address_and_ip_blocks_match_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!nft_table_exists(&mesh, "api"), "api released");
-    assert!(!ztunnel::inpod::route::installed(&netns).unwrap(), "the client-address rule left with the table");
+    let released = routing(&mesh);
+    assert!(!released.contains("0x5747") && !released.contains("22342"), "{released}");
 }
