@@ -77,18 +77,25 @@ pub struct Packet {
 
 impl fmt::Debug for Packet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {} {} -> {} [{}] seq={} len={}",
-            self.interface,
-            if self.outgoing { "out" } else { "in" },
-            self.src,
-            self.dst,
-            self.flags,
-            self.seq,
-            self.payload.len()
-        )
+        let (src, dst) = (SocketAddr::V4(self.src), SocketAddr::V4(self.dst));
+        segment(f, &self.interface, self.outgoing, src, dst, self.flags, self.seq, self.payload.len())
     }
+}
+
+/// A segment as the captures' `Debug` show it: `node0 in 10.255.0.1:5 -> ... [S] seq=1 len=0`.
+#[allow(clippy::too_many_arguments)]
+fn segment(
+    f: &mut fmt::Formatter<'_>,
+    interface: &str,
+    outgoing: bool,
+    src: SocketAddr,
+    dst: SocketAddr,
+    flags: TcpFlags,
+    seq: u32,
+    len: usize,
+) -> fmt::Result {
+    let direction = if outgoing { "out" } else { "in" };
+    write!(f, "{interface} {direction} {src} -> {dst} [{flags}] seq={seq} len={len}")
 }
 
 /// One captured TCP segment of either family: what [`Capture::stop_all`] returns. [`Packet`]
@@ -131,17 +138,7 @@ impl IpPacket {
 
 impl fmt::Debug for IpPacket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {} {} -> {} [{}] seq={} len={}",
-            self.interface,
-            if self.outgoing { "out" } else { "in" },
-            self.src,
-            self.dst,
-            self.flags,
-            self.seq,
-            self.payload.len()
-        )
+        segment(f, &self.interface, self.outgoing, self.src, self.dst, self.flags, self.seq, self.payload.len())
     }
 }
 

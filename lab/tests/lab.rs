@@ -65,17 +65,7 @@ fn echo_server(pod: &Pod, connections: usize) -> JoinHandle<io::Result<Vec<Socke
 /// Connects from inside `from` to `to:port`, sends `message`, half-closes, and returns what came
 /// back.
 fn echo_from(from: &Netns, to: Ipv4Addr, message: &[u8]) -> Vec<u8> {
-    from.run(|| -> io::Result<Vec<u8>> {
-        let mut stream = TcpStream::connect_timeout(&SocketAddr::from((to, ECHO_PORT)), IO_TIMEOUT)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.write_all(message)?;
-        stream.shutdown(std::net::Shutdown::Write)?;
-        let mut back = Vec::new();
-        stream.read_to_end(&mut back)?;
-        Ok(back)
-    })
-    .expect("enter the client namespace")
-    .unwrap_or_else(|e| panic!("echo from {} to {to}: {e}", from.name()))
+    echo_to(from, IpAddr::V4(to), message)
 }
 
 #[test]
