@@ -440,10 +440,17 @@ impl Held {
 
     /// Stops accepting: returns once the accept loop has ended, so nothing more is accepted.
     pub async fn pause(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+        if let Some(task) = self.stop() {
             let _ = task.await;
         }
+    }
+
+    /// Tells the accept loop to stop; it has ended once the returned task has (to stop many
+    /// at once, then wait for them all).
+    pub fn stop(&mut self) -> Option<JoinHandle<()>> {
+        let task = self.task.take()?;
+        task.abort();
+        Some(task)
     }
 }
 
@@ -573,10 +580,13 @@ impl Takeover {
             manager.reconcile().await;
         }
         let old = self.pid;
+        let asked = std::time::Instant::now();
         self.ready().await?;
+        let stopped = std::time::Instant::now();
         manager.start_accepting().await;
         node.lock().await.resume();
         let channel = self.done().await?;
+        debug!(ready_to_stopped = ?(stopped - asked), stopped_to_accepting = ?stopped.elapsed(), "handoff: committed");
         metrics.handoff(HandoffOutcome::took_over);
         info!(pid = old, "took the node over: serving every pod; the previous ztunnel drains its connections");
         let metrics = metrics.clone();
@@ -620,8 +630,9 @@ impl NodeListeners {
     }
 
     async fn pause(&mut self) {
-        for (_, held) in &mut self.held {
-            held.pause().await;
+        let stopping: Vec<JoinHandle<()>> = self.held.iter_mut().filter_map(|(_, held)| held.stop()).collect();
+        for task in stopping {
+            let _ = task.await;
         }
     }
 
@@ -760,8 +771,10 @@ async fn session(channel: &Channel, giver: &Giver, handoff: BorrowedFd<'_>) -> R
         Message::Ready => {}
         other => return Err(HandoffError::Unexpected { expected: "ready", got: other.kind() }),
     }
+    let stopping = std::time::Instant::now();
     frozen.pause().await;
     node.pause().await;
+    debug!(took = ?stopping.elapsed(), "handoff: every accept loop stopped");
     let committed = async {
         channel.send(&Message::Stopped, &[]).await?;
         match channel.recv_within("done", STEP_TIMEOUT).await?.0 {

@@ -563,10 +563,10 @@ impl Frozen<'_> {
 
     /// Stops every pod's accept loops (returns once none runs).
     pub async fn pause(&mut self) {
-        for e in self.pods.values_mut() {
-            for (_, held) in &mut e.listeners {
-                held.pause().await;
-            }
+        let stopping: Vec<_> =
+            self.pods.values_mut().flat_map(|e| e.listeners.iter_mut().filter_map(|(_, held)| held.stop())).collect();
+        for task in stopping {
+            let _ = task.await;
         }
     }
 
