@@ -12,19 +12,18 @@
 //!                                                 freezes enrollment (no pod added or removed)
 //!   ◄──────────────────────────── offer {version, pid, sockets: n}
 //!   ◄──────────────────────────── n socket messages, each with its descriptors
-//!   loads its config and certificates, enrolls the pods on the received listeners (without
-//!   accepting on them yet)
+//!   loads its config and certificates, enrolls the pods on the received listeners, then
+//!   starts accepting everywhere (both accept for a moment: each connection goes to one)
 //!   ready ─────────────────────────────────────►
 //!                                                 stops accepting everywhere (keeps the sockets)
 //!   ◄──────────────────────────── stopped
-//!   starts accepting everywhere
 //!   done ──────────────────────────────────────►  commit: closes its copies of the sockets and
 //!                                                 drains what it has, for --upgrade-drain
 //!   ◄──────────────────────────── draining {connections}, every second until it exits
 //!
-//!  The connection breaks (or times out) before `done`: the old ztunnel resumes accepting and
-//!  the new one exits with an error. Nothing is lost either way: until `done` the old one holds
-//!  every socket, and while neither accepts the kernel queues new connections.
+//!  The connection breaks (or times out) before `done`: the old ztunnel resumes accepting (if
+//!  it had stopped) and the new one exits with an error. Until `done` the old one holds every
+//!  socket; at every moment at least one process accepts on it.
 //! ```
 //!
 //! Messages are datagrams of a `SOCK_SEQPACKET` socket (boundaries kept, so each message
@@ -102,11 +101,12 @@ pub enum Message {
     /// old → new: a captured pod. Descriptors: its network namespace, then one listening TCP
     /// socket per entry of `listeners`, in order.
     Pod { uid: String, ips: Vec<IpAddr>, listeners: Vec<PodPort> },
-    /// new → old: every pod is enrolled on the received sockets; stop accepting.
+    /// new → old: every pod is enrolled on the received sockets and the new ztunnel accepts
+    /// on all of them; stop accepting.
     Ready,
     /// old → new: no accept loop of the old ztunnel runs any more.
     Stopped,
-    /// new → old: the new ztunnel accepts everywhere; the handoff is committed.
+    /// new → old: the handoff is committed.
     Done,
     /// old → new, after `done`: the connections the old ztunnel still carries.
     Draining { connections: u64 },
@@ -533,7 +533,7 @@ impl Takeover {
         Ok(Some((Takeover { channel, pid, version }, received)))
     }
 
-    /// Tells the old ztunnel this one is ready and waits until it has stopped accepting.
+    /// Tells the old ztunnel this one accepts everywhere and waits until it has stopped.
     pub async fn ready(&self) -> Result<(), HandoffError> {
         self.channel.send(&Message::Ready, &[]).await?;
         match self.channel.recv_within("stopped", STEP_TIMEOUT).await?.0 {
@@ -557,8 +557,8 @@ pub const TAKEOVER_WITHIN: Duration = Duration::from_secs(50);
 
 impl Takeover {
     /// The new ztunnel's side of a handoff, once the pods it was given are being enrolled:
-    /// waits until every one is (retrying on the reload beat), tells the old ztunnel, starts
-    /// accepting everywhere once it has stopped, and commits. The old ztunnel's drain reports
+    /// waits until every one is (retrying on the reload beat), starts accepting everywhere,
+    /// tells the old ztunnel, and commits once it has stopped. The old ztunnel's drain reports
     /// then set `weft_upgrade_draining_connections`.
     pub async fn complete(
         self,
@@ -580,13 +580,15 @@ impl Takeover {
             manager.reconcile().await;
         }
         let old = self.pid;
-        let asked = std::time::Instant::now();
-        self.ready().await?;
-        let stopped = std::time::Instant::now();
+        // Accept before the old ztunnel stops: for a moment both accept on the same sockets
+        // (each connection is taken by one of them), so there is no moment when no process
+        // accepts, however late either is scheduled.
         manager.start_accepting().await;
         node.lock().await.resume();
+        let asked = std::time::Instant::now();
+        self.ready().await?;
+        debug!(ready_to_stopped = ?asked.elapsed(), "handoff: the old ztunnel has stopped accepting");
         let channel = self.done().await?;
-        debug!(ready_to_stopped = ?(stopped - asked), stopped_to_accepting = ?stopped.elapsed(), "handoff: committed");
         metrics.handoff(HandoffOutcome::took_over);
         info!(pid = old, "took the node over: serving every pod; the previous ztunnel drains its connections");
         let metrics = metrics.clone();
