@@ -77,6 +77,13 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long either side waits for any other message: 10 s (each is answered at once).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long both ztunnels accept before the new one asks the old one to stop: 200 ms. A new
+/// process is busiest in its first moments (its first handshakes, its connection to the
+/// controller), and on a loaded node it can go unscheduled for tens of milliseconds then;
+/// while the old one still accepts, connections go to whichever process calls accept first,
+/// so such a stall delays none.
+pub const OVERLAP: Duration = Duration::from_millis(200);
+
 /// How often the old ztunnel reports the connections it still serves: 1 s.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -585,6 +592,7 @@ impl Takeover {
         // accepts, however late either is scheduled.
         manager.start_accepting().await;
         node.lock().await.resume();
+        tokio::time::sleep(OVERLAP).await;
         let asked = std::time::Instant::now();
         self.ready().await?;
         debug!(ready_to_stopped = ?asked.elapsed(), "handoff: the old ztunnel has stopped accepting");
