@@ -14,7 +14,11 @@
 //!                    └──────────── TCP ► TLS 1.3 (SPIFFE verify) ► HTTP/2 handshake
 //! ```
 //!
-//! A connection carries at most `max_streams_per_connection` streams; past that another is
+//! A new stream goes to the connection of its key carrying the fewest streams. While every
+//! connection of the key carries one and fewer than `spread_connections` are open, another is
+//! dialed first, so that busy streams do not all queue behind one TLS session and one HTTP/2
+//! connection task; if that dial fails, the stream shares a connection after all. A
+//! connection carries at most `max_streams_per_connection` streams; past that another is
 //! opened. A connection with no stream for `pool_idle_timeout` is closed. Connections verified
 //! against an older trust bundle take no new streams (their open streams keep flowing).
 
@@ -281,6 +285,14 @@ impl Drop for DialTicket<'_> {
     }
 }
 
+/// Whether a checkout may answer "dial another connection" to spread busy streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spread {
+    Yes,
+    /// Any connection with room will do (the dial to spread failed).
+    No,
+}
+
 /// A reserved stream on a connection; releasing it is dropping it.
 struct Slot {
     conn: Arc<Conn>,
@@ -354,31 +366,38 @@ impl Inner {
     /// A stream slot on a pooled connection, dialing a new connection if none has room.
     /// Returns whether the connection was reused.
     async fn slot(self: &Arc<Self>, key: &PoolKey, req: &ConnectRequest) -> Result<(Slot, bool), ConnectError> {
-        if let Some(slot) = self.checkout(key) {
+        if let Some(slot) = self.checkout(key, Spread::Yes) {
             return Ok((slot, true));
         }
         let started = Instant::now();
         let ticket = self.dial_ticket(key);
         let dial = &ticket.dial;
         let _guard = dial.lock.lock().await;
-        if let Some(slot) = self.checkout(key) {
+        if let Some(slot) = self.checkout(key, Spread::Yes) {
             return Ok((slot, true));
         }
-        if let Some((at, err)) = lock(&dial.last_failure).as_ref()
-            && *at >= started
-        {
-            return Err(err.clone());
-        }
-        match self.dial(key, req).await {
-            Ok(slot) => {
-                *lock(&dial.last_failure) = None;
-                Ok((slot, false))
-            }
-            Err(e) => {
-                self.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                *lock(&dial.last_failure) = Some((Instant::now(), e.clone()));
-                Err(e)
-            }
+        let recent_failure = match lock(&dial.last_failure).as_ref() {
+            Some((at, err)) if *at >= started => Some(err.clone()),
+            _ => None,
+        };
+        let result = match recent_failure {
+            Some(err) => Err(err),
+            None => match self.dial(key, req).await {
+                Ok(slot) => {
+                    *lock(&dial.last_failure) = None;
+                    return Ok((slot, false));
+                }
+                Err(e) => {
+                    self.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    *lock(&dial.last_failure) = Some((Instant::now(), e.clone()));
+                    Err(e)
+                }
+            },
+        };
+        // A connection dialed only to spread streams failed: share one that works instead.
+        match self.checkout(key, Spread::No) {
+            Some(slot) => Ok((slot, true)),
+            None => result,
         }
     }
 
@@ -393,28 +412,38 @@ impl Inner {
         self.dial(key, req).await
     }
 
-    /// Reserves a stream on a live connection of `key` with room, dropping dead ones.
-    fn checkout(&self, key: &PoolKey) -> Option<Slot> {
+    /// Reserves a stream on the live connection of `key` with room that carries the fewest
+    /// streams, dropping dead ones. With [`Spread::Yes`], returns `None` instead while that
+    /// connection carries a stream and fewer than `spread_connections` are open, so that the
+    /// caller dials another.
+    fn checkout(&self, key: &PoolKey, spread: Spread) -> Option<Slot> {
         let generation = self.trust.generation();
         let max = self.config.max_streams_per_connection as usize;
+        let spread_over = match spread {
+            Spread::Yes => self.config.spread_connections as usize,
+            Spread::No => 1,
+        };
         let mut conns = lock(&self.conns);
         let list = conns.get_mut(key)?;
         list.retain(|c| {
             !c.closed.load(Ordering::Acquire)
                 && (c.trust_generation == generation || c.active.load(Ordering::Acquire) > 0)
         });
-        let slot = list.iter().find_map(|c| {
-            if c.trust_generation != generation {
-                return None;
+        let current = list.iter().filter(|c| c.trust_generation == generation);
+        let open = current.clone().count();
+        let least = current
+            .map(|c| (c.active.load(Ordering::Acquire), c))
+            .filter(|(active, _)| *active < max)
+            .min_by_key(|(active, _)| *active);
+        let slot = match least {
+            Some((active, _)) if active > 0 && open < spread_over => None,
+            Some((active, c)) => {
+                // Increments happen only under the pool lock, so `active` cannot pass `max`.
+                c.active.store(active + 1, Ordering::Release);
+                Some(Slot { conn: c.clone() })
             }
-            let active = c.active.load(Ordering::Acquire);
-            if active >= max {
-                return None;
-            }
-            // Increments happen only under the pool lock, so `active` cannot pass `max`.
-            c.active.store(active + 1, Ordering::Release);
-            Some(Slot { conn: c.clone() })
-        });
+            None => None,
+        };
         if list.is_empty() {
             conns.remove(key);
         }

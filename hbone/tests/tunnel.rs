@@ -323,11 +323,81 @@ async fn black_hole_server() -> SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_spread_over_two_connections_then_share_them() {
+    let Pair { server_cert, server, client, source, .. } = Pair::start().await;
+    assert_eq!(Config::default().spread_connections, 2);
+    let echo = echo_server().await;
+    let opened = || client.stats().connections_opened.load(std::sync::atomic::Ordering::Relaxed);
+    let mut tunnels = Vec::new();
+    for (i, expected) in [1, 2, 2, 2].into_iter().enumerate() {
+        tunnels.push(client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap());
+        assert_eq!(opened(), expected, "connections after {} concurrent streams", i + 1);
+    }
+    let accepted = server.server.stats().connections_accepted.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(accepted, 2, "the server saw both connections");
+    for (i, t) in tunnels.iter_mut().enumerate() {
+        let msg = format!("stream {i}");
+        t.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0; msg.len()];
+        t.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    // One stream at a time needs one connection: a stream opened after the others ended
+    // reuses a connection instead of dialing.
+    drop(tunnels);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+    t.write_all(b"x").await.unwrap();
+    assert_eq!(opened(), 2, "an idle pooled connection was reused");
+}
+
+/// Dials through the direct dialer until `allowed` dials have been made, then fails.
+struct FailAfter {
+    allowed: usize,
+    made: std::sync::atomic::AtomicUsize,
+}
+
+impl hbone::client::Dialer for FailAfter {
+    fn dial(
+        &self,
+        source: Option<std::net::IpAddr>,
+        dest: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
+        if self.made.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.allowed {
+            return Box::pin(async { Err(std::io::Error::other("no more dials")) });
+        }
+        static DIRECT: hbone::client::DirectDialer = hbone::client::DirectDialer;
+        hbone::client::Dialer::dial(&DIRECT, source, dest)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dial_to_spread_streams_shares_the_open_connection() {
+    let Pair { pki, server_cert, server, source, .. } = Pair::start().await;
+    let dialer = Arc::new(FailAfter { allowed: 1, made: Default::default() });
+    let client = Client::with_dialer(Config::default(), pki.trust.clone(), dialer.clone());
+    let echo = echo_server().await;
+    let mut first = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+    let mut second = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+    assert_eq!(dialer.made.load(std::sync::atomic::Ordering::SeqCst), 2, "a second connection was tried");
+    assert_eq!(client.stats().connections_opened.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(client.stats().handshake_failures.load(std::sync::atomic::Ordering::Relaxed), 1);
+    for (t, msg) in [(&mut first, b"one"), (&mut second, b"two")] {
+        t.write_all(msg).await.unwrap();
+        let mut back = [0; 3];
+        t.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_readers_do_not_block_other_streams_on_the_connection() {
     // The documented bound (config.rs): up to three streams whose readers stopped cannot
     // stall the others on their connection.
     const STALLED: usize = 3;
-    let Pair { server_cert, server, client, source, .. } = Pair::start().await;
+    let Pair { pki, server_cert, server, source, .. } = Pair::start().await;
+    // Every stream on one connection: that connection's windows are what is tested.
+    let client = Client::new(Config { spread_connections: 1, ..Config::default() }, pki.trust.clone());
 
     // Streams that push into a target that never reads, until everything on their path is full.
     let black_hole = black_hole_server().await;
