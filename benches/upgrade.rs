@@ -74,7 +74,7 @@ fn main() {
     for rep in 0..reps {
         let idle = open_idle(&mesh, "client", server, conns);
         std::thread::sleep(Duration::from_millis(500));
-        let before = rss_kib(mesh.ztunnel(1).pid());
+        let before = lab::rss_kib(mesh.ztunnel(1).pid());
         let stop = Arc::new(AtomicBool::new(false));
         let clients = [client(&mesh, "client", server, &stop), client(&mesh, "worker", peer, &stop)];
         std::thread::sleep(Duration::from_millis(500));
@@ -96,7 +96,7 @@ fn main() {
         }
         // Both processes while the old one drains the idle connections.
         std::thread::sleep(Duration::from_secs(1));
-        let (old_rss, new_rss) = (rss_kib(old.pid()), rss_kib(mesh.ztunnel(1).pid()));
+        let (old_rss, new_rss) = (lab::rss_kib(old.pid()), lab::rss_kib(mesh.ztunnel(1).pid()));
         drop(idle);
         let closed = Instant::now();
         let exited = old.wait_timeout(Duration::from_secs(30)).expect("waiting for the old ztunnel");
@@ -175,15 +175,6 @@ fn client(mesh: &MeshLab, pod: &str, to: SocketAddr, stop: &Arc<AtomicBool>) -> 
             })
             .expect("entering the pod")
     })
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// p50, p99 and the maximum.

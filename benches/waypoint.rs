@@ -272,7 +272,7 @@ impl Bench {
         println!("ztunnel: {} {}", zprogram.display(), zsub.unwrap_or(""));
         println!("{}", tool_versions());
 
-        let rss_fresh = rss_kib(self.waypoint_pid());
+        let rss_fresh = lab::rss_kib(self.waypoint_pid());
         // Warm-up, unmeasured: every path's connections and the waypoint's pools exist.
         for proto in [Proto::Http1, Proto::Http2] {
             for route in Route::ALL {
@@ -280,7 +280,7 @@ impl Bench {
             }
         }
         std::thread::sleep(Duration::from_secs(2));
-        let rss_rest = rss_kib(self.waypoint_pid());
+        let rss_rest = lab::rss_kib(self.waypoint_pid());
         let rss_rest_split = rss_split(self.waypoint_pid());
 
         // Fixed rate: (rate, protocol) → per route, the runs.
@@ -306,7 +306,7 @@ impl Bench {
                 }
             }
         }
-        let rss_after_load = rss_kib(self.waypoint_pid());
+        let rss_after_load = lab::rss_kib(self.waypoint_pid());
 
         // Maximum throughput with one waypoint worker thread.
         let mut max_rows: Vec<(String, [Vec<MaxRun>; 3])> = Vec::new();
@@ -454,7 +454,7 @@ impl Bench {
             let sampler = s.spawn(|| {
                 let mut peak = 0;
                 while !done.load(Ordering::Relaxed) {
-                    peak = peak.max(rss_kib(pid));
+                    peak = peak.max(lab::rss_kib(pid));
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 peak
@@ -841,15 +841,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
     let at = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     at(11) + at(12)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Anonymous and file-backed parts of the resident memory.

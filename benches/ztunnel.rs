@@ -123,7 +123,7 @@ fn main() {
 
     // Memory first, before traffic grows any pool or cache.
     std::thread::sleep(Duration::from_secs(1));
-    let rss_idle: Vec<u64> = (0..2).map(|n| rss_kib(mesh.ztunnel(n).pid())).collect();
+    let rss_idle: Vec<u64> = (0..2).map(|n| lab::rss_kib(mesh.ztunnel(n).pid())).collect();
     let rss_split: Vec<String> = (0..2).map(|n| rss_split(mesh.ztunnel(n).pid())).collect();
     let per_conn = if run("memory") { idle_connections(&mesh, 1000) } else { (f64::NAN, f64::NAN) };
 
@@ -603,10 +603,10 @@ fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
     };
     drop(tunneled());
     std::thread::sleep(Duration::from_millis(500));
-    let before: Vec<u64> = (0..2).map(|i| rss_kib(mesh.ztunnel(i).pid())).collect();
+    let before: Vec<u64> = (0..2).map(|i| lab::rss_kib(mesh.ztunnel(i).pid())).collect();
     let conns: Vec<TcpStream> = (0..n).map(|_| tunneled()).collect();
     std::thread::sleep(Duration::from_secs(2));
-    let after: Vec<u64> = (0..2).map(|i| rss_kib(mesh.ztunnel(i).pid())).collect();
+    let after: Vec<u64> = (0..2).map(|i| lab::rss_kib(mesh.ztunnel(i).pid())).collect();
     drop(conns);
     std::thread::sleep(Duration::from_secs(1));
     let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / n as f64;
@@ -637,15 +637,6 @@ fn rss_split(pid: u32) -> String {
         }
     }
     format!("anon {}, file {} (the ztunnel binary's {exe_kib} kB)", field("RssAnon:"), field("RssFile:"))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn percentiles(samples: &mut [f64]) -> (f64, f64) {

@@ -104,7 +104,7 @@ pub use netlink::{AddressState, LinkState, NetState, RouteState};
 pub use netns::{NAME_PREFIX, NETNS_DIR, Netns, clean_leftovers, processes_in_namespace};
 /// Signals for [`LabProcess::signal`].
 pub use nix::sys::signal::Signal;
-pub use process::LabProcess;
+pub use process::{LabProcess, rss_kib};
 
 /// The environment variable that CI sets to `true`: then a lab test that cannot run fails.
 pub const CI_ENV: &str = "CI";
