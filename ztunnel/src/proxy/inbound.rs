@@ -31,7 +31,7 @@ use hbone::server::{Handler, InboundRequest, Rejection};
 use tokio::net::TcpStream;
 
 use super::record::{ConnectionRecord, Direction, Outcome, Protocol, Traffic};
-use super::{PodInfo, Proxy, net};
+use super::{PodInfo, Proxy};
 use crate::authz::{self, Verdict};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::metrics::Refusal;
@@ -190,11 +190,7 @@ impl Handler for Inbound {
         // The app sees the client's address: the claimed one (checked in `authorize`), else the
         // peer's, whichever is of the target's family.
         let candidates = req.forwarded_for.into_iter().chain([req.peer_addr.ip()]);
-        let connecting = match net::client_source(&self.pod, candidates, req.target) {
-            Some(client) => self.proxy.pods.net.connect_as(&self.pod.netns, client, req.target),
-            None => self.proxy.pods.connect(&self.pod, req.target),
-        };
-        match connecting.await {
+        match self.proxy.pods.connect_to_app(&self.pod, candidates, req.target).await {
             Ok(stream) => {
                 record.open();
                 Ok((stream, Session(record)))

@@ -137,6 +137,21 @@ impl PodRegistry {
         self.net.connect(&pod.netns, pod.primary_ip(), dst)
     }
 
+    /// Connects to the app at `dst` in `pod` with its client's address as source: the first of
+    /// `clients` (the most precise first) that [`net::client_source`] can use, else the pod's
+    /// own address.
+    pub fn connect_to_app<'a>(
+        &'a self,
+        pod: &'a PodInfo,
+        clients: impl IntoIterator<Item = IpAddr>,
+        dst: SocketAddr,
+    ) -> Connecting<'a> {
+        match net::client_source(pod, clients, dst) {
+            Some(client) => self.net.connect_as(&pod.netns, client, dst),
+            None => self.connect(pod, dst),
+        }
+    }
+
     pub fn insert(&self, ips: &[IpAddr], netns: &Netns) {
         let mut map = self.by_ip.write().unwrap_or_else(|p| p.into_inner());
         for ip in ips {

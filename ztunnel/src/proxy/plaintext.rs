@@ -9,7 +9,7 @@ use std::sync::Arc;
 use meshapi::MtlsMode;
 
 use super::record::{ConnectionRecord, Direction, Outcome, Protocol};
-use super::{Accepted, PodInfo, Proxy, copy_tcp, net};
+use super::{Accepted, PodInfo, Proxy, copy_tcp};
 use crate::authz::{self, Verdict};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::metrics::Refusal;
@@ -30,11 +30,7 @@ pub async fn handle(accepted: Accepted, pod: Arc<PodInfo>, proxy: Arc<Proxy>) {
         }
     }
     // The app sees its client's address, as without the mesh.
-    let connecting = match net::client_source(pod, [peer.ip()], orig) {
-        Some(client) => proxy.pods.net.connect_as(&pod.netns, client, orig),
-        None => proxy.pods.connect(pod, orig),
-    };
-    let mut upstream = match connecting.await {
+    let mut upstream = match proxy.pods.connect_to_app(pod, [peer.ip()], orig).await {
         Ok(u) => u,
         Err(e) => return record.refuse(Refusal::Unreachable, format_args!("connect to {orig}: {e}")),
     };
