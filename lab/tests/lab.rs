@@ -41,16 +41,7 @@ fn echo_server(pod: &Pod, connections: usize) -> JoinHandle<io::Result<Vec<Socke
             match listener.accept() {
                 Ok((mut stream, peer)) => {
                     peers.push(peer);
-                    stream.set_nonblocking(false)?;
-                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let n = stream.read(&mut buf)?;
-                        if n == 0 {
-                            break;
-                        }
-                        stream.write_all(&buf[..n])?;
-                    }
+                    echo_until_eof(&mut stream)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(5));
@@ -60,6 +51,20 @@ fn echo_server(pod: &Pod, connections: usize) -> JoinHandle<io::Result<Vec<Socke
         }
         Ok(peers)
     })
+}
+
+/// Echoes what an accepted connection sends until the client half-closes.
+fn echo_until_eof(stream: &mut TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n])?;
+    }
 }
 
 /// Connects from inside `from` to `to:port`, sends `message`, half-closes, and returns what came
@@ -384,16 +389,8 @@ fn echo_server_at(pod: &Pod, ip: IpAddr) -> JoinHandle<io::Result<SocketAddr>> {
         loop {
             match listener.accept() {
                 Ok((mut stream, peer)) => {
-                    stream.set_nonblocking(false)?;
-                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let n = stream.read(&mut buf)?;
-                        if n == 0 {
-                            return Ok(peer);
-                        }
-                        stream.write_all(&buf[..n])?;
-                    }
+                    echo_until_eof(&mut stream)?;
+                    return Ok(peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(5));
