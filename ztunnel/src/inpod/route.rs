@@ -64,8 +64,7 @@ pub fn install(netns: &Netns) -> Result<(), RouteError> {
             let addresses = scan::addresses()
                 .map_err(|error| RouteError::Netlink { what: "list the pod's addresses".into(), error })?;
             let nl = Netlink::open()?;
-            let lo = nix::net::if_::if_nametoindex("lo")
-                .map_err(|e| RouteError::Netlink { what: "find the loopback interface".into(), error: e.into() })?;
+            let lo = loopback()?;
             for family in [Family::V4, Family::V6] {
                 if !addresses.iter().any(|a| family.holds(a) && is_global(a)) {
                     continue;
@@ -87,8 +86,7 @@ pub fn remove(netns: &Netns) -> Result<(), RouteError> {
     netns
         .run(|| -> Result<(), RouteError> {
             let nl = Netlink::open()?;
-            let lo = nix::net::if_::if_nametoindex("lo")
-                .map_err(|e| RouteError::Netlink { what: "find the loopback interface".into(), error: e.into() })?;
+            let lo = loopback()?;
             // Absent (ENOENT, ESRCH), or a family this kernel does not have (EAFNOSUPPORT):
             // nothing to remove.
             let gone = [Errno::ENOENT, Errno::ESRCH, Errno::EAFNOSUPPORT].map(|e| e as i32);
@@ -107,6 +105,12 @@ pub fn remove(netns: &Netns) -> Result<(), RouteError> {
             Ok(())
         })
         .map_err(RouteError::Netns)?
+}
+
+/// The index of the calling thread's namespace's loopback interface.
+fn loopback() -> Result<u32, RouteError> {
+    nix::net::if_::if_nametoindex("lo")
+        .map_err(|e| RouteError::Netlink { what: "find the loopback interface".into(), error: e.into() })
 }
 
 /// A global address: neither loopback nor link-local (an IPv4-only pod has an IPv6 link-local
