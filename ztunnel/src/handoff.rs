@@ -722,8 +722,9 @@ pub async fn serve(listener: HandoffListener, giver: Giver) {
                 versions: VERSIONS.to_vec(),
                 pid: std::process::id(),
             };
-            let _ = channel.send(&refusal, &[]).await;
+            // Counted before it is said, so that whoever reads the answer finds it counted.
             giver.metrics.handoff(HandoffOutcome::refused);
+            let _ = channel.send(&refusal, &[]).await;
             continue;
         }
         match session(&channel, &giver, listener.as_fd()).await {
@@ -734,8 +735,10 @@ pub async fn serve(listener: HandoffListener, giver: Giver) {
                 return;
             }
             Err(error) => {
-                let outcome = if error.is_refused() { HandoffOutcome::refused } else { HandoffOutcome::aborted };
-                giver.metrics.handoff(outcome);
+                // A refusal was counted when it was sent.
+                if !error.is_refused() {
+                    giver.metrics.handoff(HandoffOutcome::aborted);
+                }
                 warn!(%error, "handoff not completed; this ztunnel keeps serving the node");
             }
         }
@@ -752,6 +755,8 @@ async fn session(channel: &Channel, giver: &Giver, handoff: BorrowedFd<'_>) -> R
     let Some(version) = choose_version(&versions) else {
         let reason = "no protocol version in common".to_owned();
         let refusal = Message::Refused { reason: reason.clone(), versions: VERSIONS.to_vec(), pid: std::process::id() };
+        // Counted before it is said, so that whoever reads the answer finds it counted.
+        giver.metrics.handoff(HandoffOutcome::refused);
         channel.send(&refusal, &[]).await?;
         return Err(HandoffError::NoCommonVersion { pid, theirs: versions, ours: VERSIONS.to_vec() });
     };
