@@ -466,10 +466,11 @@ impl Inner {
         let connector = TlsConnector::from(Arc::new(tls_config));
         let alert = Arc::new(OnceLock::new());
         let handshake = async {
-            let tls = connector
+            let mut tls = connector
                 .connect(ServerName::IpAddress(dest.ip().into()), tcp)
                 .await
                 .map_err(|e| ConnectError::Tls { dest, source: Arc::new(e) })?;
+            tls.get_mut().1.set_buffer_limit(Some(self.config.tls_send_buffer));
             // The verifier accepted exactly one SPIFFE identity from the expected set.
             let peer = tls::peer_identity(tls.get_ref().1.peer_certificates())
                 .map_err(|e| ConnectError::Tls { dest, source: Arc::new(io::Error::other(e)) })?;
@@ -477,7 +478,7 @@ impl Inner {
                 .initial_window_size(self.config.stream_window)
                 .initial_connection_window_size(self.config.connection_window)
                 .max_frame_size(self.config.max_frame_size)
-                .max_send_buffer_size(self.config.copy_buffer * 2)
+                .max_send_buffer_size(self.config.stream_send_buffer)
                 .enable_push(false)
                 .handshake::<_, Bytes>(AlertWatch { inner: tls, alert: alert.clone() })
                 .await

@@ -20,10 +20,31 @@ pub const DEFAULT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// connection's worst-case buffered data stays bounded.
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
-/// Largest HTTP/2 DATA frame we accept: 1 MiB, so that peers which send large frames are not
-/// cut down. Our own copy loop sends frames of at most 64 KiB (four TLS records), which
-/// measured cheaper per byte than larger ones (see `copy`).
+/// Largest HTTP/2 DATA frame we accept: 1 MiB, as Istio's ztunnel. HTTP/2 cuts what a stream
+/// sends into frames no larger than the peer accepts, so between Weft proxies each socket read
+/// (at most [`DEFAULT_COPY_BUFFER`]) travels as one frame: one frame to queue, write and wake
+/// the reader for, where 64 KiB frames made four (see `copy`).
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 1024 * 1024;
+
+/// Plaintext one stream may queue in HTTP/2 before its copy loop waits for room: 4 MiB, one
+/// stream window, as Istio's ztunnel.
+///
+/// HTTP/2 wakes a stream waiting for room each time it writes one of its frames out, so a
+/// small queue makes the copy loop and the connection task hand every frame to each other
+/// across threads. With 512 KiB (two reads), one busy stream cost 31,000 context switches per
+/// GB in the lab; with 4 MiB, 4,000, and 20% less CPU per GB (docs/BENCHMARKS.md). What a
+/// connection's streams have queued and in flight together is bounded by the peer's
+/// connection window (16 MiB): HTTP/2 grants a stream room only out of that window. An idle
+/// stream queues nothing.
+pub const DEFAULT_STREAM_SEND_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Encrypted TLS records one connection may hold that the socket has not taken yet: 256 KiB
+/// (rustls' default is 64 KiB).
+///
+/// HTTP/2 hands TLS a whole frame (up to a 256 KiB read) at once; rustls encrypts what fits
+/// under this limit and TLS writes it with one `writev`. At 64 KiB, a 256 KiB frame took four
+/// writes; at 256 KiB, one. Held only while the socket is full.
+pub const DEFAULT_TLS_SEND_BUFFER: usize = 256 * 1024;
 
 /// Concurrent streams per HTTP/2 connection: 100, as in Istio's ztunnel. The server
 /// advertises it (SETTINGS_MAX_CONCURRENT_STREAMS) and the client pool opens another
@@ -70,10 +91,9 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Most bytes read from a plain socket at once: 256 KiB. Large reads cut syscalls on bulk
-/// transfers; each read is sent as DATA frames of at most 64 KiB that share its allocation
-/// (see `copy`), and the buffer goes back to a small pool shared by every tunnel after each
-/// read, so an idle tunnel holds no buffer at all. The HTTP/2 send buffer of a stream is twice
-/// this.
+/// transfers; each read is sent as one DATA frame (between Weft proxies) that keeps its
+/// allocation (see `copy`), and the buffer goes back to a small pool shared by every tunnel
+/// after each read, so an idle tunnel holds no buffer at all.
 /// Measured on loopback, 64 KiB to 256 KiB reads cost the same CPU per byte, 1 MiB slightly
 /// more (docs/BENCHMARKS.md).
 pub const DEFAULT_COPY_BUFFER: usize = 256 * 1024;
@@ -172,6 +192,10 @@ pub struct Config {
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_frame_size: u32,
+    /// Plaintext a stream may queue in HTTP/2 ([`DEFAULT_STREAM_SEND_BUFFER`]).
+    pub stream_send_buffer: usize,
+    /// Encrypted bytes a connection may hold unsent ([`DEFAULT_TLS_SEND_BUFFER`]).
+    pub tls_send_buffer: usize,
     pub max_streams_per_connection: u32,
     /// Connections concurrent streams are spread over ([`DEFAULT_SPREAD_CONNECTIONS`]).
     pub spread_connections: u32,
@@ -193,6 +217,8 @@ impl Default for Config {
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONNECTION_WINDOW,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            stream_send_buffer: DEFAULT_STREAM_SEND_BUFFER,
+            tls_send_buffer: DEFAULT_TLS_SEND_BUFFER,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             spread_connections: DEFAULT_SPREAD_CONNECTIONS,
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,

@@ -6,8 +6,10 @@
 //! - **Resets**: a socket error resets the stream (RST_STREAM CANCEL); a reset stream resets
 //!   the socket (SO_LINGER 0, so closing it sends RST).
 //! - **Buffers**: socket reads (up to `buffer` bytes each) go straight into a `BytesMut` that is
-//!   frozen and handed to HTTP/2 without another copy, cut into DATA frames of
-//!   [`FRAME_PAYLOAD`] bytes that share the read's allocation. The buffer goes back to a small
+//!   frozen and handed to HTTP/2 without another copy, as one DATA frame (HTTP/2 cuts it only
+//!   where the peer's largest frame is smaller; Weft's peers accept 1 MiB). A stream queues up
+//!   to its HTTP/2 send buffer (4 MiB by default) before it waits for room, so the copy loop and
+//!   the connection task do not hand each frame to each other. The buffer goes back to a small
 //!   process-wide pool after every read, so a tunnel waiting for data holds none, and the next
 //!   read (of any tunnel) takes back an allocation whose frames have all been sent: a busy
 //!   stream cycles through a few warm buffers instead of asking the allocator for fresh pages
@@ -154,12 +156,8 @@ async fn socket_to_tunnel(
             return Ok(());
         }
         while !chunk.is_empty() {
-            let mut cap = poll_fn(|cx| poll_send_capacity(send, chunk.len(), cx)).await.map_err(CopyCause::Tunnel)?;
-            while cap > 0 {
-                let frame = chunk.split_to(cap.min(FRAME_PAYLOAD));
-                cap -= frame.len();
-                send.send_data(frame, false).map_err(|e| CopyCause::Tunnel(h2_to_io(e)))?;
-            }
+            let cap = poll_fn(|cx| poll_send_capacity(send, chunk.len(), cx)).await.map_err(CopyCause::Tunnel)?;
+            send.send_data(chunk.split_to(cap), false).map_err(|e| CopyCause::Tunnel(h2_to_io(e)))?;
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -197,22 +195,13 @@ async fn tunnel_to_socket(
     Ok(())
 }
 
-/// Largest DATA frame payload we send: 64 KiB less the 9-byte frame header. A frame and its
-/// header then make exactly four full TLS records (16 KiB of plaintext each), and fit rustls'
-/// default 64 KiB send buffer, so HTTP/2 hands each frame to TLS in one write and TLS sends
-/// it with one `writev`. Measured on loopback (docs/BENCHMARKS.md), in CPU per byte: 16 KiB
-/// frames cost the same for one stream and about 10% more for eight (four times the frames
-/// to write and schedule); 256 KiB frames (one per socket read) cost 5-10% more, because the
-/// receiver must allocate and fill a whole frame before it can forward a byte, and buffers
-/// that large come back from the allocator as fresh pages (110-140 page faults per MB moved,
-/// against 6-60 with 64 KiB frames).
-pub(crate) const FRAME_PAYLOAD: usize = 64 * 1024 - 9;
-
 /// Read buffers kept for reuse, across tunnels: 8, 2 MiB with the default 256 KiB buffer.
 ///
-/// A stream moving bulk data has a buffer or two in HTTP/2's send queue while it reads into
-/// the next, so each busy stream cycles through two or three; 8 keeps one to three busy
-/// streams off the allocator (eight busy streams still take new buffers, docs/BENCHMARKS.md).
+/// A stream moving bulk data has a few reads in HTTP/2's send queue while it reads into the
+/// next (up to 16 when its connection is slower than its app: the 4 MiB stream send buffer),
+/// so 8 keeps one or two busy streams off the allocator, and the rest take buffers from
+/// jemalloc, which keeps freed ones mapped. A pool of 24 changed page faults and CPU per GB
+/// little in the lab (docs/BENCHMARKS.md).
 /// Pages are committed only as reads touch them, so a node that never moves bulk data keeps
 /// little of this resident; one that did keeps up to 2 MiB after the burst. Without reuse,
 /// each read allocated a fresh 256 KiB that glibc returned to the kernel once its frames were
@@ -258,7 +247,7 @@ impl BufferPool {
 }
 
 /// Most DATA frames gathered into one `writev` to the local socket. Bounded by the stream
-/// window anyway (4 MiB by default, 64 full frames).
+/// window anyway (4 MiB by default: 16 frames of a full 256 KiB read, 64 of 64 KiB).
 const MAX_BATCH_FRAMES: usize = 64;
 
 /// What follows a batch of received frames.
@@ -373,5 +362,71 @@ mod tests {
         assert_eq!(kept.iter().map(|b| b.as_ptr()).collect::<Vec<_>>(), newest);
     }
 
+    /// A socket read goes into the tunnel as one DATA frame, not cut into small ones: the
+    /// sending side queues, writes and wakes once for what one read took from the socket.
+    #[tokio::test]
+    async fn a_read_travels_as_one_frame() {
+        use tokio::io::AsyncWriteExt;
+
+        const SENT: usize = 200 * 1024;
+        let config = crate::Config::default();
+        let (client_io, server_io) = tokio::io::duplex(1024 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .initial_window_size(config.stream_window)
+                .initial_connection_window_size(config.connection_window)
+                .max_frame_size(config.max_frame_size)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            // Answered before any data: the client has the server's settings and windows
+            // (sent first on the connection) by the time it reads the answer.
+            let mut reply = respond.send_response(http::Response::new(()), false).unwrap();
+            let mut body = request.into_body();
+            let mut frames = Vec::new();
+            while let Some(data) = body.data().await {
+                let data = data.unwrap();
+                let _ = body.flow_control().release_capacity(data.len());
+                // The end of the stream comes as an empty frame of its own.
+                if !data.is_empty() {
+                    frames.push(data.len());
+                }
+            }
+            reply.send_data(Bytes::new(), true).unwrap();
+            frames
+        });
+        let (mut sender, conn) = h2::client::Builder::new()
+            .max_send_buffer_size(crate::Config::default().stream_send_buffer)
+            .handshake::<_, Bytes>(client_io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (response, send) = sender.send_request(http::Request::new(()), false).unwrap();
+        let recv = response.await.unwrap().into_body();
+        let tunnel = crate::Tunnel::new(send, recv, crate::testing::id("ns", "sa"), None);
+
+        // The bytes wait in the local socket before the copy starts, so its first read takes
+        // them all.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        socket2::SockRef::from(&listener).set_recv_buffer_size(4 * SENT).unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut local, _) = listener.accept().await.unwrap();
+        app.write_all(&vec![7u8; SENT]).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut peek = vec![0u8; 2 * SENT];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while local.peek(&mut peek).await.unwrap() < SENT {
+            assert!(std::time::Instant::now() < deadline, "the bytes never reached the socket");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+
+        let moved = super::bidirectional(&mut local, tunnel, crate::config::DEFAULT_COPY_BUFFER).await.unwrap();
+        assert_eq!(moved.to_tunnel, SENT as u64);
+        assert_eq!(server.await.unwrap(), vec![SENT], "one read, one DATA frame");
+    }
+
+    use bytes::Bytes;
     use tokio::net::TcpStream;
 }

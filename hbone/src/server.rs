@@ -442,7 +442,8 @@ impl<H: Handler> ServerInner<H> {
         let timeout = self.config.handshake_timeout;
         let mut slot = Some(slot);
         let handshake = async {
-            let (tls, identity) = accept_tls_holding(&self.acceptor, tcp, timeout, &mut slot).await?;
+            let (mut tls, identity) = accept_tls_holding(&self.acceptor, tcp, timeout, &mut slot).await?;
+            tls.get_mut().1.set_buffer_limit(Some(self.config.tls_send_buffer));
             let conn = self
                 .h2_builder()
                 .handshake::<_, Bytes>(tls)
@@ -472,7 +473,7 @@ impl<H: Handler> ServerInner<H> {
             .max_concurrent_streams(self.config.max_streams_per_connection)
             .max_header_list_size(self.config.max_header_list_size)
             .max_local_error_reset_streams(Some(self.config.limits.local_error_resets))
-            .max_send_buffer_size(self.config.copy_buffer * 2);
+            .max_send_buffer_size(self.config.stream_send_buffer);
         builder
     }
 

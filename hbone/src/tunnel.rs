@@ -19,9 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::identity::SpiffeId;
 
-/// The most we hand to HTTP/2 per `poll_write`: one DATA frame of the size the copy loop
-/// sends (four TLS records; larger frames cost the receiver page faults, see `copy`).
-const MAX_WRITE: usize = crate::copy::FRAME_PAYLOAD;
+/// The most one `poll_write` copies and hands to HTTP/2: 64 KiB. Each write is copied into
+/// its own allocation (the caller keeps its buffer), so one write's copy stays modest; bulk
+/// copies between a socket and a tunnel go through `copy`, which copies nothing.
+const MAX_WRITE: usize = 64 * 1024;
 
 pub struct Tunnel {
     pub(crate) send: SendStream<Bytes>,
