@@ -29,14 +29,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Err(_) => (parse_filter("info").expect("valid default filter"), None),
     };
     let (filter, handle) = tracing_subscriber::reload::Layer::new(initial);
-    // Lines go to stdout through a writer thread: a slow log pipe delays the workers only once
-    // LOG_QUEUE_LINES lines are waiting (then they wait: access-log lines are never dropped),
-    // instead of on every line. The guard flushes what is queued when `run` returns.
-    let (writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(false)
-        .thread_name("ztunnel-log")
-        .finish(std::io::stdout());
+    // Lines go to stdout in batches, through a writer thread (`logwriter`): a slow log pipe
+    // delays the workers only once 256 KiB are waiting (then they wait: access-log lines are
+    // never dropped). The guard writes what is left when `run` returns.
+    let (writer, _log_guard) = crate::logwriter::spawn(std::io::stdout(), "ztunnel-log")?;
     let format = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer);
     tracing_subscriber::registry().with(filter).with(format).init();
     if let Some(e) = invalid {
@@ -69,9 +65,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         anyhow::Ok(())
     })
 }
-
-/// Log lines queued for the writer thread before logging waits (a queue slot is 40 bytes).
-const LOG_QUEUE_LINES: usize = 1024;
 
 /// Parses a log filter. A bare word must be a level: `Targets` would read a misspelt level
 /// (`inof`) as a target name and silently turn every other log line off, access logs included.

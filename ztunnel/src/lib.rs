@@ -23,6 +23,7 @@ pub mod control;
 pub mod handoff;
 pub mod inpod;
 pub mod local;
+pub mod logwriter;
 pub mod manager;
 pub mod metrics;
 pub mod proxy;
