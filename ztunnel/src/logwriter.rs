@@ -10,7 +10,8 @@
 //!
 //! Nothing is dropped: a worker finding [`LIMIT`] bytes waiting (the output is slower than the
 //! lines, a full pipe) waits until the thread has taken them. Dropping the [`Guard`] writes
-//! what is left and stops the thread.
+//! what is left and stops the thread, giving an output that takes nothing [`FINAL_WRITE`]
+//! before the process goes on without it.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -51,11 +52,20 @@ pub struct BatchedWriter {
     shared: Arc<Shared>,
 }
 
-/// Stops the thread when dropped, after it has written every line.
+/// Stops the thread when dropped, after it has written every line, waiting at most
+/// [`FINAL_WRITE`] for an output that does not take them (a pipe nobody reads).
 pub struct Guard {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    done: std::sync::mpsc::Receiver<()>,
 }
+
+/// How long dropping the [`Guard`] waits for the last lines to be written: 1 s.
+pub const FINAL_WRITE: Duration = Duration::from_secs(1);
+
+/// A batch buffer grown past this by a burst of lines is freed once written, so a burst's
+/// buffers do not stay allocated: 64 KiB.
+const KEEP_CAPACITY: usize = 64 * 1024;
 
 /// Starts the thread writing to `out`; lines go to the returned writer.
 pub fn spawn(out: impl Write + Send + 'static, thread_name: &str) -> io::Result<(BatchedWriter, Guard)> {
@@ -65,8 +75,12 @@ pub fn spawn(out: impl Write + Send + 'static, thread_name: &str) -> io::Result<
         room: Condvar::new(),
     });
     let s = shared.clone();
-    let thread = std::thread::Builder::new().name(thread_name.to_owned()).spawn(move || run(&s, out))?;
-    Ok((BatchedWriter { shared: shared.clone() }, Guard { shared, thread: Some(thread) }))
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new().name(thread_name.to_owned()).spawn(move || {
+        run(&s, out);
+        let _ = done_tx.send(());
+    })?;
+    Ok((BatchedWriter { shared: shared.clone() }, Guard { shared, thread: Some(thread), done }))
 }
 
 fn run(shared: &Shared, mut out: impl Write) {
@@ -89,6 +103,9 @@ fn run(shared: &Shared, mut out: impl Write) {
         // A failed write (stdout closed) loses these lines; there is nowhere else to say so.
         let _ = out.write_all(&batch).and_then(|()| out.flush());
         batch.clear();
+        if batch.capacity() > KEEP_CAPACITY {
+            batch = Vec::new();
+        }
         if closed && shared.lock().lines.is_empty() {
             return;
         }
@@ -126,7 +143,11 @@ impl Drop for Guard {
         self.shared.lock().closed = true;
         self.shared.wake.notify_one();
         self.shared.room.notify_all();
-        if let Some(thread) = self.thread.take() {
+        // Joined only once it has finished: an output that takes nothing must not keep the
+        // process from exiting.
+        if self.done.recv_timeout(FINAL_WRITE).is_ok()
+            && let Some(thread) = self.thread.take()
+        {
             let _ = thread.join();
         }
     }
@@ -183,6 +204,27 @@ mod tests {
         assert_eq!(got, lines.iter().map(|l| l.trim_end()).collect::<Vec<_>>());
         // Lines logged within a few milliseconds share a write.
         assert!(writes.len() < 50, "{} writes for 500 lines", writes.len());
+    }
+
+    #[test]
+    fn dropping_the_guard_waits_at_most_a_second_for_an_output_that_takes_nothing() {
+        struct Stuck;
+        impl Write for Stuck {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                std::thread::sleep(Duration::from_secs(3600));
+                Ok(0)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut writer, guard) = spawn(Stuck, "test-log").unwrap();
+        writer.write_all(b"a line nobody reads\n").unwrap();
+        std::thread::sleep(COALESCE * 3);
+        let started = std::time::Instant::now();
+        drop(guard);
+        let waited = started.elapsed();
+        assert!(waited >= FINAL_WRITE && waited < FINAL_WRITE * 3, "waited {waited:?}");
     }
 
     #[test]
