@@ -717,14 +717,7 @@ pub async fn serve(listener: HandoffListener, giver: Giver) {
         };
         let mut phase = giver.phase.lock().await;
         if !matches!(*phase, Phase::Serving) {
-            let refusal = Message::Refused {
-                reason: "this ztunnel is shutting down; start once it has exited".into(),
-                versions: VERSIONS.to_vec(),
-                pid: std::process::id(),
-            };
-            // Counted before it is said, so that whoever reads the answer finds it counted.
-            giver.metrics.handoff(HandoffOutcome::refused);
-            let _ = channel.send(&refusal, &[]).await;
+            let _ = refuse(&channel, &giver, "this ztunnel is shutting down; start once it has exited").await;
             continue;
         }
         match session(&channel, &giver, listener.as_fd()).await {
@@ -745,6 +738,14 @@ pub async fn serve(listener: HandoffListener, giver: Giver) {
     }
 }
 
+/// Tells a new ztunnel why it cannot take the node over. Counted before it is said, so that
+/// whoever reads the answer finds it counted.
+async fn refuse(channel: &Channel, giver: &Giver, reason: &str) -> Result<(), HandoffError> {
+    giver.metrics.handoff(HandoffOutcome::refused);
+    let refusal = Message::Refused { reason: reason.to_owned(), versions: VERSIONS.to_vec(), pid: std::process::id() };
+    channel.send(&refusal, &[]).await
+}
+
 /// One handoff, the old ztunnel's side; on any failure before `done`, everything it paused
 /// accepts again.
 async fn session(channel: &Channel, giver: &Giver, handoff: BorrowedFd<'_>) -> Result<Retired, HandoffError> {
@@ -753,11 +754,7 @@ async fn session(channel: &Channel, giver: &Giver, handoff: BorrowedFd<'_>) -> R
         other => return Err(HandoffError::Unexpected { expected: "hello", got: other.kind() }),
     };
     let Some(version) = choose_version(&versions) else {
-        let reason = "no protocol version in common".to_owned();
-        let refusal = Message::Refused { reason: reason.clone(), versions: VERSIONS.to_vec(), pid: std::process::id() };
-        // Counted before it is said, so that whoever reads the answer finds it counted.
-        giver.metrics.handoff(HandoffOutcome::refused);
-        channel.send(&refusal, &[]).await?;
+        refuse(channel, giver, "no protocol version in common").await?;
         return Err(HandoffError::NoCommonVersion { pid, theirs: versions, ours: VERSIONS.to_vec() });
     };
     info!(pid, version, "a newer ztunnel asks to take the node over; handing the sockets over");
