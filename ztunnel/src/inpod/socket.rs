@@ -5,7 +5,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use nix::sys::socket::{getsockopt, sockopt};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -58,6 +58,12 @@ pub async fn connect(netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream> {
 /// as the source address: an `IP_TRANSPARENT` socket bound to an address the pod does not
 /// have, so the app sees its real client. It carries [`CLIENT_MARK`], which the pod's rules and
 /// routes ([`super::route`]) use to bring the app's answers back to this socket.
+///
+/// The source port is chosen when it connects (`IP_BIND_ADDRESS_NO_PORT`), among the ports
+/// free for this client and `dst` only. A port chosen at `bind` would have to be free for the
+/// client address as a whole, and this side closes first (it passes the client's FIN on), so
+/// every connection leaves its port in TIME_WAIT for a minute: a busy client would use up the
+/// port range for all its destinations and then fail to connect.
 pub async fn connect_as(netns: &Netns, client: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     let std_stream = netns.run(|| -> io::Result<std::net::TcpStream> {
         let socket = if dst.is_ipv4() {
@@ -72,6 +78,7 @@ pub async fn connect_as(netns: &Netns, client: IpAddr, dst: SocketAddr) -> io::R
         socket.set_mark(CLIENT_MARK)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
+        setsockopt(&socket, sockopt::IpBindAddressNoPort, &true).map_err(io::Error::from)?;
         socket.bind(&SocketAddr::new(client, 0).into())?;
         Ok(socket.into())
     })??;
