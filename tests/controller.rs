@@ -423,3 +423,28 @@ fn reconnecting_ztunnel_gets_only_what_it_missed() {
     // And it serves: the mesh still works through it.
     assert!(exchange(&mesh, "web", addr(&mesh, "api"), b"resumed"));
 }
+
+#[test]
+fn a_pod_whose_namespace_appears_later_is_enrolled_by_the_retry() {
+    let Some(mut mesh) = mesh("ctl-retry", 1) else { return };
+    mesh.add_pod(PodSpec::new(0, "front", "web", "web")).unwrap();
+    let late = mesh.add_pod(PodSpec::new(0, "front", "late", "late")).unwrap();
+    // The controller announces `late`, but node 0 cannot find its network namespace yet
+    // (it is not in the node's view of /proc): its first enrollment fails.
+    let entry = mesh.proc_root(0).join(late.pause_pid().to_string());
+    let hidden = entry.with_extension("hidden");
+    std::fs::rename(&entry, &hidden).unwrap();
+    mesh.start_ztunnels().unwrap();
+    mesh.wait_enrolled(0, 1).unwrap();
+    let logs = mesh.ztunnel(0).logs().unwrap();
+    assert!(logs.contains("pod not enrolled yet; will retry"), "the first attempt failed:\n{logs}");
+    assert_eq!(enrolled_pods(&mesh, 0), ["front/web"], "only web is captured");
+
+    // The namespace appears. Nothing changes at the controller, so only ztunnel's own retry
+    // (every --reload-interval while a pod is pending) can capture it.
+    std::fs::rename(&hidden, &entry).unwrap();
+    let took = wait_until(PROPAGATION, || enrolled_pods(&mesh, 0).len() == 2);
+    assert!(took.is_some(), "late was enrolled by the retry: {:?}", enrolled_pods(&mesh, 0));
+    println!("enrolled {took:?} after its namespace appeared");
+    assert!(nft_table_exists(&mesh, "late"), "late's capture rules are installed");
+}

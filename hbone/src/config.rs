@@ -163,7 +163,7 @@ pub const DEFAULT_RESET_FLOOD: crate::limits::Rate = crate::limits::Rate { count
 pub const DEFAULT_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Log lines of one kind (a failed handshake, a refused tunnel, ...) per second: 10; the rest
-/// are counted and summarized ("N similar lines suppressed") once per interval. Metrics count
+/// are counted and summarized ("N similar lines suppressed") one interval later. Metrics count
 /// every event; the log shows what kind of thing happens and to whom, and 10 lines a second of
 /// each kind (a few KB/s) is enough for that, where a refusal loop could write megabytes.
 pub const DEFAULT_LOG_LIMIT: crate::limits::Rate = crate::limits::Rate { count: 10, per: Duration::from_secs(1) };

@@ -27,9 +27,10 @@
 //!
 //! **Repeated log lines** go through a [`LogGate`] per kind of line: the first `count` lines
 //! of a kind per `per` are written; the rest are counted, and the next line written after them
-//! (or [`Budget::flush_logs`], which ztunnel calls every interval) is preceded by one summary,
-//! "N similar lines suppressed". A client that fails handshakes or is refused in a loop costs
-//! a bounded number of lines per second, whatever its rate.
+//! (or [`Budget::flush_logs`], which ztunnel calls one interval after [`lines_suppressed`]
+//! returns) is preceded by one summary, "N similar lines suppressed". A client that fails
+//! handshakes or is refused in a loop costs a bounded number of lines per second, whatever its
+//! rate.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -392,6 +393,16 @@ impl ResetWindow {
 }
 
 /// Rate-limits one kind of log line: `count` lines per `per` are written, the rest counted.
+/// Told when any [`LogGate`] of the process starts owing a summary.
+static SUPPRESSED: Notify = Notify::const_new();
+
+/// Returns once some [`LogGate`] in the process has suppressed a line that no summary has
+/// accounted for yet (at once if one has since the last call). A flushing loop waits here
+/// rather than on a timer, so a process whose lines all get written never wakes for it.
+pub async fn lines_suppressed() {
+    SUPPRESSED.notified().await
+}
+
 #[derive(Debug, Default)]
 pub struct LogGate {
     state: Mutex<GateState>,
@@ -434,6 +445,10 @@ impl LogGate {
             return Admit::Write { suppressed_before };
         }
         s.suppressed += 1;
+        if s.suppressed == 1 {
+            // Kept as a permit if the flushing loop is not waiting yet: it cannot miss it.
+            SUPPRESSED.notify_one();
+        }
         // The first line of a window is always written, so nothing is owed here.
         Admit::Suppress
     }

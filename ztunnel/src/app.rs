@@ -210,14 +210,17 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
                     warn!(waited = ?INITIAL_SYNC, "no configuration from the controller yet; serving nothing until it arrives");
                 }
             }
-            // Pods whose enrollment failed (not started yet) are retried on this beat.
+            // Pods whose enrollment failed (not started yet) are retried on this beat, from
+            // the first reconcile that leaves some pending until none is. No timer runs while
+            // every pod is enrolled: a periodic wake-up on the workers that carry the traffic
+            // moves that work from one worker thread to the other, and on a small node each
+            // move costs messages a wake-up across CPUs (docs/BENCHMARKS.md).
             let (retry_manager, interval) = (manager.clone(), config.reload_interval);
             loops.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tick.tick().await;
-                    if retry_manager.pending() > 0 {
+                    retry_manager.retry_wanted().await;
+                    while retry_manager.pending() > 0 {
+                        tokio::time::sleep(interval).await;
                         retry_manager.reconcile().await;
                     }
                 }
@@ -293,14 +296,14 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
         }
     }));
 
-    // Summaries of the log lines the limit left out, once per interval.
+    // Summaries of the log lines the limit left out, one interval after the first of them
+    // (not on a timer: see the retry loop above).
     let (budget, access) = (proxy.hbone.budget.clone(), metrics.clone());
     let every = config.log_limit.per;
     loops.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            hbone::limits::lines_suppressed().await;
+            tokio::time::sleep(every).await;
             budget.flush_logs();
             access.flush_access_log();
         }

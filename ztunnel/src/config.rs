@@ -224,7 +224,7 @@ pub struct Config {
 
     /// Log lines of one kind written per interval (failed handshakes, refused tunnels, the
     /// access lines of connections that carried nothing, ...); the rest are counted in the
-    /// metrics and summarized once per interval. `<count>/<interval>`, 10/1s.
+    /// metrics and summarized one interval after the first left out. `<count>/<interval>`, 10/1s.
     #[arg(long, env = "WEFT_LOG_LIMIT", value_parser = parse_rate,
           default_value_t = hbone::config::DEFAULT_LOG_LIMIT)]
     pub log_limit: Rate,

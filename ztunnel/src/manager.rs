@@ -88,6 +88,8 @@ pub struct Manager {
     /// Pods that should be enrolled but are not yet (their namespace not found, or their
     /// certificate not obtained), as of the last reconcile.
     pending: std::sync::atomic::AtomicUsize,
+    /// Signalled by every reconcile that leaves pods pending ([`Manager::retry_wanted`]).
+    retry: tokio::sync::Notify,
     /// Network namespaces handed over by the container runtime (the node socket) or by the
     /// ztunnel this one took over from, by pod uid: used instead of scanning /proc.
     handed: std::sync::Mutex<HashMap<String, Netns>>,
@@ -119,6 +121,7 @@ impl Manager {
             drain_deadline,
             pods: tokio::sync::Mutex::new(HashMap::new()),
             pending: Default::default(),
+            retry: tokio::sync::Notify::new(),
             handed: Default::default(),
             adopted: Default::default(),
             accepting: AtomicBool::new(true),
@@ -214,6 +217,10 @@ impl Manager {
         self.sync_probes(&pods, &[]).await;
         self.proxy.metrics.enrolled_pods.set(pods.len() as i64);
         self.pending.store(pending, std::sync::atomic::Ordering::Release);
+        if pending > 0 {
+            // Kept as a permit if nothing waits yet: the retry loop cannot miss it.
+            self.retry.notify_one();
+        }
         self.proxy.certs.retain(|id| keep_ids.contains(id));
         pending
     }
@@ -221,6 +228,14 @@ impl Manager {
     /// How many pods the last reconcile could not enroll yet.
     pub fn pending(&self) -> usize {
         self.pending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Returns once a reconcile has left pods pending (at once if one has since the last
+    /// call). The retry loop waits here instead of waking on a timer while every pod is
+    /// enrolled: an idle ztunnel has no periodic wake-up of its own on the runtime that
+    /// carries the traffic.
+    pub async fn retry_wanted(&self) {
+        self.retry.notified().await
     }
 
     /// The captured pods, for the config dump.
