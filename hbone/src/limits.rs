@@ -392,7 +392,6 @@ impl ResetWindow {
     }
 }
 
-/// Rate-limits one kind of log line: `count` lines per `per` are written, the rest counted.
 /// Told when any [`LogGate`] of the process starts owing a summary.
 static SUPPRESSED: Notify = Notify::const_new();
 
@@ -403,6 +402,7 @@ pub async fn lines_suppressed() {
     SUPPRESSED.notified().await
 }
 
+/// Rate-limits one kind of log line: `count` lines per `per` are written, the rest counted.
 #[derive(Debug, Default)]
 pub struct LogGate {
     state: Mutex<GateState>,
