@@ -19,7 +19,8 @@
 //! dialed first, so that busy streams do not all queue behind one TLS session and one HTTP/2
 //! connection task; if that dial fails, the stream shares a connection after all. A
 //! connection carries at most `max_streams_per_connection` streams; past that another is
-//! opened. A connection with no stream for `pool_idle_timeout` is closed. Connections verified
+//! opened. A connection with no stream for `pool_idle_timeout` is closed (its timer runs only
+//! from its last stream's end, none while it carries one). Connections verified
 //! against an older trust bundle take no new streams (their open streams keep flowing).
 
 use std::collections::HashMap;
@@ -250,6 +251,8 @@ struct Conn {
     active: AtomicUsize,
     /// When the last stream ended (for idle eviction).
     idle_since: Mutex<Instant>,
+    /// Woken when the last stream ends: the connection task's idle timer starts then.
+    went_idle: Arc<tokio::sync::Notify>,
     /// The trust bundle generation this connection was verified against.
     trust_generation: u64,
     closed: AtomicBool,
@@ -302,6 +305,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             *lock(&self.conn.idle_since) = Instant::now();
+            self.conn.went_idle.notify_one();
         }
     }
 }
@@ -490,12 +494,14 @@ impl Inner {
             Ok(r) => r?,
         };
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let went_idle = Arc::new(tokio::sync::Notify::new());
         let conn = Arc::new(Conn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             sender,
             peer,
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
+            went_idle: went_idle.clone(),
             trust_generation: generation,
             closed: AtomicBool::new(false),
             alert,
@@ -504,14 +510,8 @@ impl Inner {
         self.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
         debug!(%dest, peer = %conn.peer, source = %key.source, id = conn.id, "HBONE connection opened");
         lock(&self.conns).entry(key.clone()).or_default().push(conn.clone());
-        tokio::spawn(drive(
-            connection,
-            Arc::downgrade(&conn),
-            Arc::downgrade(self),
-            key.clone(),
-            self.config.pool_idle_timeout,
-            done_tx,
-        ));
+        let idle = IdleWatch { conn: Arc::downgrade(&conn), went_idle, timeout: self.config.pool_idle_timeout };
+        tokio::spawn(drive(connection, idle, Arc::downgrade(self), key.clone(), done_tx));
         Ok(Slot { conn })
     }
 
@@ -564,21 +564,59 @@ impl Inner {
     }
 }
 
+/// What the connection task needs to evict its connection once idle. Weak: the task must not
+/// keep the connection's `SendRequest` alive.
+struct IdleWatch {
+    conn: Weak<Conn>,
+    went_idle: Arc<tokio::sync::Notify>,
+    timeout: Duration,
+}
+
+impl IdleWatch {
+    /// Returns once the connection has been evicted from the pool for carrying no stream for
+    /// `timeout` (or the pool is gone). No timer runs while a stream is open: the timer starts
+    /// when the last stream ends (a timer waking among the traffic moves that work between
+    /// the runtime's worker threads: ARCHITECTURE §4, "No timer on a quiet node").
+    async fn evicted(&self, pool: &Weak<Inner>, key: &PoolKey) {
+        loop {
+            // A permit from the last stream's end, stored if it came before this wait.
+            self.went_idle.notified().await;
+            loop {
+                let left = {
+                    let Some(c) = self.conn.upgrade() else { return };
+                    if c.active.load(Ordering::Acquire) != 0 {
+                        break; // busy again: wait for its last stream to end
+                    }
+                    self.timeout.saturating_sub(lock(&c.idle_since).elapsed())
+                };
+                if left.is_zero() {
+                    let (Some(c), Some(p)) = (self.conn.upgrade(), pool.upgrade()) else { return };
+                    if p.evict_if_idle(key, &c, self.timeout) {
+                        debug!(dest = %key.dest, id = c.id, "HBONE connection idle, closing");
+                        return;
+                    }
+                    continue; // a stream came and went under the check: look again
+                }
+                tokio::time::sleep(left).await;
+            }
+        }
+    }
+}
+
 /// Drives one HTTP/2 connection until it ends, evicting it from the pool when idle. Holds
 /// only weak references: once the pool and every tunnel have dropped the connection's
 /// `SendRequest`, h2 closes the connection (GOAWAY) and this task ends.
 async fn drive(
     mut connection: h2::client::Connection<AlertWatch<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>,
-    conn: Weak<Conn>,
+    idle: IdleWatch,
     pool: Weak<Inner>,
     key: PoolKey,
-    idle_timeout: Duration,
     done: tokio::sync::watch::Sender<bool>,
 ) {
-    let mut tick = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut evicted = false;
-    let id = conn.upgrade().map(|c| c.id);
+    let id = idle.conn.upgrade().map(|c| c.id);
+    let evicted = idle.evicted(&pool, &key);
+    tokio::pin!(evicted);
+    let mut is_evicted = false;
     loop {
         tokio::select! {
             result = &mut connection => {
@@ -589,16 +627,10 @@ async fn drive(
                 }
                 break;
             }
-            _ = tick.tick(), if !evicted => {
-                let (Some(c), Some(p)) = (conn.upgrade(), pool.upgrade()) else { continue };
-                if p.evict_if_idle(&key, &c, idle_timeout) {
-                    debug!(dest = %key.dest, id = c.id, "HBONE connection idle, closing");
-                    evicted = true;
-                }
-            }
+            () = &mut evicted, if !is_evicted => is_evicted = true,
         }
     }
-    if let Some(c) = conn.upgrade() {
+    if let Some(c) = idle.conn.upgrade() {
         c.closed.store(true, Ordering::Release);
     }
     if let (Some(p), Some(id)) = (pool.upgrade(), id) {

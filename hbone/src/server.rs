@@ -29,7 +29,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -360,6 +360,10 @@ struct ConnContext {
     resets: Mutex<ResetWindow>,
     /// Woken once, when `resets` crosses the flood threshold.
     flood: Notify,
+    /// Streams running (their tasks), counted by [`StreamGuard`].
+    streams: AtomicUsize,
+    /// Woken when the last running stream ends: the connection's idle beat starts then.
+    quiet: Notify,
 }
 
 impl ConnContext {
@@ -372,6 +376,47 @@ impl ConnContext {
             dials: Semaphore::new(dials),
             resets: Mutex::new(ResetWindow::default()),
             flood: Notify::new(),
+            streams: AtomicUsize::new(0),
+            quiet: Notify::new(),
+        }
+    }
+
+    fn streams(&self) -> usize {
+        self.streams.load(Ordering::Acquire)
+    }
+}
+
+/// The next tick of an idle beat; never, without one.
+async fn beat_of(beat: &mut Option<tokio::time::Interval>) {
+    match beat {
+        Some(beat) => {
+            beat.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// One running stream of a connection, for as long as its task holds it.
+struct StreamGuard(Arc<ConnContext>);
+
+impl StreamGuard {
+    fn new(conn: Arc<ConnContext>) -> StreamGuard {
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(conn)
+    }
+}
+
+impl std::ops::Deref for StreamGuard {
+    type Target = ConnContext;
+    fn deref(&self) -> &ConnContext {
+        &self.0
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.quiet.notify_one();
         }
     }
 }
@@ -498,31 +543,40 @@ impl<H: Handler> ServerInner<H> {
         debug!(%peer, identity = %ctx.identity, "HBONE connection accepted");
         let ctx = Arc::new(ctx);
         let limits = &self.config.limits;
+        // The idle beat runs only while no stream does: a connection carrying traffic has no
+        // timer of its own (a timer waking among the traffic moves that work between the
+        // runtime's worker threads: ARCHITECTURE §4, "No timer on a quiet node").
         let beat = limits.idle_after.min(self.config.server_idle_timeout).max(Duration::from_millis(1));
-        let mut idle = tokio::time::interval(beat);
-        idle.tick().await;
-        let (mut used_since_tick, mut idle_for, mut idle_slot) = (false, Duration::ZERO, None);
+        let start_beat = || {
+            let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            beat
+        };
+        let mut idle = Some(start_beat());
+        let (mut idle_for, mut idle_slot) = (Duration::ZERO, None);
         let counts = counts.cloned().unwrap_or_default();
         let mut draining = false;
         // Created once: this loop wakes for every frame the connection reads.
         let drain_started = drain.draining();
         let drain_closing = drain.closing();
         let flood = ctx.flood.notified();
-        tokio::pin!(drain_started, drain_closing, flood);
+        let quiet = ctx.quiet.notified();
+        tokio::pin!(drain_started, drain_closing, flood, quiet);
         let mut flooded = false;
         loop {
             tokio::select! {
                 next = conn.accept() => match next {
                     Some(Ok((request, mut respond))) => {
-                        used_since_tick = true;
                         idle_for = Duration::ZERO;
                         idle_slot = None;
                         // Checked here, without a task: a refused stream costs no task.
                         if let Some(inbound) = self.admit(&request, &mut respond, &ctx) {
                             ctx.resets.lock().unwrap_or_else(|p| p.into_inner()).stream(Instant::now(), limits.reset_flood);
-                            let alive = (drain.clone(), ctx.clone());
+                            let alive = (drain.clone(), StreamGuard::new(ctx.clone()));
                             tokio::spawn(self.clone().tunnel(inbound, request.into_body(), respond, alive));
                         }
+                        // Idle counts from the last stream's end (`quiet`), or from now.
+                        idle = (ctx.streams() == 0 && !draining).then(start_beat);
                     }
                     Some(Err(e)) => {
                         if !e.is_go_away() && !e.is_io() {
@@ -550,12 +604,17 @@ impl<H: Handler> ServerInner<H> {
                     conn.graceful_shutdown();
                 }
                 _ = &mut drain_closing => break,
-                _ = idle.tick() => {
-                    // `ctx` has one reference per running stream plus ours.
-                    if Arc::strong_count(&ctx) > 1 || used_since_tick || draining {
-                        used_since_tick = false;
-                        idle_for = Duration::ZERO;
-                        idle_slot = None;
+                _ = &mut quiet => {
+                    quiet.set(ctx.quiet.notified());
+                    if ctx.streams() == 0 && !draining && idle.is_none() {
+                        (idle, idle_for, idle_slot) = (Some(start_beat()), Duration::ZERO, None);
+                    }
+                }
+                _ = beat_of(&mut idle) => {
+                    if ctx.streams() > 0 || draining {
+                        // Busy again (the stream that made it so is counted): no beat until
+                        // the last stream ends.
+                        (idle, idle_for, idle_slot) = (None, Duration::ZERO, None);
                         continue;
                     }
                     idle_for += beat;
@@ -613,18 +672,18 @@ impl<H: Handler> ServerInner<H> {
     }
 
     /// An admitted stream's task: dials the target, answers, and copies until the tunnel
-    /// ends. `alive` holds the drain and the connection (its stream count) for as long.
+    /// ends. `alive` holds the drain and counts the stream on its connection for as long.
     fn tunnel(
         self: Arc<Self>,
         inbound: Box<InboundRequest>,
         body: RecvStream,
         respond: SendResponse<Bytes>,
-        alive: (drain::Watch, Arc<ConnContext>),
+        alive: (drain::Watch, StreamGuard),
     ) -> impl Future<Output = ()> + Send {
         // Boxed, and made here rather than inside an `async fn`: the dial is over once the
         // tunnel opens, and the task should keep room for neither it nor its arguments while
         // copying (every open tunnel holds this task).
-        let open = Box::pin(self.clone().open(inbound, respond, alive.1.clone()));
+        let open = Box::pin(self.clone().open(inbound, respond, alive.1.0.clone()));
         self.relay(open, body, alive)
     }
 
@@ -702,7 +761,7 @@ impl<H: Handler> ServerInner<H> {
         self: Arc<Self>,
         open: Pin<Box<impl Future<Output = Option<Opened<H::Upstream, H::Session>>>>>,
         body: RecvStream,
-        alive: (drain::Watch, Arc<ConnContext>),
+        alive: (drain::Watch, StreamGuard),
     ) {
         let Some(Opened { mut upstream, session, send, inbound }) = open.await else {
             return;
@@ -864,7 +923,7 @@ mod tests {
             Box<InboundRequest>,
             RecvStream,
             SendResponse<Bytes>,
-            (drain::Watch, Arc<ConnContext>),
+            (drain::Watch, StreamGuard),
         );
         fn future_size<F>(_f: impl FnOnce(Args) -> F) -> usize {
             std::mem::size_of::<F>()

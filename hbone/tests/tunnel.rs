@@ -472,6 +472,62 @@ async fn idle_pooled_connection_is_closed() {
     );
 }
 
+/// A connection carrying a stream runs no timer of its own on the client: its idle eviction
+/// starts only when its last stream ends. (Checking every quarter of the 40 ms timeout, as it
+/// did, woke the runtime 85 times in the 400 ms of `wakes_no_timer_while_a_stream_is_open`.)
+#[test]
+fn the_client_runs_no_idle_timer_while_a_stream_is_open() {
+    let client = Config { pool_idle_timeout: Duration::from_millis(40), ..Config::default() };
+    let mut server = Config { server_idle_timeout: Duration::from_secs(60), ..Config::default() };
+    server.limits.idle_after = Duration::from_secs(60);
+    wakes_no_timer_while_a_stream_is_open(client, server);
+}
+
+/// The same on the server: its idle beat (every 20 ms here) starts only when the connection's
+/// last stream ends, and then closes the connection on its own (the client's timeout is a
+/// minute). (A beat running throughout, as it did, woke the runtime 45 times.)
+#[test]
+fn the_server_runs_no_idle_beat_while_a_stream_is_open() {
+    let client = Config { pool_idle_timeout: Duration::from_secs(60), ..Config::default() };
+    let mut server = Config { server_idle_timeout: Duration::from_millis(40), ..Config::default() };
+    server.limits.idle_after = Duration::from_millis(20);
+    wakes_no_timer_while_a_stream_is_open(client, server);
+}
+
+/// Opens a tunnel on a one-thread runtime holding client, server and echo, leaves it open and
+/// silent for 400 ms counting the runtime's parks (each timer that fires wakes the thread,
+/// which parks again after), then ends it and waits for the connection to close on both sides.
+fn wakes_no_timer_while_a_stream_is_open(client_config: Config, server_config: Config) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let pki = Pki::new();
+        let server_cert = pki.workload("ns-b", "server");
+        let server = RunningServer::start(server_config, server_cert.clone(), &pki.trust, AllowAll).await;
+        let echo = echo_server().await;
+        let client = Client::new(client_config, pki.trust.clone());
+        let source = pki.workload("ns-a", "client");
+        let mut t = client.connect(request(&source, server.addr, server_cert.identity(), echo)).await.unwrap();
+        t.write_all(b"x").await.unwrap();
+        let mut back = [0u8; 1];
+        t.read_exact(&mut back).await.unwrap();
+
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.worker_park_count(0);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let parks = metrics.worker_park_count(0) - before;
+        assert!(parks <= 4, "{parks} wake-ups in 400 ms with a stream open and no byte moving");
+        assert_eq!(client.connection_count(), 1, "a connection with an open stream is never idle");
+
+        drop(t);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let active = || server.server.stats().connections_active.load(std::sync::atomic::Ordering::Relaxed);
+        while (client.connection_count() > 0 || active() > 0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((client.connection_count(), active()), (0, 0), "closed once idle, on both sides");
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_lets_active_tunnels_finish_and_refuses_new_ones() {
     let Pair { pki, server_cert, mut server, client, source } = Pair::start().await;

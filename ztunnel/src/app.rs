@@ -179,19 +179,12 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
     }
 
     let mut loops = Vec::new();
-    let pending = match plane {
+    match plane {
         Plane::Local { file, applied_bytes } => {
-            let pending = manager.reconcile().await;
-            loops.push(tokio::spawn(reload_local(
-                file,
-                applied_bytes,
-                config.reload_interval,
-                state.clone(),
-                manager.clone(),
-                metrics.clone(),
-                pending,
-            )));
-            pending
+            manager.reconcile().await;
+            let versions = local::watch(file.clone(), applied_bytes, config.reload_interval)
+                .context("starting the config file's watcher")?;
+            loops.push(tokio::spawn(reload_local(file, versions, state.clone(), manager.clone(), metrics.clone())));
         }
         Plane::Controller { client, applied, config_file } => {
             let had_config = applied.cursor.is_set();
@@ -210,24 +203,24 @@ pub async fn build(config: Config, log_control: Option<LogControl>) -> anyhow::R
                     warn!(waited = ?INITIAL_SYNC, "no configuration from the controller yet; serving nothing until it arrives");
                 }
             }
-            // Pods whose enrollment failed (not started yet) are retried on this beat, from
-            // the first reconcile that leaves some pending until none is. No timer runs while
-            // every pod is enrolled: a periodic wake-up on the workers that carry the traffic
-            // moves that work from one worker thread to the other, and on a small node each
-            // move costs messages a wake-up across CPUs (docs/BENCHMARKS.md).
-            let (retry_manager, interval) = (manager.clone(), config.reload_interval);
-            loops.push(tokio::spawn(async move {
-                loop {
-                    retry_manager.retry_wanted().await;
-                    while retry_manager.pending() > 0 {
-                        tokio::time::sleep(interval).await;
-                        retry_manager.reconcile().await;
-                    }
-                }
-            }));
-            manager.pending()
         }
-    };
+    }
+    // Pods whose enrollment failed (not started yet) are retried on this beat, from the first
+    // reconcile that leaves some pending until none is. No timer runs while every pod is
+    // enrolled: a periodic wake-up on the workers that carry the traffic moves that work from
+    // one worker thread to the other, and on a small node each move costs messages a wake-up
+    // across CPUs (docs/BENCHMARKS.md).
+    let (retry_manager, interval) = (manager.clone(), config.reload_interval);
+    loops.push(tokio::spawn(async move {
+        loop {
+            retry_manager.retry_wanted().await;
+            while retry_manager.pending() > 0 {
+                tokio::time::sleep(interval).await;
+                retry_manager.reconcile().await;
+            }
+        }
+    }));
+    let pending = manager.pending();
     info!(node = %config.node, pending, "initial enrollment done");
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -433,43 +426,28 @@ enum Plane {
 /// until the snapshot arrives, and says so).
 const INITIAL_SYNC: Duration = Duration::from_secs(30);
 
-/// Reloads the local file when it changes; retries pending enrollments on the same beat.
+/// Applies each new version of the local config file as the watcher (`local::watch`) hands
+/// it over; an invalid one is rejected, counted and logged, and the last good one stays.
 async fn reload_local(
     path: PathBuf,
-    mut applied_bytes: Vec<u8>,
-    interval: Duration,
+    mut versions: tokio::sync::watch::Receiver<Vec<u8>>,
     state: StateStore,
     manager: Arc<Manager>,
     metrics: Arc<Metrics>,
-    mut pending: usize,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
+    while versions.changed().await.is_ok() {
+        let bytes = versions.borrow_and_update().clone();
+        match local::parse(&path, &bytes) {
+            Ok(snapshot) => {
+                state.replace(snapshot);
+                metrics.config_applied.inc();
+                info!(file = %path.display(), "config reloaded");
+                manager.reconcile().await;
+            }
             Err(e) => {
-                error!(file = %path.display(), error = %e, "cannot read config file; keeping the last good config");
-                continue;
+                metrics.config_rejected.inc();
+                error!(error = %e, "config rejected; keeping the last good config");
             }
-        };
-        if bytes != applied_bytes {
-            applied_bytes = bytes;
-            match local::parse(&path, &applied_bytes) {
-                Ok(snapshot) => {
-                    state.replace(snapshot);
-                    metrics.config_applied.inc();
-                    info!(file = %path.display(), "config reloaded");
-                    pending = manager.reconcile().await;
-                }
-                Err(e) => {
-                    metrics.config_rejected.inc();
-                    error!(error = %e, "config rejected; keeping the last good config");
-                }
-            }
-        } else if pending > 0 {
-            pending = manager.reconcile().await;
         }
     }
 }

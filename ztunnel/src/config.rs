@@ -116,8 +116,10 @@ pub struct Config {
     #[arg(long, env = "WEFT_DRAIN_DEADLINE", value_parser = parse_duration, default_value = "10s")]
     pub drain_deadline: Duration,
 
-    /// How often the local config file is checked for changes. 1 s: edits apply quickly,
-    /// and a stat per second costs nothing.
+    /// How often pods not yet enrolled are retried, while some are, and the local config file
+    /// read regardless of inotify (which reports most changes at once). 1 s: a pod whose
+    /// network namespace appears late is captured quickly, and a read per second, on a thread
+    /// of its own, costs nothing.
     #[arg(long, env = "WEFT_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "1s")]
     pub reload_interval: Duration,
 
