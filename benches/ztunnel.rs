@@ -7,7 +7,8 @@
 //! - HTTP request/response at a fixed rate (open loop: latency counted from each request's
 //!   scheduled time, so a stall is not hidden), p50/p99;
 //! - connection setup rate: connect, 1-byte exchange, close, from 4 client threads;
-//! - memory: ztunnel RSS at rest and per 1,000 idle tunneled connections;
+//! - memory: ztunnel RSS at rest and per 1,000 idle tunneled connections, and each ztunnel's
+//!   context switches per second while those stay open and silent (its wake-ups at rest);
 //! - what each throughput run cost, counted over the same run: CPU seconds, page faults and
 //!   context switches per GB of each ztunnel and of the endpoints (the client's writer threads
 //!   and the sink), and each ztunnel's syscalls per MB (`perf stat`, when installed); the same
@@ -125,7 +126,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
     let rss_idle: Vec<u64> = (0..2).map(|n| lab::rss_kib(mesh.ztunnel(n).pid())).collect();
     let rss_split: Vec<String> = (0..2).map(|n| rss_split(mesh.ztunnel(n).pid())).collect();
-    let per_conn = if run("memory") { idle_connections(&mesh, 1000) } else { (f64::NAN, f64::NAN) };
+    let idle = run("memory").then(|| idle_connections(&mesh, 1000));
 
     let mut rows: Vec<(String, f64, f64, &str)> = Vec::new();
     let mut flows = Vec::new();
@@ -188,10 +189,18 @@ fn main() {
     }
     println!("\nmemory: ztunnel RSS at rest: node-0 {} KiB, node-1 {} KiB", rss_idle[0], rss_idle[1]);
     println!("memory: at rest, node-0 {}; node-1 {}", rss_split[0], rss_split[1]);
-    println!(
-        "memory: per idle tunneled connection: node-0 (outbound) {:.2} KiB, node-1 (inbound) {:.2} KiB",
-        per_conn.0, per_conn.1
-    );
+    if let Some(idle) = &idle {
+        println!(
+            "memory: per idle tunneled connection: node-0 (outbound) {:.2} KiB, node-1 (inbound) {:.2} KiB",
+            idle.kib.0, idle.kib.1
+        );
+        println!(
+            "at rest with 1000 idle tunneled connections open, {} s: context switches per second: node-0 {:.2}, node-1 {:.2}",
+            AT_REST.as_secs(),
+            idle.wakeups.0,
+            idle.wakeups.1
+        );
+    }
     let ratio = |name: &str| rows.iter().find(|r| r.0.starts_with(name)).map_or(f64::NAN, |r| r.2 / r.1 * 100.0);
     let added = latency_rows.get(1).map_or(f64::NAN, |r| r.2.0 - r.1.0);
     let one_stream = flows.iter().find(|f| f.0 == 1);
@@ -206,7 +215,7 @@ fn main() {
          added p50 64-byte RTT {added:.1} µs; idle RSS {} KiB; {:.2} KiB/conn",
         ratio("throughput, 1 "),
         rss_idle.iter().max().copied().unwrap_or(0),
-        per_conn.0.max(per_conn.1)
+        idle.as_ref().map_or(f64::NAN, |i| i.kib.0.max(i.kib.1))
     );
 
     // A graceful stop, so that a heap-profiled ztunnel (feature dhat-heap) writes its profile.
@@ -455,6 +464,18 @@ impl Usage {
 }
 
 /// (voluntary, involuntary) context switches of one thread, from its `status` file.
+/// Voluntary + involuntary context switches of each of a process's threads, by thread id.
+fn switches_by_thread(pid: u32) -> std::collections::HashMap<u32, f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    tasks
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let (voluntary, involuntary) = context_switches(&task.path().join("status"));
+            Some((tid, voluntary + involuntary))
+        })
+        .collect()
+}
+
 fn context_switches(status: &Path) -> (f64, f64) {
     let text = std::fs::read_to_string(status).unwrap_or_default();
     let field = |name: &str| {
@@ -589,8 +610,19 @@ fn conn_rate(mesh: &MeshLab, pair: &Pair, threads: usize, secs: u64) -> f64 {
     rate
 }
 
-/// KiB per idle tunneled connection on each ztunnel (node-0 outbound, node-1 inbound).
-fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
+/// How long the idle tunnels are watched for wake-ups: longer than any per-connection timer
+/// a ztunnel might run (HTTP/2 idle checks of 10-15 s).
+const AT_REST: Duration = Duration::from_secs(20);
+
+/// What `n` idle tunneled connections cost each ztunnel (node-0 outbound, node-1 inbound):
+/// KiB each, and the context switches per second of the ztunnel's threads while they stay
+/// open and silent for `AT_REST` (its wake-ups: none are needed).
+struct IdleCost {
+    kib: (f64, f64),
+    wakeups: (f64, f64),
+}
+
+fn idle_connections(mesh: &MeshLab, n: usize) -> IdleCost {
     let to = target(mesh, &MESHED, ECHO);
     // One connection first, closed: one-time costs (the first HBONE handshake, lazily built
     // state) are not per connection.
@@ -607,6 +639,16 @@ fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
     let conns: Vec<TcpStream> = (0..n).map(|_| tunneled()).collect();
     std::thread::sleep(Duration::from_secs(2));
     let after: Vec<u64> = (0..2).map(|i| lab::rss_kib(mesh.ztunnel(i).pid())).collect();
+    let switches = || (0..2).map(|i| switches_by_thread(mesh.ztunnel(i).pid())).collect::<Vec<_>>();
+    let quiet_from = switches();
+    std::thread::sleep(AT_REST);
+    let quiet_to = switches();
+    // Per thread, so that a thread ending in the window (an idle blocking-pool thread) does not
+    // take its earlier switches out of the sum; its switches in the window are not counted.
+    let wakeups = |i: usize| {
+        let n: f64 = quiet_to[i].iter().map(|(tid, to)| to - quiet_from[i].get(tid).copied().unwrap_or(0.0)).sum();
+        n / AT_REST.as_secs_f64()
+    };
     drop(conns);
     std::thread::sleep(Duration::from_secs(1));
     let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / n as f64;
@@ -614,7 +656,7 @@ fn idle_connections(mesh: &MeshLab, n: usize) -> (f64, f64) {
         "  idle connections: RSS node-0 {} -> {} KiB, node-1 {} -> {} KiB",
         before[0], after[0], before[1], after[1]
     );
-    (per(0), per(1))
+    IdleCost { kib: (per(0), per(1)), wakeups: (wakeups(0), wakeups(1)) }
 }
 
 /// What the resident memory is made of: anonymous (heap, stacks), file-backed (the binary and
