@@ -307,7 +307,9 @@ fn controller_down_then_back() {
             assert!(exit.success(), "{exit}");
             mesh.start_ztunnel(2, &[]).unwrap();
             mesh.wait_enrolled(2, 1).unwrap();
-            let logs = mesh.ztunnel(2).logs().unwrap();
+            // Log lines reach the file a few milliseconds after the state `wait_enrolled` reads.
+            let logs =
+                mesh.ztunnel(2).wait_for_log("certificate loaded from the node", Duration::from_secs(2)).unwrap();
             assert!(logs.contains("starting from the saved configuration"), "{logs}");
             assert!(logs.contains("certificate loaded from the node"), "{logs}");
             assert!(!logs.contains("certificate obtained from the controller"), "{logs}");
@@ -436,8 +438,8 @@ fn a_pod_whose_namespace_appears_later_is_enrolled_by_the_retry() {
     std::fs::rename(&entry, &hidden).unwrap();
     mesh.start_ztunnels().unwrap();
     mesh.wait_enrolled(0, 1).unwrap();
-    let logs = mesh.ztunnel(0).logs().unwrap();
-    assert!(logs.contains("pod not enrolled yet; will retry"), "the first attempt failed:\n{logs}");
+    // The first attempt failed (its line may reach the file just after web's enrollment).
+    mesh.ztunnel(0).wait_for_log("pod not enrolled yet; will retry", Duration::from_secs(2)).unwrap();
     assert_eq!(enrolled_pods(&mesh, 0), ["front/web"], "only web is captured");
 
     // The namespace appears. Nothing changes at the controller, so only ztunnel's own retry

@@ -632,8 +632,12 @@ fn root_rotation_adds_then_removes_a_root_without_failed_connections() {
     write_atomically(&extra, &b_root);
     assert!(wait_until(PROPAGATION, || roots(&mesh, 0) == 2 && roots(&mesh, 1) == 2), "both nodes trust two roots");
     for node in 0..2 {
-        let logs = mesh.ztunnel(node).logs().unwrap();
-        assert!(logs.lines().any(|l| l.contains("trust bundle installed") && l.contains("roots=2")), "node {node}");
+        // Log lines reach the file a few milliseconds after the state the admin API shows.
+        let logged = || {
+            let logs = mesh.ztunnel(node).logs().unwrap();
+            logs.lines().any(|l| l.contains("trust bundle installed") && l.contains("roots=2"))
+        };
+        assert!(wait_until(Duration::from_secs(2), logged), "node {node}");
     }
     assert!(probe_both(&mesh, &b, &a_root).iter().all(Result::is_ok), "a B-signed client is now accepted");
 

@@ -477,10 +477,8 @@ async fn idle_pooled_connection_is_closed() {
 /// did, woke the runtime 85 times in the 400 ms of `wakes_no_timer_while_a_stream_is_open`.)
 #[test]
 fn the_client_runs_no_idle_timer_while_a_stream_is_open() {
-    let client = Config { pool_idle_timeout: Duration::from_millis(40), ..Config::default() };
-    let mut server = Config { server_idle_timeout: Duration::from_secs(60), ..Config::default() };
-    server.limits.idle_after = Duration::from_secs(60);
-    wakes_no_timer_while_a_stream_is_open(client, server);
+    let (ms, minute) = (Duration::from_millis(1), Duration::from_secs(60));
+    wakes_no_timer_while_a_stream_is_open(40 * ms, minute, minute);
 }
 
 /// The same on the server: its idle beat (every 20 ms here) starts only when the connection's
@@ -488,16 +486,18 @@ fn the_client_runs_no_idle_timer_while_a_stream_is_open() {
 /// minute). (A beat running throughout, as it did, woke the runtime 45 times.)
 #[test]
 fn the_server_runs_no_idle_beat_while_a_stream_is_open() {
-    let client = Config { pool_idle_timeout: Duration::from_secs(60), ..Config::default() };
-    let mut server = Config { server_idle_timeout: Duration::from_millis(40), ..Config::default() };
-    server.limits.idle_after = Duration::from_millis(20);
-    wakes_no_timer_while_a_stream_is_open(client, server);
+    let (ms, minute) = (Duration::from_millis(1), Duration::from_secs(60));
+    wakes_no_timer_while_a_stream_is_open(minute, 40 * ms, 20 * ms);
 }
 
-/// Opens a tunnel on a one-thread runtime holding client, server and echo, leaves it open and
-/// silent for 400 ms counting the runtime's parks (each timer that fires wakes the thread,
-/// which parks again after), then ends it and waits for the connection to close on both sides.
-fn wakes_no_timer_while_a_stream_is_open(client_config: Config, server_config: Config) {
+/// Opens a tunnel on a one-thread runtime holding client (idle timeout `pool_idle`), server
+/// (`server_idle`, `idle_after`) and echo, leaves it open and silent for 400 ms counting the
+/// runtime's parks (each timer that fires wakes the thread, which parks again after), then ends
+/// it and waits for the connection to close on both sides.
+fn wakes_no_timer_while_a_stream_is_open(pool_idle: Duration, server_idle: Duration, idle_after: Duration) {
+    let client_config = Config { pool_idle_timeout: pool_idle, ..Config::default() };
+    let mut server_config = Config { server_idle_timeout: server_idle, ..Config::default() };
+    server_config.limits.idle_after = idle_after;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let pki = Pki::new();

@@ -163,11 +163,16 @@ fn dir_of(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn scratch(test: &str) -> PathBuf {
+    /// A scratch directory holding `cluster.yaml` ("one", as applied), watched on `interval`:
+    /// the directory, the file, and the watcher's receiver.
+    fn watched(test: &str, interval: Duration) -> (PathBuf, PathBuf, watch::Receiver<Vec<u8>>) {
         let dir = std::env::temp_dir().join(format!("weft-local-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        let path = dir.join("cluster.yaml");
+        std::fs::write(&path, "one").unwrap();
+        let rx = watch(path.clone(), b"one".to_vec(), interval).unwrap();
+        (dir, path, rx)
     }
 
     /// Waits (bounded) for the watcher to hand over a version.
@@ -184,10 +189,7 @@ mod tests {
     /// Rewriting the same contents hands nothing over.
     #[test]
     fn a_replaced_or_rewritten_file_is_read_at_once() {
-        let dir = scratch("events");
-        let path = dir.join("cluster.yaml");
-        std::fs::write(&path, "one").unwrap();
-        let mut rx = watch(path.clone(), b"one".to_vec(), Duration::from_secs(3600)).unwrap();
+        let (dir, path, mut rx) = watched("events", Duration::from_secs(3600));
         // The thread's first look finds what is applied: nothing to hand over.
         assert_eq!(next(&mut rx, Duration::from_millis(300)), None);
 
@@ -210,10 +212,7 @@ mod tests {
     #[test]
     fn a_change_without_an_event_is_found_on_the_interval() {
         use std::io::Write;
-        let dir = scratch("interval");
-        let path = dir.join("cluster.yaml");
-        std::fs::write(&path, "one").unwrap();
-        let mut rx = watch(path.clone(), b"one".to_vec(), Duration::from_millis(100)).unwrap();
+        let (dir, path, mut rx) = watched("interval", Duration::from_millis(100));
         let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         file.write_all(b" more").unwrap();
         assert_eq!(next(&mut rx, Duration::from_secs(5)).as_deref(), Some(&b"one more"[..]));
