@@ -55,8 +55,19 @@ pub fn watch(path: PathBuf, applied: Vec<u8>, interval: Duration) -> std::io::Re
     std::thread::Builder::new().name("weft-config-watch".into()).spawn(move || {
         let mut last_error: Option<String> = None;
         while !tx.is_closed() {
-            let bytes = match std::fs::read(&path) {
-                Ok(bytes) => bytes,
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    if last_error.take().is_some() {
+                        info!(file = %path.display(), "config file readable again");
+                    }
+                    tx.send_if_modified(|current| {
+                        let changed = *current != bytes;
+                        if changed {
+                            *current = bytes;
+                        }
+                        changed
+                    });
+                }
                 Err(e) => {
                     // Once per distinct error: the file stays missing for a while when it does.
                     let e = e.to_string();
@@ -64,20 +75,8 @@ pub fn watch(path: PathBuf, applied: Vec<u8>, interval: Duration) -> std::io::Re
                         error!(file = %path.display(), error = %e, "cannot read config file; keeping the last good config");
                         last_error = Some(e);
                     }
-                    events.wait(interval);
-                    continue;
                 }
-            };
-            if last_error.take().is_some() {
-                info!(file = %path.display(), "config file readable again");
             }
-            tx.send_if_modified(|current| {
-                let changed = *current != bytes;
-                if changed {
-                    *current = bytes;
-                }
-                changed
-            });
             events.wait(interval);
         }
     })?;
@@ -134,7 +133,8 @@ impl Events {
             }
             let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
-                Ok(0) => {} // the poll's own cap (24 days): wait on
+                // Timed out: the deadline has passed, unless the poll's cap (24 days) came first.
+                Ok(0) => {}
                 Ok(_) => {
                     // One read covers every event queued.
                     while matches!(inotify.read_events(), Ok(events) if !events.is_empty()) {}
